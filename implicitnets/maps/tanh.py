@@ -1,0 +1,64 @@
+"""The paper's equilibrium map ``w = tanh(A w + B x + c)``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..parametrizations.spectral import spectral_norm
+
+__all__ = ["TanhMap"]
+
+
+class TanhMap(nn.Module):
+    """``Φ(w, x) = tanh(A w + B x + c)`` with ``A`` of shape (width, width).
+
+    tanh is 1-Lipschitz, so Φ(·, x) is a ``contraction``-contraction when ‖A‖₂ ≤
+    ``contraction`` < 1; that bound is enforced by :func:`~implicitnets.spectral_norm` on
+    ``A.weight`` (power iteration, or the exact largest singular value with ``exact=True``).
+    ``contraction=None`` leaves ``A`` free (e.g. to project it after each step with
+    :func:`~implicitnets.project_spectral_`).  Inputs are ``(batch, in_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        width: int,
+        contraction: float | None = 0.9,
+        *,
+        exact: bool = False,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TanhMap: {name} must be an int >= 1, got {value!r}")
+        self.in_features, self.width, self.contraction = in_features, width, contraction
+        self.A = nn.Linear(width, width, bias=False, device=device, dtype=dtype)
+        self.B = nn.Linear(in_features, width, bias=bias, device=device, dtype=dtype)
+        if contraction is not None:
+            spectral_norm(self.A, "weight", bound=contraction, exact=exact)
+
+    def inject(self, x: Tensor) -> Tensor:
+        """The input term ``u = B x + c``, computed once per solve."""
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(
+                f"TanhMap expects x of shape (batch, {self.in_features}), got {tuple(x.shape)}"
+            )
+        return self.B(x)
+
+    def step(self, w: Tensor, u: Tensor) -> Tensor:
+        """One map evaluation ``tanh(A w + u)``."""
+        return torch.tanh(torch.addmm(u, w, self.A.weight.t()))
+
+    def forward(self, w: Tensor, x: Tensor) -> Tensor:
+        return self.step(w, self.inject(x))
+
+    def initial_state(self, x: Tensor) -> Tensor:
+        """``w₀ = 0`` of shape (batch, width)."""
+        return x.new_zeros(x.shape[0], self.width)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, width={self.width}, contraction={self.contraction}"

@@ -1,0 +1,242 @@
+"""FixedPointLayer as a module, forward solvers, bad input, contraction parametrizations."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import implicitnets as inn
+from implicitnets import linear
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def make_layer(backward=None, solver=None, contraction=0.9):
+    torch.manual_seed(0)
+    cell = inn.maps.TanhMap(4, 8, contraction=contraction)
+    return inn.FixedPointLayer(
+        cell,
+        solver=solver or inn.FixedPointIteration(max_iter=100, tol=1e-10),
+        backward=backward or inn.AID(linear.GMRES(max_iter=50, tol=1e-10)),
+    )
+
+
+# ---------------------------------------------------------------- the layer as a module
+def test_sequential_state_dict_and_dtype_round_trip():
+    model = nn.Sequential(make_layer(), nn.Linear(8, 3))
+    x = torch.randn(5, 4)
+    model(x)  # a training-mode call advances the power iteration: it is part of the state
+    model.eval()  # eval mode: the parametrization uses the stored vectors without advancing them
+    out = model(x)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    clone = nn.Sequential(make_layer(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(1.0)
+    buffer.seek(0)
+    clone.load_state_dict(torch.load(buffer))
+    clone.eval()
+    assert torch.equal(clone(x), out)
+    model32 = model.to(torch.float32)
+    out32 = model32(x.float())
+    assert out32.dtype == torch.float32
+    assert torch.allclose(out32.double(), out, rtol=0, atol=1e-5)
+
+
+def test_no_grad_builds_no_graph_and_eval_keeps_stats():
+    for backward in (inn.ITD(), inn.ITD(truncate=3), inn.JacobianFree(), inn.AID(linear.FixedPoint())):
+        layer = make_layer(backward).eval()
+        with torch.no_grad():
+            w = layer(torch.randn(3, 4))
+        assert w.grad_fn is None and not w.requires_grad
+        assert layer.stats.converged and layer.stats.iterations > 1
+        assert layer.stats.trace[-1] == layer.stats.residual <= 1e-10
+
+
+def test_stats_after_backward():
+    layer = make_layer(inn.AID(linear.GMRES(max_iter=40, tol=1e-9)))
+    layer(torch.randn(3, 4)).sum().backward()
+    s = layer.stats
+    assert s.converged and s.backward_converged and s.backward_fallback is None
+    assert 1 <= s.backward_iterations <= 40 and s.backward_residual <= 1e-9
+    assert len(s.trace) == s.iterations
+
+
+def test_tol_zero_runs_exactly_max_iter():
+    for solver in (inn.FixedPointIteration(max_iter=7, tol=0.0), inn.Anderson(max_iter=7, tol=0.0)):
+        layer = make_layer(inn.ITD(), solver)
+        layer(torch.randn(2, 4))
+        assert layer.stats.iterations == 7 and len(layer.stats.trace) == 7
+
+
+def test_anderson_reaches_the_same_fixed_point_with_fewer_iterations():
+    x = torch.randn(6, 4)
+    fp = make_layer(inn.JacobianFree(), inn.FixedPointIteration(max_iter=500, tol=1e-12), contraction=0.99)
+    aa = make_layer(inn.JacobianFree(), inn.Anderson(max_iter=500, tol=1e-12, memory=6), contraction=0.99)
+    with torch.no_grad():
+        a, b = fp(x), aa(x)
+    assert torch.linalg.vector_norm(a - b) <= 1e-10 * torch.linalg.vector_norm(a)
+    assert aa.stats.iterations < fp.stats.iterations
+
+
+def test_damped_iteration_converges_where_plain_oscillates():
+    g = lambda z, x: -1.5 * z + x  # noqa: E731  fixed point x / 2.5, plain iteration diverges
+    x = torch.ones(3)
+    z, stats = inn.fixed_point(g, x, solver=inn.FixedPointIteration(200, 1e-12, damping=0.5), backward=inn.ITD())
+    assert stats.converged and torch.allclose(z, x / 2.5, rtol=1e-10, atol=0)
+
+
+# ---------------------------------------------------------------- bad input
+def test_nan_in_input_raises():
+    with pytest.raises(inn.NonFiniteError, match="input x"):
+        make_layer()(torch.tensor([[1.0, math.nan, 0.0, 0.0]]))
+
+
+def test_nan_from_the_map_raises():
+    f = lambda w, x: w * math.inf + x  # noqa: E731
+    with pytest.raises(inn.NonFiniteError, match="NaN/Inf"):
+        inn.fixed_point(f, torch.ones(3), solver=inn.FixedPointIteration(10, 1e-6), backward=inn.ITD(), z0=torch.ones(3))
+    with pytest.raises(inn.NonFiniteError, match="NaN/Inf"):
+        inn.fixed_point(f, torch.ones(3), solver=inn.FixedPointIteration(10, 0.0), backward=inn.ITD(), z0=torch.ones(3))
+
+
+def test_map_output_shape_mismatch_raises():
+    f = lambda w, x: torch.cat([w, w])  # noqa: E731
+    with pytest.raises(ValueError, match="shape"):
+        inn.fixed_point(f, torch.ones(3), solver=inn.FixedPointIteration(), backward=inn.ITD())
+
+
+def test_input_shape_and_z0_dtype_errors():
+    with pytest.raises(ValueError, match=r"\(batch, 4\)"):
+        make_layer()(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="dtype"):
+        make_layer()(torch.randn(3, 4), z0=torch.zeros(3, 8, dtype=torch.float32))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: inn.FixedPointIteration(max_iter=0),
+        lambda: inn.FixedPointIteration(tol=-1e-3),
+        lambda: inn.FixedPointIteration(damping=1.5),
+        lambda: inn.Anderson(memory=0),
+        lambda: inn.Anderson(tol=math.nan),
+        lambda: inn.ITD(truncate=0),
+        lambda: inn.AID("gmres"),
+        lambda: inn.AID(linear.GMRES(), on_failure="raise"),
+        lambda: inn.spectral_norm(nn.Linear(3, 3), bound=-1.0),
+        lambda: inn.maps.GradientStep(lambda w, x: w.sum(), step_size=0.0),
+        lambda: inn.maps.TanhMap(0, 3),
+    ],
+)
+def test_invalid_options_raise_value_error(build):
+    with pytest.raises(ValueError):
+        build()
+
+
+def test_linear_solver_where_backward_mode_expected():
+    with pytest.raises(ValueError, match=r"AID\(GMRES"):
+        make_layer(backward=linear.GMRES())
+    with pytest.raises(ValueError, match="solver must be"):
+        make_layer(solver=linear.CG())
+
+
+def test_non_convergence_warns_and_strict_raises():
+    layer = make_layer(solver=inn.FixedPointIteration(max_iter=3, tol=1e-12))
+    with pytest.warns(inn.ConvergenceWarning, match="did not converge"):
+        layer(torch.randn(2, 4))
+    assert not layer.stats.converged and layer.stats.residual > 1e-12
+    strict = make_layer(solver=inn.Anderson(max_iter=3, tol=1e-12, strict=True))
+    with pytest.raises(inn.ConvergenceError):
+        strict(torch.randn(2, 4))
+
+
+def test_aid_non_convergence_reported_and_warned():
+    layer = make_layer(inn.AID(linear.FixedPoint(max_iter=2, tol=1e-12)))
+    out = layer(torch.randn(2, 4)).sum()
+    with pytest.warns(inn.ConvergenceWarning, match="FixedPoint"):
+        out.backward()
+    assert layer.stats.backward_converged is False and layer.stats.backward_iterations == 2
+
+
+def test_cg_on_a_non_symmetric_map_warns():
+    layer = make_layer(inn.AID(linear.CG(max_iter=20, tol=1e-10)))
+    out = layer(torch.randn(2, 4)).sum()
+    with pytest.warns(UserWarning, match="symmetric"):
+        out.backward()
+
+
+# ---------------------------------------------------------------- contraction
+@pytest.mark.parametrize("exact", [False, True])
+def test_spectral_bound_holds_after_optimiser_steps(exact):
+    torch.manual_seed(1)
+    cell = inn.maps.TanhMap(4, 10, contraction=0.9, exact=exact)
+    layer = inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(60, 1e-8), backward=inn.JacobianFree())
+    optimiser = torch.optim.Adam(layer.parameters(), lr=0.2)
+    x = torch.randn(16, 4)
+    for _ in range(10):
+        optimiser.zero_grad()
+        (-layer(x).square().sum()).backward()  # pushes ‖A‖ up
+        optimiser.step()
+        raw = cell.A.parametrizations.weight.original
+        assert torch.linalg.matrix_norm(raw.detach(), 2) > 0.9
+    for _ in range(20):  # power iteration advances once per training-mode evaluation
+        weight = cell.A.weight
+    sigma = float(torch.linalg.matrix_norm(weight.detach(), 2))
+    assert sigma <= 0.9 * (1 + (1e-12 if exact else 1e-8))
+    assert sigma >= 0.9 * (1 - 1e-8)
+
+
+def test_spectral_norm_leaves_small_weights_alone_and_eval_does_not_iterate():
+    linear_module = nn.Linear(5, 5)
+    with torch.no_grad():
+        linear_module.weight.mul_(0.01)
+    before = linear_module.weight.detach().clone()
+    inn.spectral_norm(linear_module, bound=0.9)
+    assert torch.allclose(linear_module.weight, before, rtol=1e-12, atol=0)
+    linear_module.eval()
+    u = linear_module.parametrizations.weight[0]._u.clone()
+    linear_module.weight
+    assert torch.equal(u, linear_module.parametrizations.weight[0]._u)
+
+
+def test_project_spectral_clips_singular_values():
+    torch.manual_seed(2)
+    W = nn.Parameter(torch.randn(7, 5) * 3)
+    _, S_before, _ = torch.linalg.svd(W.detach())
+    optimiser = torch.optim.SGD([W], lr=0.5)
+    for _ in range(3):
+        optimiser.zero_grad()
+        (W.sum() ** 2).backward()
+        optimiser.step()
+        inn.project_spectral_(W, 0.99)
+        assert float(torch.linalg.matrix_norm(W.detach(), 2)) <= 0.99 * (1 + 1e-12)
+    small = torch.diag(torch.tensor([0.5, 0.2]))
+    assert torch.equal(inn.project_spectral_(small.clone(), 0.99), small)
+
+
+def test_parametrized_weight_gets_gradient_when_solve_runs_without_grad():
+    """The parametrize.cached() trap: the solve runs under no_grad, A must still learn."""
+    for backward in (inn.AID(linear.FixedPoint(max_iter=50)), inn.JacobianFree(), inn.ITD(truncate=2)):
+        layer = make_layer(backward)
+        layer(torch.randn(3, 4)).square().sum().backward()
+        grad = layer.cell.A.parametrizations.weight.original.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+def test_no_warnings_on_a_healthy_solve():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_layer()(torch.randn(3, 4)).sum().backward()

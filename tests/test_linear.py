@@ -1,0 +1,278 @@
+"""Linear solvers for ``A x = b`` against ``torch.linalg.solve`` (float64)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from implicitnets.linear import CG, GMRES, Exact, FixedPoint, LinearInfo, NonSymmetricWarning, NormalCG
+
+DTYPE = torch.float64
+N = 12
+
+
+def _scaled(M: torch.Tensor, norm: float) -> torch.Tensor:
+    return M * (norm / torch.linalg.matrix_norm(M, ord=2))
+
+
+def _spd(n: int = N, seed: int = 0, m_norm: float = 0.5) -> torch.Tensor:
+    """``A = I − M`` with ``M`` symmetric, ``‖M‖ = m_norm`` (SPD, FixedPoint-convergent)."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(n, n, generator=g, dtype=DTYPE)
+    return torch.eye(n, dtype=DTYPE) - _scaled(M + M.T, m_norm)
+
+
+def _nonsym(n: int = N, seed: int = 1, m_norm: float = 0.8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.eye(n, dtype=DTYPE) - _scaled(torch.randn(n, n, generator=g, dtype=DTYPE), m_norm)
+
+
+def _rhs(shape: tuple[int, ...], seed: int = 2) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
+
+
+class Counted:
+    """``x ↦ A x`` on tensors of any shape, counting calls."""
+
+    def __init__(self, A: torch.Tensor, shape: tuple[int, ...] | None = None):
+        self.A, self.calls = A, 0
+        self.shape = shape
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return (self.A @ x.reshape(-1)).reshape(x.shape)
+
+
+def _solve(solver, A: torch.Tensor, b: torch.Tensor, x0=None):
+    return solver.solve(Counted(A), b, x0, rmatvec=Counted(A.T))
+
+
+ALL = [FixedPoint(max_iter=200), CG(), NormalCG(max_iter=200), GMRES(), Exact()]
+GENERAL = [FixedPoint(max_iter=400), NormalCG(max_iter=400), GMRES(), Exact()]
+ITERATIVE = [FixedPoint(max_iter=200), CG(), NormalCG(max_iter=200), GMRES()]
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(x - ref) / torch.linalg.vector_norm(ref))
+
+
+@pytest.mark.parametrize("solver", ALL, ids=repr)
+def test_spd_matches_dense_solve(solver):
+    A, b = _spd(), _rhs((N,))
+    x, info = _solve(solver, A, b)
+    assert isinstance(info, LinearInfo) and info.converged
+    assert info.residual <= 1e-10
+    assert _rel_err(x, torch.linalg.solve(A, b)) < 1e-9
+    assert x.dtype == DTYPE and x.shape == b.shape
+
+
+@pytest.mark.parametrize("solver", GENERAL, ids=repr)
+def test_nonsymmetric_matches_dense_solve(solver):
+    A, b = _nonsym(), _rhs((N,))
+    x, info = _solve(solver, A, b)
+    assert info.converged and info.residual <= 1e-10
+    assert _rel_err(x, torch.linalg.solve(A, b)) < 1e-9
+
+
+@pytest.mark.parametrize("solver", ALL, ids=repr)
+def test_tensor_shaped_b(solver):
+    shape = (4, 3, 5)
+    n = math.prod(shape)
+    A, b = _spd(n, seed=3), _rhs(shape)
+    x, info = _solve(solver, A, b)
+    assert info.converged and x.shape == shape
+    ref = torch.linalg.solve(A, b.reshape(-1)).reshape(shape)
+    assert _rel_err(x, ref) < 1e-9
+
+
+def test_cg_warns_on_nonsymmetric():
+    with pytest.warns(NonSymmetricWarning):
+        _solve(CG(max_iter=5), _nonsym(), _rhs((N,)))
+    assert issubclass(NonSymmetricWarning, UserWarning)
+
+
+def test_cg_no_warning_on_symmetric_or_when_disabled():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _solve(CG(), _spd(), _rhs((N,)))
+        _solve(CG(max_iter=5, check_symmetry=False), _nonsym(), _rhs((N,)))
+
+
+# Matvec calls for `max_iter` iterations from x0 = None: FixedPoint uses exactly max_iter;
+# the others add one for the final true residual, CG two more for the symmetry probe, GMRES
+# one per restart cycle (30 iterations with restart=20: two cycles).
+OVERHEAD = {FixedPoint: 0, CG: 3, NormalCG: 1, GMRES: 2}
+
+
+@pytest.mark.parametrize("cls", [FixedPoint, CG, NormalCG, GMRES], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("A_kind", ["identity", "spd"])
+def test_tol_zero_runs_exactly_max_iter_without_nan(cls, A_kind):
+    # A = I: CG/GMRES converge exactly in one step and must keep going without 0/0.
+    A = torch.eye(N, dtype=DTYPE) if A_kind == "identity" else _spd()
+    b, max_iter = _rhs((N,)), 30
+    mv, rmv = Counted(A), Counted(A.T)
+    x, info = cls(max_iter=max_iter, tol=0.0).solve(mv, b, rmatvec=rmv)
+    assert info.iterations == max_iter
+    assert mv.calls == max_iter + OVERHEAD[cls]
+    if cls is NormalCG:
+        assert rmv.calls == max_iter
+    assert torch.isfinite(x).all() and math.isfinite(info.residual)
+    assert info.converged and info.residual < 1e-10
+    assert _rel_err(x, torch.linalg.solve(A, b)) < 1e-10
+
+
+def test_gmres_restart_smaller_than_n_converges():
+    A, b = _nonsym(n=40, seed=5, m_norm=0.8), _rhs((40,))
+    x, info = _solve(GMRES(max_iter=400, restart=5), A, b)
+    assert info.converged and info.residual <= 1e-10
+    assert info.iterations > 5  # needed several cycles
+    assert _rel_err(x, torch.linalg.solve(A, b)) < 1e-9
+
+
+def test_gmres_happy_breakdown():
+    # A has 2 distinct eigenvalues: the Krylov space is exhausted after 2 steps.
+    n = 10
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(6), dtype=DTYPE))
+    A = Q @ torch.diag(torch.tensor([1.0] * 5 + [2.0] * 5, dtype=DTYPE)) @ Q.T
+    b = _rhs((n,))
+    x, info = _solve(GMRES(), A, b)
+    assert info.converged and info.iterations == 2
+    assert _rel_err(x, torch.linalg.solve(A, b)) < 1e-12
+
+
+@pytest.mark.parametrize("solver", ITERATIVE, ids=repr)
+def test_warm_start_reduces_iterations(solver):
+    A, b = _spd(), _rhs((N,))
+    x_ref = torch.linalg.solve(A, b)
+    _, cold = _solve(solver, A, b)
+    x0 = x_ref + 1e-6 * _rhs((N,), seed=9)
+    x, warm = _solve(solver, A, b, x0=x0)
+    assert warm.converged and warm.iterations < cold.iterations
+    assert _rel_err(x, x_ref) < 1e-9
+
+
+def test_warm_start_at_solution_takes_no_iterations():
+    A, b = _nonsym(), _rhs((N,))
+    x0 = torch.linalg.solve(A, b)
+    for solver in (FixedPoint(), NormalCG(), GMRES()):
+        x, info = _solve(solver, A, b, x0=x0)
+        assert info.iterations == 0 and info.converged
+        assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("solver", [FixedPoint(max_iter=3), CG(max_iter=3), NormalCG(max_iter=3),
+                                    GMRES(max_iter=3)], ids=repr)
+def test_nonconvergence_is_reported(solver):
+    A, b = _spd(n=30, seed=7, m_norm=0.9), _rhs((30,))
+    x, info = _solve(solver, A, b)
+    assert not info.converged and info.iterations == 3
+    assert 1e-10 < info.residual < 1.0
+    # the returned x is the last iterate, not the zero start
+    assert torch.linalg.vector_norm(x) > 0
+    true_res = float(torch.linalg.vector_norm(b - A @ x) / torch.linalg.vector_norm(b))
+    assert info.residual == pytest.approx(true_res, rel=1e-12)
+
+
+def test_tol_zero_reports_divergence():
+    # FixedPoint on ‖M‖ = 2 diverges: tol = 0 flags a residual that grew beyond ‖b‖.
+    A = torch.eye(N, dtype=DTYPE) - 2.0 * torch.eye(N, dtype=DTYPE)
+    x, info = _solve(FixedPoint(max_iter=10, tol=0.0), A, _rhs((N,)))
+    assert not info.converged and info.residual > 1.0
+
+
+@pytest.mark.parametrize("solver", [FixedPoint(), CG(), NormalCG(), GMRES(), Exact()], ids=repr)
+def test_nonfinite_reported_not_raised(solver):
+    A = _spd()
+    A[3, 4] = float("nan")
+    x, info = _solve(solver, A, _rhs((N,)))
+    assert not info.converged and info.residual == math.inf
+
+
+@pytest.mark.parametrize("solver", ALL, ids=repr)
+def test_zero_rhs_returns_zeros(solver):
+    b = torch.zeros(N, dtype=DTYPE)
+    x, info = _solve(solver, _spd(), b, x0=torch.ones(N, dtype=DTYPE))
+    assert torch.equal(x, b) and info == LinearInfo(0, 0.0, True)
+
+
+def test_fixed_point_error_decays_geometrically():
+    # A = I − M with M = 0.5·Q (Q orthogonal): error after k steps is exactly 0.5^k ‖x*‖.
+    Q, _ = torch.linalg.qr(torch.randn(N, N, generator=torch.Generator().manual_seed(8), dtype=DTYPE))
+    A, b = torch.eye(N, dtype=DTYPE) - 0.5 * Q, _rhs((N,))
+    x_ref = torch.linalg.solve(A, b)
+    errs = [_rel_err(_solve(FixedPoint(max_iter=k, tol=0.0), A, b)[0], x_ref) for k in range(1, 16)]
+    ratios = torch.tensor(errs[1:]) / torch.tensor(errs[:-1])
+    assert torch.allclose(ratios, torch.full_like(ratios, 0.5), rtol=1e-6, atol=0)
+
+
+def test_fixed_point_is_truncated_neumann_series():
+    A, b, K = _nonsym(), _rhs((N,)), 7
+    M = torch.eye(N, dtype=DTYPE) - A
+    ref = sum(torch.linalg.matrix_power(M, j) @ b for j in range(K))
+    x, _ = _solve(FixedPoint(max_iter=K, tol=0.0), A, b)
+    assert _rel_err(x, ref) < 1e-13
+
+
+def test_cg_beats_fixed_point_on_spd():
+    A, b = _spd(m_norm=0.9), _rhs((N,))
+    _, fp = _solve(FixedPoint(max_iter=500), A, b)
+    _, cg = _solve(CG(), A, b)
+    assert fp.converged and cg.converged and cg.iterations < fp.iterations
+
+
+def test_normal_cg_requires_rmatvec():
+    with pytest.raises(ValueError, match="rmatvec"):
+        NormalCG().solve(Counted(_spd()), _rhs((N,)))
+
+
+def test_x0_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="x0"):
+        GMRES().solve(Counted(_spd()), _rhs((N,)), torch.zeros(N + 1, dtype=DTYPE))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: FixedPoint(max_iter=0),
+        lambda: FixedPoint(max_iter=2.5),
+        lambda: FixedPoint(max_iter=True),
+        lambda: CG(tol=-1.0),
+        lambda: CG(tol=float("nan")),
+        lambda: CG(tol=float("inf")),
+        lambda: CG(check_symmetry="yes"),
+        lambda: NormalCG(max_iter=-3),
+        lambda: GMRES(restart=0),
+        lambda: GMRES(restart=2.0),
+        lambda: GMRES(tol="1e-5"),
+    ],
+)
+def test_invalid_options_raise(make):
+    with pytest.raises(ValueError):
+        make()
+
+
+def test_solvers_are_frozen():
+    with pytest.raises(Exception):
+        GMRES().restart = 3  # type: ignore[misc]
+
+
+def test_float32_and_global_rng_untouched():
+    A, b = _spd().float(), _rhs((N,)).float()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    x, info = CG(tol=1e-5).solve(Counted(A), b)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert x.dtype == torch.float32 and info.converged
+
+
+@pytest.mark.parametrize("tol", [1e-10, 0.0])
+def test_diverging_fixed_point_runs_until_nonfinite(tol):
+    # ‖M‖ = 1.5: the norm of r overflows (~1e154) long before its entries do; the solve must
+    # not stop there with a huge finite x but go on until the iterate is non-finite.
+    A = -0.5 * torch.eye(N, dtype=DTYPE)
+    x, info = _solve(FixedPoint(max_iter=5000, tol=tol), A, _rhs((N,)))
+    assert not torch.isfinite(x).all()
+    assert not info.converged and info.residual == math.inf
