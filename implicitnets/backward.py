@@ -16,6 +16,7 @@ on that graph, so the backward sees exactly the forward's weights; no tensor hoo
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -191,9 +192,20 @@ class _Adjoint:
         """Gradients w.r.t. ``(u, *params)`` of the solver's unrolled iterations."""
         p = self.problem
         u = p.u.detach().requires_grad_()  # the path through u continues in the outer graph
-        with torch.enable_grad(), parametrize.cached():
-            z, _ = p.solver.solve(lambda w: p.step(w, u), p.z0)
-            grads = torch.autograd.grad(z, (u, *p.params), g, allow_unused=True)
+        # Parametrizations in eval mode re-use their state (e.g. the power iteration's
+        # vectors) instead of advancing it, so the recomputation sees the forward's weights.
+        parametrizations = [m for m in p.module.modules() if isinstance(m, parametrize.ParametrizationList)]
+        modes = [m.training for m in parametrizations]
+        try:
+            for m in parametrizations:
+                m.eval()
+            with torch.enable_grad(), parametrize.cached():
+                z, _ = p.solver.solve(lambda w: p.step(w, u), p.z0)
+                fz = p.step(z, u)  # AID's output is one step past the solve: Φ(w_t)
+                grads = torch.autograd.grad(fz, (u, *p.params), g, allow_unused=True)
+        finally:
+            for m, mode in zip(parametrizations, modes):
+                m.train(mode)
         return grads
 
 
@@ -217,7 +229,7 @@ class _AIDFunction(torch.autograd.Function):
         stats.backward_residual = info.residual
         stats.backward_converged = info.converged
         stats.backward_fallback = None
-        finite = bool(torch.isfinite(v).all())
+        finite = math.isfinite(info.residual) and bool(torch.isfinite(v).all())
         if info.converged and finite:
             return (v, None, *none_extra)
         name = type(adjoint.mode.linear_solver).__name__
