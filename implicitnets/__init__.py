@@ -5,12 +5,12 @@ A layer solves ``w = Φ(w, x; θ)``; the backward mode decides how gradients flo
 NormalCG, GMRES or Exact) or the Jacobian-free one-step gradient.
 """
 
-from . import linear, maps, parametrizations
+from . import diagnostics, hypergrad, linear, maps, parametrizations
 from .backward import AID, ITD, JacobianFree
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .failure import FallbackITD, FallbackJacobianFree, Raise, Warn
 from .layer import FixedPointLayer, fixed_point
-from .parametrizations import project_spectral_, spectral_norm
+from .parametrizations import conv_spectral_norm, project_spectral_, spectral_norm
 from .solvers import Anderson, FixedPointIteration, SolverStats
 
 __all__ = [
@@ -28,10 +28,13 @@ __all__ = [
     "FallbackJacobianFree",
     "spectral_norm",
     "project_spectral_",
+    "conv_spectral_norm",
     "ConvergenceWarning",
     "ConvergenceError",
     "NonFiniteError",
     "linear",
+    "diagnostics",
+    "hypergrad",
     "maps",
     "parametrizations",
 ]

@@ -1,5 +1,13 @@
 """Parametrizations and projections that make maps contractions."""
 
+from .conv import ConvOperatorBound, conv_operator_norm, conv_spectral_norm
 from .spectral import SpectralBound, project_spectral_, spectral_norm
 
-__all__ = ["SpectralBound", "spectral_norm", "project_spectral_"]
+__all__ = [
+    "SpectralBound",
+    "spectral_norm",
+    "project_spectral_",
+    "ConvOperatorBound",
+    "conv_spectral_norm",
+    "conv_operator_norm",
+]

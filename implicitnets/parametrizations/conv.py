@@ -1,0 +1,213 @@
+"""A bound on the *operator* norm of a convolution: ``‖K_W‖₂ ≤ γ``.
+
+A ``Conv2d`` with kernel ``W`` is a linear operator ``K_W`` from ``(C_in, H, W)`` images to
+``(C_out, H', W')`` images.  ``torch.nn.utils.spectral_norm`` bounds the largest singular
+value of the kernel reshaped to ``(C_out, C_in·k·k)``, which is *not* ``‖K_W‖₂`` (it can be
+several times smaller or larger), so it does not make ``z ↦ act(K_W z + u)`` a contraction.
+
+Here ``σ = ‖K_W‖₂`` is estimated by power iteration on ``K_Wᵀ K_W``, with ``K_W`` applied by
+``conv2d`` and ``K_Wᵀ`` by ``conv_transpose2d`` on the real input shape; the parametrization
+is ``W ↦ W · γ / max(σ, γ)``.  The vectors live in buffers and are warm-started across calls
+(``n_power_iterations`` per evaluation in training mode), so σ tracks the weight as it
+trains.  The estimate ``σ = uᵀ K_W v`` approaches ``‖K_W‖₂`` from below; use
+:func:`conv_operator_norm` with many iterations to check a trained weight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+__all__ = ["ConvOperatorBound", "conv_spectral_norm", "conv_operator_norm"]
+
+Pair = tuple[int, int]
+
+
+def _pair(value: int | tuple[int, ...], name: str) -> Pair:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (int(value[0]), int(value[1]))
+    raise ValueError(f"conv_spectral_norm: {name} must be an int or a pair of ints, got {value!r}")
+
+
+class _ConvGeometry:
+    """``K x = conv2d(x, W)`` and ``Kᵀ y = conv_transpose2d(y, W)`` for one input shape."""
+
+    def __init__(self, input_shape: tuple[int, int, int], kernel: tuple[int, int], stride: Pair,
+                 padding: Pair, dilation: Pair, groups: int) -> None:
+        self.input_shape, self.stride, self.padding = input_shape, stride, padding
+        self.dilation, self.groups = dilation, groups
+        _, H, W = input_shape
+        out, extra = [], []
+        for size, k, s, p, d in zip((H, W), kernel, stride, padding, dilation):
+            o = (size + 2 * p - d * (k - 1) - 1) // s + 1
+            if o < 1:
+                raise ValueError(f"conv_spectral_norm: input size {size} is too small for the kernel")
+            out.append(o)
+            extra.append(size - ((o - 1) * s - 2 * p + d * (k - 1) + 1))  # output_padding
+        self.output_hw = (out[0], out[1])
+        self.output_padding = (extra[0], extra[1])
+
+    def apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def adjoint(self, y: Tensor, weight: Tensor) -> Tensor:
+        return F.conv_transpose2d(
+            y, weight, None, self.stride, self.padding, self.output_padding, self.groups, self.dilation
+        )
+
+
+def _normalize(t: Tensor) -> Tensor:
+    return t / torch.linalg.vector_norm(t).clamp_min(torch.finfo(t.dtype).tiny)
+
+
+class ConvOperatorBound(nn.Module):
+    """Parametrization ``W ↦ W · γ / max(σ, γ)``, ``σ ≈ ‖K_W‖₂`` on ``input_shape``.
+
+    ``σ = uᵀ K_W v`` with ``v`` (input-shaped) and ``u`` (output-shaped) unit vectors of a
+    power iteration ``v ← Kᵀu/‖Kᵀu‖, u ← Kv/‖Kv‖`` kept in buffers; in training mode each
+    evaluation advances it ``n_power_iterations`` times (without autograd), then ``σ`` is
+    differentiable in ``W``.  In eval mode the stored vectors are used as they are.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        bound: float,
+        input_shape: tuple[int, int, int],
+        *,
+        stride: Pair = (1, 1),
+        padding: Pair = (0, 0),
+        dilation: Pair = (1, 1),
+        groups: int = 1,
+        n_power_iterations: int = 1,
+        n_init_iterations: int = 50,
+    ) -> None:
+        super().__init__()
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
+            raise ValueError(f"conv_spectral_norm: bound must be a finite number > 0, got {bound!r}")
+        for name, value, low in (("n_power_iterations", n_power_iterations, 1), ("n_init_iterations", n_init_iterations, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"conv_spectral_norm: {name} must be an int >= {low}, got {value!r}")
+        if weight.dim() != 4:
+            raise ValueError(f"conv_spectral_norm: expected a 4-d Conv2d kernel, got shape {tuple(weight.shape)}")
+        self.bound, self.n_power_iterations = float(bound), n_power_iterations
+        self.geometry = _ConvGeometry(input_shape, (weight.shape[2], weight.shape[3]), stride, padding, dilation, groups)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        v = torch.randn((1, *input_shape), generator=generator, dtype=weight.dtype)
+        self.register_buffer("_v", _normalize(v).to(weight.device))
+        self.register_buffer("_u", _normalize(self.geometry.apply(self._v, weight.detach())))
+        self.power_iterate_(weight.detach(), n_init_iterations)
+
+    @torch.no_grad()
+    def power_iterate_(self, weight: Tensor, steps: int) -> None:
+        """Advance the stored vectors ``steps`` power iterations for ``weight``."""
+        for _ in range(steps):
+            self._v.copy_(_normalize(self.geometry.adjoint(self._u, weight)))
+            self._u.copy_(_normalize(self.geometry.apply(self._v, weight)))
+
+    def sigma(self, weight: Tensor) -> Tensor:
+        """The estimate ``uᵀ K_W v`` of ``‖K_W‖₂`` (a lower bound), differentiable in ``W``."""
+        if self.training:
+            self.power_iterate_(weight.detach(), self.n_power_iterations)
+        u, v = self._u.clone(), self._v.clone()
+        return torch.sum(u * self.geometry.apply(v, weight))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * (self.bound / torch.clamp(self.sigma(weight), min=self.bound))
+
+    def extra_repr(self) -> str:
+        return f"bound={self.bound}, input_shape={self.geometry.input_shape}"
+
+
+def _conv_options(module: nn.Conv2d) -> dict:
+    if not isinstance(module, nn.Conv2d):
+        raise ValueError(f"conv_spectral_norm: expected an nn.Conv2d, got {type(module).__name__}")
+    if module.padding_mode != "zeros":
+        raise ValueError(
+            f"conv_spectral_norm: padding_mode={module.padding_mode!r} is not supported (only 'zeros': "
+            "conv_transpose2d is the adjoint of a zero-padded convolution only)"
+        )
+    kernel = module.kernel_size
+    dilation = _pair(module.dilation, "dilation")
+    padding = module.padding
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        if any(d * (k - 1) % 2 for k, d in zip(kernel, dilation)):
+            raise ValueError("conv_spectral_norm: padding='same' needs an odd effective kernel size")
+        padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    return dict(
+        stride=_pair(module.stride, "stride"),
+        padding=_pair(padding, "padding"),
+        dilation=dilation,
+        groups=module.groups,
+    )
+
+
+def _input_shape(module: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) == 2:
+        shape = (module.in_channels, *shape)
+    if len(shape) != 3 or shape[0] != module.in_channels or not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise ValueError(
+            f"conv_spectral_norm: input_shape must be (H, W) or ({module.in_channels}, H, W), got {input_shape!r}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def conv_spectral_norm(
+    module: nn.Conv2d,
+    bound: float = 0.9,
+    input_shape: tuple[int, ...] = (),
+    *,
+    name: str = "weight",
+    n_power_iterations: int = 1,
+    n_init_iterations: int = 50,
+) -> nn.Conv2d:
+    """Register :class:`ConvOperatorBound` on ``module.<name>``: ``‖K_W‖₂ ≤ bound`` on inputs
+    of shape ``input_shape`` (``(H, W)`` or ``(C_in, H, W)``).
+
+    The operator norm depends on the spatial size (zero padding), so give the size the
+    convolution is applied to.  Stride, padding, dilation and groups are read from the
+    module.  Uses ``torch.nn.utils.parametrize``; returns ``module``.
+    """
+    options = _conv_options(module)
+    shape = _input_shape(module, input_shape)
+    weight = getattr(module, name, None)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"conv_spectral_norm: {type(module).__name__} has no tensor attribute {name!r}")
+    bound_module = ConvOperatorBound(
+        weight, bound, shape, n_power_iterations=n_power_iterations, n_init_iterations=n_init_iterations, **options
+    )
+    parametrize.register_parametrization(module, name, bound_module)
+    return module
+
+
+@torch.no_grad()
+def conv_operator_norm(
+    module: nn.Conv2d, input_shape: tuple[int, ...], *, n_iterations: int = 200, tol: float = 1e-7
+) -> float:
+    """Estimate ``‖K_W‖₂`` of ``module``'s (effective, i.e. parametrized) kernel on
+    ``input_shape`` by a fresh power iteration; stops when σ changes by ≤ ``tol`` relatively.
+    A lower bound that is tight once converged."""
+    geometry = _ConvGeometry(
+        _input_shape(module, input_shape), module.kernel_size, **_conv_options(module)
+    )
+    weight = module.weight.detach()
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    v = _normalize(torch.randn((1, *geometry.input_shape), generator=generator, dtype=weight.dtype).to(weight.device))
+    sigma = 0.0
+    for _ in range(n_iterations):
+        y = geometry.apply(v, weight)
+        new = float(torch.linalg.vector_norm(y))
+        v = _normalize(geometry.adjoint(y, weight))
+        if abs(new - sigma) <= tol * max(new, 1e-30):
+            return new
+        sigma = new
+    return sigma

@@ -1,0 +1,219 @@
+"""Differentiable optimisers, RTHO, SID, HOAG and the logistic HPO mechanism (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from implicitnets import hypergrad as hg
+from implicitnets import linear
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
+    torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)  # small problems: a second (contended) thread only slows them down
+    yield
+    torch.set_default_dtype(previous)
+    torch.set_num_threads(threads)
+
+
+def small_ridge(n: int = 200, p: int = 10, lam: float = 0.1, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w_true = torch.randn(p, generator=g, dtype=torch.float64)
+    X = torch.randn(n, p, generator=g, dtype=torch.float64)
+    y = X @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    Xv = torch.randn(n, p, generator=g, dtype=torch.float64)
+    yv = Xv @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64)
+    return X, y, Xv, yv, torch.full((p,), lam, dtype=torch.float64)
+
+
+def logistic_data(n: int = 80, d: int = 4, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w_o = torch.randn(d, generator=g, dtype=torch.float64)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = ((X @ w_o + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)) > 0).double()
+    return X[: n // 2], y[: n // 2], X[n // 2 :], y[n // 2 :]
+
+
+def fd4(f, x: torch.Tensor, h: float = 1e-3) -> torch.Tensor:
+    """Fourth-order central differences of a scalar function of a tensor."""
+    out = torch.empty_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros_like(x).reshape(-1)
+        e[i] = h
+        e = e.reshape(x.shape)
+        out.view(-1)[i] = (8 * (f(x + e) - f(x - e)) - (f(x + 2 * e) - f(x - 2 * e))) / (12 * h)
+    return out
+
+
+# ----------------------------------------------------------------- differentiable lr / momentum
+
+
+def test_heavy_ball_lr_and_momentum_hypergradients_match_finite_differences() -> None:
+    Xt, yt, Xv, yv = logistic_data()
+    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()  # noqa: E731
+    outer = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)  # noqa: E731
+    opt = hg.HeavyBall(lr=lambda hp: hp[1].exp(), momentum=lambda hp: torch.sigmoid(hp[2]))
+    w0 = torch.full((4,), 0.1)
+    hp = (torch.full((4,), 0.3), torch.tensor(-0.5), torch.tensor(0.2))
+    T = 30
+    grads = hg.reverse_itd(opt.map(inner), opt.outer(outer), opt.init(w0), hp, T)
+
+    def f(*h: torch.Tensor) -> torch.Tensor:
+        return outer(hg.unroll(opt, inner, w0, h, T), h)
+
+    for i in range(3):
+        fd = fd4(lambda x: f(*(x if j == i else hp[j] for j in range(3))), hp[i])
+        assert torch.allclose(grads[i], fd, rtol=1e-8, atol=0), (i, grads[i], fd)
+
+
+def test_gradient_descent_lr_hypergradient_passes_gradcheck() -> None:
+    Xt, yt, Xv, yv = logistic_data(seed=1)
+    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()  # noqa: E731
+    opt = hg.GradientDescent(lr=lambda hp: hp[1])
+    w0 = torch.zeros(4)
+
+    def f(lam: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(Xv @ hg.unroll(opt, inner, w0, (lam, lr), 15), yv)
+
+    inputs = (torch.full((4,), 0.2, requires_grad=True), torch.tensor(0.7, requires_grad=True))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-9, rtol=1e-7)
+    # and reverse_itd / forward_itd agree with autograd through unroll
+    auto = torch.autograd.grad(f(*inputs), inputs)
+    phi, E = opt.map(inner), lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)
+    for method in (hg.ReverseITD(15), hg.ForwardITD(15)):
+        for a, b in zip(method(phi, E, w0, inputs), auto):
+            assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+
+
+# ----------------------------------------------------------------- RTHO
+
+
+def test_rtho_single_update_is_a_forward_itd_step() -> None:
+    X, y, Xv, yv, lam = small_ridge()
+    phi = hg.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 1.0 / hg.ridge_lipschitz(X, lam))
+    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)  # noqa: E731
+    w0 = torch.zeros(10)
+    res = hg.RTHO(steps=20, hyper_lr=0.5, period=20).run(phi, E, w0, lam)
+    (g,) = hg.forward_itd(phi, E, w0, lam, 20)
+    assert torch.allclose(res.hparams[0], lam - 0.5 * g, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(res.w, hg.iterate(phi, w0, lam, 20), rtol=1e-12, atol=1e-15)
+
+
+def test_rtho_decreases_the_outer_loss() -> None:
+    X, y, Xv, yv, lam = small_ridge(lam=1.0)
+    phi = hg.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 0.3)
+    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)  # noqa: E731
+    clamp = lambda hp: tuple(h.clamp_min(0.0) for h in hp)  # noqa: E731
+    res = hg.RTHO(steps=150, hyper_lr=2.0, period=5, project=clamp).run(phi, E, torch.zeros(10), lam)
+    start = float(E(hg.ridge_solution(X, y, lam), ()))
+    end = float(E(hg.ridge_solution(X, y, res.hparams[0]), ()))
+    assert end < 0.9 * start and bool((res.hparams[0] >= 0).all())
+
+
+# ----------------------------------------------------------------- SID
+
+
+def _stochastic_ridge():
+    X, y, Xv, yv, lam = small_ridge()
+    alpha = 1.0 / hg.ridge_lipschitz(X, lam)
+
+    def phi(w: torch.Tensor, hp: tuple[torch.Tensor, ...], idx: torch.Tensor) -> torch.Tensor:
+        Xb, yb = X[idx], y[idx]
+        return w - alpha * (Xb.T @ (Xb @ w - yb) / idx.numel() + hp[0] * w)
+
+    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)  # noqa: E731
+    return X, y, Xv, yv, lam, phi, E
+
+
+def test_sid_full_batch_unit_steps_is_aid_fp() -> None:
+    X, y, Xv, yv, lam, phi, E = _stochastic_ridge()
+    full = torch.arange(X.shape[0])
+    res = hg.SID(25, 12).run(phi, E, torch.zeros(10), lam, lambda: full)
+    det = lambda w, hp: phi(w, hp, full)  # noqa: E731
+    w_t = hg.iterate(det, torch.zeros(10), lam, 25)
+    (ref,) = hg.aid(det, E, w_t, lam, linear.FixedPoint(max_iter=12, tol=0.0))
+    assert torch.allclose(res.w, w_t, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(res.grads[0], ref, rtol=1e-10, atol=1e-15)
+
+
+def test_sid_converges_toward_exact_with_decreasing_steps() -> None:
+    X, y, Xv, yv, lam, phi, E = _stochastic_ridge()
+    exact = hg.ridge_hypergradient(X, y, Xv, yv, lam)
+    schedule = hg.DecayingStep(1.0, decay=0.2)
+
+    def mean_error(T: int) -> float:
+        errs = []
+        for seed in range(2):
+            gen = torch.Generator().manual_seed(100 + seed)
+            sample = lambda: torch.randint(0, X.shape[0], (10,), generator=gen)  # noqa: E731
+            (g,) = hg.SID(T, T, schedule, schedule)(phi, E, torch.zeros(10), lam, sample)
+            errs.append(float((g - exact).norm() / exact.norm()))
+        return sum(errs) / len(errs)
+
+    coarse, fine = mean_error(100), mean_error(1600)
+    assert fine < 0.5 * coarse and fine < 0.1, (coarse, fine)
+
+
+def test_sid_warm_start_from_the_solution_stays_there() -> None:
+    X, y, Xv, yv, lam, phi, E = _stochastic_ridge()
+    full = torch.arange(X.shape[0])
+    w_star = hg.ridge_solution(X, y, lam)
+    exact_v = hg.AID(linear.CG(max_iter=100, tol=1e-14)).solve(lambda w, hp: phi(w, hp, full), E, w_star, lam).v
+    res = hg.SID(0, 0).run(phi, E, w_star, lam, lambda: full, v0=exact_v)
+    exact = hg.ridge_hypergradient(X, y, Xv, yv, lam)
+    assert torch.allclose(res.grads[0], exact, rtol=1e-9, atol=0)
+
+
+# ----------------------------------------------------------------- HOAG
+
+
+def test_hoag_follows_exact_hypergradient_descent() -> None:
+    X, y, Xv, yv, lam = small_ridge(n=100, p=5, lam=0.5, seed=2)
+    L = hg.ridge_lipschitz(X, torch.full((5,), 2.0))
+    phi = hg.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 1.0 / L)
+    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)  # noqa: E731
+    lr, steps = 1.0, 10
+    hoag = hg.HOAG(steps, lr, linear.CG(max_iter=100), tolerance=hg.GeometricSchedule(1e-10, 0.7), max_inner=20_000)
+    res = hoag.run(phi, E, torch.zeros(5), lam)
+    ref = lam.clone()
+    for _ in range(steps):
+        ref = ref - lr * hg.ridge_hypergradient(X, y, Xv, yv, ref)
+    # inexact steps with summable errors stay within O(Σ ε_k) of exact hypergradient descent
+    assert torch.allclose(res.hparams[0], ref, rtol=1e-8, atol=0)
+    assert res.outer_losses[-1] < 0.5 * res.outer_losses[0]
+    assert res.tolerances == [1e-10 * 0.7**k for k in range(steps)]
+    assert all(k >= 1 for k in res.linear_iterations)
+
+
+# ----------------------------------------------------------------- logistic HPO (the hypertorch example)
+
+
+def test_logistic_hpo_reaches_target() -> None:
+    """n = 1000, d = 20, half validation, inner GD lr 0.1, T = 100, λ ≥ 0 by projection:
+    validation loss ≈ 0.574 → ≤ 0.285 (train/logistic_hpo.py with --outer-lr 0.1)."""
+    g = torch.Generator().manual_seed(1)
+    n, d = 1000, 20
+    w_oracle = torch.randn(d, generator=g, dtype=torch.float64)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = ((X @ w_oracle + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)) > 0).double()
+    perm = torch.randperm(n, generator=g)
+    Xv, yv, Xt, yt = X[perm[:500]], y[perm[:500]], X[perm[500:]], y[perm[500:]]
+    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()  # noqa: E731
+    outer = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)  # noqa: E731
+    phi, itd = hg.GradientStep(inner, 0.1), hg.ReverseITD(100)
+    lam = torch.ones(d, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=0.1)
+    w0 = torch.zeros(d)
+    initial = float(outer(hg.iterate(phi, w0, lam, 100), ()))
+    for _ in range(12):
+        (lam.grad,) = itd(phi, outer, w0, lam)  # the test loop owns .grad, the library does not
+        opt.step()
+        with torch.no_grad():
+            lam.clamp_(min=0.0)
+    final = float(outer(hg.iterate(phi, w0, lam, 100), ()))
+    assert abs(initial - 0.574) < 5e-3
+    assert final <= 0.285, (initial, final)

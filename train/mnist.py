@@ -1,0 +1,491 @@
+"""Train an MNIST equilibrium classifier (or the explicit baseline of the same size).
+
+    python -m train.mnist                               # FC equilibrium model, embedded 5k digits
+    python -m train.mnist --model conv --epochs 15      # conv equilibrium model
+    python -m train.mnist --model mlp                   # explicit baseline, same budget
+    python -m train.mnist --preset grazzi2020           # the reference experiment
+    torchrun --nproc_per_node=2 -m train.mnist ...      # DistributedDataParallel (gloo / nccl)
+
+Reads top to bottom: configuration, distributed setup, data, model, optimiser, resume,
+training loop (tqdm; non-finite steps skipped and logged), per-epoch JSON lines, atomic
+checkpoints, summary.json and a PNG of the curves.  Everything random is drawn from
+generators seeded by (seed, epoch), and the global batch does not depend on the number of
+processes, so ``--resume`` and ``torchrun`` reproduce a single uninterrupted run.
+
+Backward modes (``--backward``): ``itd`` (through all t solver steps), ``itd:K`` (last K
+steps), ``aid-fp`` / ``aid-cg`` / ``aid-normalcg`` / ``aid-gmres`` (k iterations of that
+linear solver on (I − Jᵀ) v = g), ``jfb`` (Jacobian-free).  ``aid-cg`` assumes a symmetric
+Jacobian, which ``tanh(A w + B x + c)`` does not have: it runs (and warns) but its gradient
+is biased — prefer ``aid-normalcg`` or ``aid-gmres`` for these models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import implicitnets as inn
+from implicitnets import linear
+from models import CNN, MLP, ConvEquilibrium, FCEquilibrium, count_parameters
+from train.data import load
+
+# -----------------------------------------------------------------------------------------
+# configuration: a dataclass turned into argparse; a preset changes the defaults
+
+
+@dataclass
+class Config:
+    model: str = "fc"  # fc | conv | mlp | cnn
+    backward: str = "aid-fp"  # itd | itd:K | aid-fp | aid-cg | aid-normalcg | aid-gmres | jfb
+    t: int = 20  # forward solver iterations (max_iter)
+    k: int = 20  # backward linear-solver iterations (AID)
+    tol: float = 1e-4  # forward stopping tolerance on the relative residual; 0 runs exactly t
+    backward_tol: float = 0.0  # AID tolerance; 0 runs exactly k iterations
+    solver: str = "fp"  # fp | anderson
+    contraction: str = "spectral"  # spectral | projection | none
+    gamma: float = 0.9  # contraction bound on ‖A‖₂ (operator norm for conv)
+    width: int = 200  # hidden size of fc / mlp
+    channels: int = 48  # channels of conv / cnn
+    activation: str = "relu"  # conv cell activation: relu | tanh
+    epochs: int = 40
+    batch_size: int = 100  # global batch (split over processes)
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 0.0
+    augment: int = 0  # random shifts of up to this many pixels (0: off)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # bfloat16 autocast (meant for cuda)
+    dtype: str = "float32"  # float32 | float64
+    threads: int = 0  # torch CPU threads per process; 0: all cores shared among processes
+    data: str = "mnist-5k"  # mnist-5k | mnist | fashion-mnist
+    data_root: str = ""  # read an existing copy with download=False
+    test_limit: int = 0  # evaluate on the first N test images only (0: all)
+    eval_batch_size: int = 1000
+    max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
+    stop_after: int = 0  # leave after this many epochs in this invocation (then --resume)
+    out: str = "runs/mnist"
+    resume: bool = False
+    progress: bool = True
+    plot: bool = True
+    preset: str = ""  # grazzi2020
+
+
+PRESETS = {
+    # Grazzi et al. (2020), equilibrium models on MNIST: 5,000 training digits, hidden 200,
+    # t = k = 20, full-batch SGD lr 0.5 momentum 0.9, projection onto ‖A‖₂ ≤ 0.99 per step.
+    "grazzi2020": dict(
+        model="fc", data="mnist-5k", width=200, t=20, k=20, tol=0.0, solver="fp",
+        backward="aid-fp", batch_size=5000, optimizer="sgd", lr=0.5, momentum=0.9,
+        schedule="constant", contraction="projection", gamma=0.99, epochs=1000, augment=0,
+    ),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for field in dataclasses.fields(Config):
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        if preset not in PRESETS:
+            parser.error(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        parser.set_defaults(**PRESETS[preset])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+CHOICES = dict(
+    model=("fc", "conv", "mlp", "cnn"), solver=("fp", "anderson"), contraction=("spectral", "projection", "none"),
+    optimizer=("adam", "sgd"), schedule=("cosine", "constant"), device=("auto", "cpu", "cuda"),
+    dtype=("float32", "float64"), data=("mnist-5k", "mnist", "fashion-mnist"), activation=("relu", "tanh"),
+)
+
+
+def check_config(cfg: Config) -> None:
+    for name, allowed in CHOICES.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    for name in ("t", "k", "epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if not (cfg.lr > 0 and cfg.gamma > 0 and cfg.tol >= 0 and cfg.backward_tol >= 0 and cfg.augment >= 0):
+        raise ValueError("--lr and --gamma must be > 0; --tol, --backward-tol and --augment must be >= 0")
+    make_backward(cfg.backward, cfg.k, cfg.backward_tol)  # raises on an unknown mode
+
+
+def make_solver(cfg: Config) -> inn.FixedPointIteration | inn.Anderson:
+    if cfg.solver == "fp":
+        return inn.FixedPointIteration(max_iter=cfg.t, tol=cfg.tol)
+    return inn.Anderson(max_iter=cfg.t, tol=cfg.tol, memory=5)
+
+
+def make_backward(spec: str, k: int, tol: float = 0.0) -> inn.ITD | inn.AID | inn.JacobianFree:
+    """The CLI string → backward-mode object (the only place strings meet the library)."""
+    if spec == "itd":
+        return inn.ITD()
+    if spec.startswith("itd:"):
+        try:
+            return inn.ITD(truncate=int(spec[4:]))
+        except ValueError as err:
+            raise ValueError(f"--backward itd:K needs an integer K >= 1, got {spec!r}") from err
+    aid = {
+        "aid-fp": linear.FixedPoint, "aid-cg": linear.CG, "aid-normalcg": linear.NormalCG, "aid-gmres": linear.GMRES,
+    }
+    if spec in aid:
+        return inn.AID(aid[spec](max_iter=k, tol=tol))
+    if spec == "jfb":
+        return inn.JacobianFree()
+    raise ValueError(f"unknown --backward {spec!r}; choose itd, itd:K, aid-fp, aid-cg, aid-normalcg, aid-gmres or jfb")
+
+
+def build_model(cfg: Config) -> nn.Module:
+    contraction = cfg.gamma if cfg.contraction == "spectral" else None
+    deq = dict(contraction=contraction, solver=make_solver(cfg), backward=make_backward(cfg.backward, cfg.k, cfg.backward_tol))
+    if cfg.model == "fc":
+        return FCEquilibrium(784, cfg.width, 10, **deq)
+    if cfg.model == "conv":
+        return ConvEquilibrium(1, cfg.channels, 10, 28, activation=cfg.activation, **deq)
+    if cfg.model == "mlp":
+        return MLP(784, cfg.width, 10)
+    return CNN(1, cfg.channels, 10, 28)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def shift_images(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:
+    """Translate each image by ``offsets - pad`` pixels (zero fill); offsets in [0, 2·pad]."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    hp, wp = h + 2 * pad, w + 2 * pad
+    arange = lambda size: torch.arange(size, device=images.device)  # noqa: E731
+    start = arange(n) * (c * hp * wp) + offsets[:, 0] * wp + offsets[:, 1]  # top-left corner
+    grid = (arange(c) * (hp * wp))[:, None, None] + (arange(h) * wp)[:, None] + arange(w)
+    return torch.take(padded, start[:, None, None, None] + grid)
+
+
+def lr_at(cfg: Config, step: int, total: int) -> float:
+    warmup = cfg.warmup_epochs * total / cfg.epochs
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1.0, total - warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    check_config(cfg)
+
+    # -------------------------------------------------------------------------------------
+    # processes and device: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch.cuda.is_available() is False")
+    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    distributed = world > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    elif distributed and device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    log = print if master else (lambda *a, **k: None)
+
+    # -------------------------------------------------------------------------------------
+    # data: tensors on the device, normalised with the training set's statistics
+    data = load(cfg.data, cfg.data_root or None)
+    train_x, train_y = data.train.images.to(device, dtype), data.train.labels.to(device)
+    test_x, test_y = data.test.images.to(device, dtype), data.test.labels.to(device)
+    if cfg.test_limit:
+        test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
+    mean, std = train_x.mean(), train_x.std()
+    n_train = train_x.shape[0]
+    steps_per_epoch = n_train // cfg.batch_size  # the last partial batch is dropped
+    if steps_per_epoch < 1:
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
+    total_steps = steps_per_epoch * cfg.epochs
+    local_batch = cfg.batch_size // world
+
+    # -------------------------------------------------------------------------------------
+    # model and optimiser
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device=device, dtype=dtype)
+    raw_model = model
+    n_params = count_parameters(raw_model)
+    if distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    project = cfg.contraction == "projection" and hasattr(raw_model, "project_")
+    if project:
+        raw_model.project_(cfg.gamma)
+    is_deq = hasattr(raw_model, "stats")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+    # -------------------------------------------------------------------------------------
+    # resume from the last checkpoint (written at the end of an epoch)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    start_epoch, history, step = 0, [], 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, history, step = ckpt["epoch"], ckpt["history"], ckpt["step"]
+        log(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
+    elif cfg.resume:
+        log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    log(f"{cfg.model}: {n_params:,} parameters | data {data.name} ({n_train} train, {test_x.shape[0]} test) "
+        f"| device {device} x {world} | backward {cfg.backward} | out {cfg.out}")
+
+    def evaluate() -> tuple[float, float, dict]:
+        """Test accuracy and loss (test set split over processes, summed by all_reduce)."""
+        raw_model.eval()
+        correct = torch.zeros((), device=device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        iters, resid = [], []
+        with torch.no_grad(), autocast:
+            for start in range(rank * cfg.eval_batch_size, test_x.shape[0], world * cfg.eval_batch_size):
+                xb = (test_x[start : start + cfg.eval_batch_size] - mean) / std
+                yb = test_y[start : start + cfg.eval_batch_size]
+                logits = raw_model(xb).float()
+                correct += (logits.argmax(1) == yb).sum()
+                loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+                if is_deq:
+                    iters.append(raw_model.stats.iterations)
+                    resid.append(raw_model.stats.residual)
+        if distributed:
+            for t in (correct, loss_sum):
+                dist.all_reduce(t)
+        raw_model.train()
+        n = test_x.shape[0]
+        solver_stats = dict(test_forward_iterations=_mean(iters), test_forward_residual=max(resid, default=None))
+        return float(correct) / n, float(loss_sum) / n, solver_stats
+
+    # -------------------------------------------------------------------------------------
+    # training loop
+    run_start = time.time() - (history[-1]["elapsed"] if history else 0.0)
+    epochs_this_run = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.max_steps and step >= cfg.max_steps:
+            break
+        t0 = time.time()
+        raw_model.train()
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n_train, generator=generator).to(device)
+        offsets = torch.randint(0, 2 * cfg.augment + 1, (n_train, 2), generator=generator).to(device)
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss·n, correct, n
+        f_iters, f_resid, b_iters, b_resid, skipped = [], [], [], [], []
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
+                   leave=False, dynamic_ncols=True)
+        for i in bar:
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+            # this process's share of the global batch: the same images whatever the world size
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size][rank * local_batch : (rank + 1) * local_batch]
+            xb, yb = train_x[idx], train_y[idx]
+            if cfg.augment:
+                xb = shift_images(xb, offsets[idx], cfg.augment)
+            xb = (xb - mean) / std
+            lr = lr_at(cfg, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            # forward: a solver failure (NaN/Inf) skips the step on every process
+            reason = ""
+            try:
+                with autocast:
+                    logits = model(xb).float()
+                # sum over the local share / global batch · world: DDP's mean gives the global mean
+                loss = F.cross_entropy(logits, yb, reduction="sum") * (world / cfg.batch_size)
+                if not torch.isfinite(loss):
+                    reason = "non-finite loss"
+            except inn.NonFiniteError as err:
+                reason = f"forward: {err}"
+            if distributed:
+                flag = torch.tensor([0.0 if reason else 1.0], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                if flag.item() == 0.0 and not reason:
+                    reason = "another process failed"
+            if not reason:
+                try:
+                    loss.backward()
+                except inn.NonFiniteError as err:
+                    reason = f"backward: {err}"
+            if not reason:
+                grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+                if not all(bool(torch.isfinite(g).all()) for g in grads):
+                    reason = "non-finite gradient"
+            if reason:
+                optimizer.zero_grad(set_to_none=True)
+                skipped.append(step)
+                warnings.warn(f"step {step}: skipped ({reason[:300]})", RuntimeWarning, stacklevel=1)
+                step += 1
+                continue
+            optimizer.step()
+            if project:
+                raw_model.project_(cfg.gamma)
+            step += 1
+            with torch.no_grad():
+                sums += torch.stack([
+                    loss.detach().double() * cfg.batch_size / world,
+                    (logits.argmax(1) == yb).sum().double(),
+                    torch.tensor(float(yb.shape[0]), device=device, dtype=torch.float64),
+                ])
+            if is_deq:
+                s = raw_model.stats
+                f_iters.append(s.iterations)
+                f_resid.append(s.residual)
+                if s.backward_iterations is not None:
+                    b_iters.append(s.backward_iterations)
+                    b_resid.append(s.backward_residual)
+            if master and cfg.progress and i % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss) * cfg.batch_size / world / yb.shape[0]:.4f}")
+        bar.close()
+        if distributed:
+            dist.all_reduce(sums)
+        train_seconds = time.time() - t0
+        test_acc, test_loss, test_stats = evaluate()
+        n_seen = max(1.0, float(sums[2]))
+        record = dict(
+            epoch=epoch + 1, step=step, lr=lr_at(cfg, max(0, step - 1), total_steps),
+            train_loss=float(sums[0]) / n_seen, train_acc=float(sums[1]) / n_seen,
+            test_loss=test_loss, test_acc=test_acc,
+            seconds=time.time() - t0, train_seconds=train_seconds, elapsed=time.time() - run_start,
+            forward_iterations=_mean(f_iters), forward_residual=_mean(f_resid),
+            forward_residual_max=max(f_resid, default=None),
+            backward_iterations=_mean(b_iters), backward_residual=_mean(b_resid),
+            contraction=raw_model.lipschitz_bound() if is_deq else None,
+            skipped_steps=skipped, **test_stats,
+        )
+        params_finite = all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())
+        history.append(record)
+        log(f"epoch {epoch + 1:3d} | loss {record['train_loss']:.4f} | train {record['train_acc']:.4f} "
+            f"| test {test_acc:.4f} | {record['seconds']:.1f}s"
+            + (f" | fwd it {record['forward_iterations']:.1f} | q {record['contraction']:.3f}" if is_deq and f_iters else "")
+            + (f" | skipped {len(skipped)}" if skipped else ""))
+
+        # ---------------------------------------------------------------------------------
+        # rank 0 writes: JSON lines, checkpoint (atomically; only if the weights are finite)
+        if master:
+            write_atomic(os.path.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history).encode())
+            if params_finite:
+                buffer = io.BytesIO()
+                torch.save(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                                step=step, history=history, config=dataclasses.asdict(cfg)), buffer)
+                write_atomic(ckpt_path, buffer.getvalue())
+            else:
+                warnings.warn(f"epoch {epoch + 1}: non-finite weights; keeping the last good checkpoint", RuntimeWarning)
+        if distributed:
+            dist.barrier()
+        epochs_this_run += 1
+        if cfg.stop_after and epochs_this_run >= cfg.stop_after:
+            break
+
+    # -------------------------------------------------------------------------------------
+    # summary and plot
+    final = history[-1] if history else {}
+    summary = dict(
+        model=cfg.model, parameters=n_params, data=data.name, backward=cfg.backward if is_deq else None,
+        epochs_completed=len(history), steps=step, test_acc=final.get("test_acc"),
+        best_test_acc=max((r["test_acc"] for r in history), default=None), train_acc=final.get("train_acc"),
+        seconds=final.get("elapsed"), skipped_steps=sum(len(r["skipped_steps"]) for r in history),
+        contraction=final.get("contraction"), device=str(device), world_size=world,
+        torch=torch.__version__, config=dataclasses.asdict(cfg),
+    )
+    if master:
+        write_atomic(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+        if cfg.plot and history:
+            plot(history, os.path.join(cfg.out, "curves.png"), f"{cfg.model} ({cfg.backward if is_deq else 'explicit'})")
+        if history:
+            log(f"test accuracy: {final['test_acc']:.4f} ({len(history)} epochs, {final['elapsed']:.1f}s)")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def plot(history: list[dict], path: str, title: str) -> None:
+    """Loss and accuracy curves per epoch, saved atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(epochs, [r["train_loss"] for r in history], label="train")
+    ax1.plot(epochs, [r["test_loss"] for r in history], label="test")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title=title)
+    ax2.plot(epochs, [r["train_acc"] for r in history], label="train")
+    ax2.plot(epochs, [r["test_acc"] for r in history], label="test")
+    ax2.set(xlabel="epoch", ylabel="accuracy", title=f"final test {history[-1]['test_acc']:.4f}")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as err:  # a bad option: one clear line, no traceback
+        sys.exit(f"error: {err}")
