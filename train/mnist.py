@@ -42,7 +42,9 @@ from tqdm import tqdm
 import implicitnets as inn
 from implicitnets import linear
 from models import CNN, MLP, ConvEquilibrium, FCEquilibrium, count_parameters
-from train.data import load
+from train.data import DataError, load
+
+BASELINE = {"fc": "mlp", "conv": "cnn"}  # equilibrium model → explicit network of about its size
 
 # -----------------------------------------------------------------------------------------
 # configuration: a dataclass turned into argparse; a preset changes the defaults
@@ -70,7 +72,7 @@ class Config:
     weight_decay: float = 0.0
     schedule: str = "cosine"  # cosine | constant
     warmup_epochs: float = 0.0
-    augment: int = 0  # random shifts of up to this many pixels (0: off)
+    augment: int = 2  # random shifts of up to this many pixels (0: off)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bfloat16 autocast (meant for cuda)
@@ -86,6 +88,7 @@ class Config:
     resume: bool = False
     progress: bool = True
     plot: bool = True
+    baseline: bool = True  # also train the explicit network of the same size (fc→mlp, conv→cnn), same settings
     preset: str = ""  # grazzi2020
 
 
@@ -213,10 +216,12 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, train, and (``--baseline``, the default for fc/conv) train the explicit
+    baseline of the same size with the same settings in the same run; returns the summary
+    (with the baseline's summary under ``"baseline"``)."""
     cfg = parse_args(argv)
     check_config(cfg)
 
-    # -------------------------------------------------------------------------------------
     # processes and device: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -230,13 +235,40 @@ def main(argv: list[str] | None = None) -> dict:
     distributed = world > 1
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     elif distributed and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    try:
+        summary = train(cfg, device, rank, world)
+        if cfg.baseline and cfg.model in BASELINE:
+            base_cfg = dataclasses.replace(cfg, model=BASELINE[cfg.model], out=os.path.join(cfg.out, "baseline"))
+            summary["baseline"] = train(base_cfg, device, rank, world)
+            if rank == 0:
+                write_atomic(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+                print(comparison(summary))
+    finally:
+        if distributed and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    return summary
+
+
+def comparison(summary: dict) -> str:
+    """Two lines: the equilibrium model beside its explicit baseline (same data, epochs, settings)."""
+    lines = [f"{'model':<18} {'parameters':>10}  test acc  train acc  seconds"]
+    for s in (summary, summary["baseline"]):
+        name = s["model"] + (f" ({s['backward']})" if s["backward"] else "")
+        lines.append(f"{name:<18} {s['parameters']:>10,}  {s['test_acc']:8.4f}  {s['train_acc']:9.4f}  {s['seconds']:7.1f}")
+    return "\n".join(lines)
+
+
+def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
+    """Train ``cfg.model`` on this process's share of every global batch; returns the summary."""
+    distributed = world > 1
+    master = rank == 0
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     log = print if master else (lambda *a, **k: None)
 
@@ -262,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
     raw_model = model
     n_params = count_parameters(raw_model)
     if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -286,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     elif cfg.resume:
         log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     log(f"{cfg.model}: {n_params:,} parameters | data {data.name} ({n_train} train, {test_x.shape[0]} test) "
-        f"| device {device} x {world} | backward {cfg.backward} | out {cfg.out}")
+        f"| device {device} x {world} | backward {cfg.backward if is_deq else '(explicit)'} | out {cfg.out}")
 
     def evaluate() -> tuple[float, float, dict]:
         """Test accuracy and loss (test set split over processes, summed by all_reduce)."""
@@ -328,74 +360,81 @@ def main(argv: list[str] | None = None) -> dict:
         f_iters, f_resid, b_iters, b_resid, skipped = [], [], [], [], []
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
                    leave=False, dynamic_ncols=True)
-        for i in bar:
-            if cfg.max_steps and step >= cfg.max_steps:
-                break
-            # this process's share of the global batch: the same images whatever the world size
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size][rank * local_batch : (rank + 1) * local_batch]
-            xb, yb = train_x[idx], train_y[idx]
-            if cfg.augment:
-                xb = shift_images(xb, offsets[idx], cfg.augment)
-            xb = (xb - mean) / std
-            lr = lr_at(cfg, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            # forward: a solver failure (NaN/Inf) skips the step on every process
-            reason = ""
-            try:
-                with autocast:
-                    logits = model(xb).float()
-                # sum over the local share / global batch · world: DDP's mean gives the global mean
-                loss = F.cross_entropy(logits, yb, reduction="sum") * (world / cfg.batch_size)
-                if not torch.isfinite(loss):
-                    reason = "non-finite loss"
-            except inn.NonFiniteError as err:
-                reason = f"forward: {err}"
-            if distributed:
-                flag = torch.tensor([0.0 if reason else 1.0], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                if flag.item() == 0.0 and not reason:
-                    reason = "another process failed"
-            if not reason:
-                try:
-                    loss.backward()
-                except inn.NonFiniteError as err:
-                    reason = f"backward: {err}"
-            if not reason:
-                grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-                if not all(bool(torch.isfinite(g).all()) for g in grads):
-                    reason = "non-finite gradient"
-            if reason:
+        # solver warnings are counted per epoch and reported once (not once per step)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in bar:
+                if cfg.max_steps and step >= cfg.max_steps:
+                    break
+                # this process's share of the global batch: the same images whatever the world size
+                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size][rank * local_batch : (rank + 1) * local_batch]
+                xb, yb = train_x[idx], train_y[idx]
+                if cfg.augment:
+                    xb = shift_images(xb, offsets[idx], cfg.augment)
+                xb = (xb - mean) / std
+                lr = lr_at(cfg, step, total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                skipped.append(step)
-                warnings.warn(f"step {step}: skipped ({reason[:300]})", RuntimeWarning, stacklevel=1)
+                # forward: a solver failure (NaN/Inf) skips the step on every process
+                reason = ""
+                try:
+                    with autocast:
+                        logits = model(xb).float()
+                    # sum over the local share / global batch · world: DDP's mean gives the global mean
+                    loss = F.cross_entropy(logits, yb, reduction="sum") * (world / cfg.batch_size)
+                    if not torch.isfinite(loss):
+                        reason = "non-finite loss"
+                except inn.NonFiniteError as err:
+                    reason = f"forward: {err}"
+                if distributed:
+                    flag = torch.tensor([0.0 if reason else 1.0], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                    if flag.item() == 0.0 and not reason:
+                        reason = "another process failed"
+                if not reason:
+                    try:
+                        loss.backward()
+                    except inn.NonFiniteError as err:
+                        reason = f"backward: {err}"
+                if not reason:
+                    grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+                    if not all(bool(torch.isfinite(g).all()) for g in grads):
+                        reason = "non-finite gradient"
+                if reason:
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped.append(step)
+                    warnings.warn(f"step {step}: skipped ({reason[:300]})", RuntimeWarning, stacklevel=1)
+                    step += 1
+                    continue
+                optimizer.step()
+                if project:
+                    raw_model.project_(cfg.gamma)
                 step += 1
-                continue
-            optimizer.step()
-            if project:
-                raw_model.project_(cfg.gamma)
-            step += 1
-            with torch.no_grad():
-                sums += torch.stack([
-                    loss.detach().double() * cfg.batch_size / world,
-                    (logits.argmax(1) == yb).sum().double(),
-                    torch.tensor(float(yb.shape[0]), device=device, dtype=torch.float64),
-                ])
-            if is_deq:
-                s = raw_model.stats
-                f_iters.append(s.iterations)
-                f_resid.append(s.residual)
-                if s.backward_iterations is not None:
-                    b_iters.append(s.backward_iterations)
-                    b_resid.append(s.backward_residual)
-            if master and cfg.progress and i % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss) * cfg.batch_size / world / yb.shape[0]:.4f}")
+                with torch.no_grad():
+                    sums += torch.stack([
+                        loss.detach().double() * cfg.batch_size / world,
+                        (logits.argmax(1) == yb).sum().double(),
+                        torch.tensor(float(yb.shape[0]), device=device, dtype=torch.float64),
+                    ])
+                if is_deq:
+                    s = raw_model.stats
+                    f_iters.append(s.iterations)
+                    f_resid.append(s.residual)
+                    if s.backward_iterations is not None:
+                        b_iters.append(s.backward_iterations)
+                        b_resid.append(s.backward_residual)
+                if master and cfg.progress and i % 10 == 0:
+                    bar.set_postfix(loss=f"{float(loss) * cfg.batch_size / world / yb.shape[0]:.4f}")
         bar.close()
+        n_convergence = report_warnings(caught, f"epoch {epoch + 1}")
         if distributed:
             dist.all_reduce(sums)
         train_seconds = time.time() - t0
-        test_acc, test_loss, test_stats = evaluate()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            test_acc, test_loss, test_stats = evaluate()
+        report_warnings(caught, f"epoch {epoch + 1} (test)")
         n_seen = max(1.0, float(sums[2]))
         record = dict(
             epoch=epoch + 1, step=step, lr=lr_at(cfg, max(0, step - 1), total_steps),
@@ -406,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
             forward_residual_max=max(f_resid, default=None),
             backward_iterations=_mean(b_iters), backward_residual=_mean(b_resid),
             contraction=raw_model.lipschitz_bound() if is_deq else None,
-            skipped_steps=skipped, **test_stats,
+            skipped_steps=skipped, convergence_warnings=n_convergence, **test_stats,
         )
         params_finite = all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())
         history.append(record)
@@ -451,8 +490,24 @@ def main(argv: list[str] | None = None) -> dict:
             log(f"test accuracy: {final['test_acc']:.4f} ({len(history)} epochs, {final['elapsed']:.1f}s)")
     if distributed:
         dist.barrier()
-        dist.destroy_process_group()
     return summary
+
+
+def report_warnings(caught: list[warnings.WarningMessage], where: str) -> int:
+    """Re-issue ``caught`` warnings, folding all :class:`~implicitnets.ConvergenceWarning` and
+    skipped-step warnings into one line each; returns the number of convergence warnings."""
+    folded: dict[type, list[warnings.WarningMessage]] = {inn.ConvergenceWarning: [], RuntimeWarning: []}
+    for w in caught:
+        kind = next((k for k in folded if w.category is k or issubclass(w.category, k)), None)
+        if kind is None:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        else:
+            folded[kind].append(w)
+    for kind, found in folded.items():
+        if found:
+            what = "solver warnings" if kind is inn.ConvergenceWarning else "warnings"
+            warnings.warn(f"{where}: {len(found)} {what}, first: {found[0].message}", kind, stacklevel=2)
+    return len(folded[inn.ConvergenceWarning])
 
 
 def _mean(values: list) -> float | None:
@@ -487,5 +542,5 @@ def plot(history: list[dict], path: str, title: str) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as err:  # a bad option: one clear line, no traceback
+    except (ValueError, DataError) as err:  # a bad option or data file: one clear line, no traceback
         sys.exit(f"error: {err}")

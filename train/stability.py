@@ -1,6 +1,6 @@
 """Stability study: what happens to each backward mode when Φ(·, x) stops being a contraction.
 
-    python -m train.stability                     # full grid (5 modes × 6 settings × 3 seeds)
+    python -m train.stability                     # full grid (5 modes × 6 settings × 3 seeds, 3 epochs)
     python -m train.stability --quick             # reduced grid, a few minutes
     python -m train.stability --figures docs/figures
 
@@ -66,7 +66,7 @@ class Config:
     modes: str = ",".join(MODES)
     settings: str = ",".join(SETTINGS)
     seeds: str = "0,1,2"
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 100
     optimizer: str = "adam"  # adam | sgd
     lr: float = 1e-3

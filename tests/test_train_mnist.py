@@ -1,0 +1,195 @@
+"""train.mnist: smoke runs of every model and backward mode, resume, data loading, DDP.
+
+Short runs only (a few optimiser steps on a slice of the test set); accuracy targets are
+benchmark figures in the README, not assertions here.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import mnist
+from train.data import EMBEDDED, DataError, load
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMPLICITNETS_DATA_ROOT", ROOT.parent / "shared" / "data"))
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared data folder at {SHARED}")
+
+SMALL = ["--no-progress", "--no-plot", "--no-baseline", "--test-limit", "200", "--threads", "1"]
+
+
+def run(tmp_path: Path, *args: str) -> dict:
+    return mnist.main([*SMALL, "--out", str(tmp_path), *args])
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+
+
+@pytest.mark.parametrize("backward", ["itd", "itd:3", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb"])
+@pytest.mark.parametrize("model", ["fc", "conv"])
+def test_two_step_smoke_every_backward_mode(tmp_path, model, backward):
+    extra = ["--channels", "8", "--batch-size", "20"] if model == "conv" else ["--width", "32"]
+    summary = run(tmp_path, "--model", model, "--backward", backward, "--max-steps", "2", "--t", "8", "--k", "8", *extra)
+    assert summary["steps"] == 2 and summary["skipped_steps"] == 0
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["forward_iterations"] > 0 and record["contraction"] < 1.0
+    if backward.startswith("aid"):
+        assert record["backward_iterations"] == 8  # backward tol 0: exactly k steps
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path).values())
+    assert (tmp_path / "summary.json").is_file() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_two_step_smoke_baselines(tmp_path, model):
+    summary = run(tmp_path, "--model", model, "--max-steps", "2", "--channels", "8", "--width", "32")
+    assert summary["steps"] == 2 and summary["backward"] is None
+
+
+def test_baseline_trained_in_the_same_run(tmp_path):
+    summary = mnist.main([*SMALL[:-5], "--test-limit", "200", "--out", str(tmp_path), "--max-steps", "3"])
+    base = summary["baseline"]
+    assert base["model"] == "mlp" and base["steps"] == summary["steps"] == 3
+    assert abs(base["parameters"] - summary["parameters"]) / summary["parameters"] < 0.01  # same size
+    assert json.loads((tmp_path / "summary.json").read_text())["baseline"]["model"] == "mlp"
+    assert (tmp_path / "baseline" / "checkpoint.pt").is_file()
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    common = ["--epochs", "2", "--width", "32", "--batch-size", "500", "--augment", "1"]
+    run(tmp_path / "straight", *common)
+    first = run(tmp_path / "split", *common, "--stop-after", "1")
+    assert first["epochs_completed"] == 1
+    second = run(tmp_path / "split", *common, "--resume")
+    assert second["epochs_completed"] == 2 and second["steps"] == 20
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_preset_grazzi2020_is_the_reference_experiment():
+    cfg = mnist.parse_args(["--preset", "grazzi2020"])
+    assert (cfg.model, cfg.width, cfg.t, cfg.k, cfg.tol, cfg.batch_size) == ("fc", 200, 20, 20, 0.0, 5000)
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.contraction, cfg.gamma) == ("sgd", 0.5, 0.9, "projection", 0.99)
+    assert mnist.parse_args(["--preset", "grazzi2020", "--lr", "0.1"]).lr == 0.1  # options override the preset
+    with pytest.raises(SystemExit):
+        mnist.parse_args(["--preset", "nope"])
+
+
+def test_preset_projection_keeps_the_bound(tmp_path):
+    summary = run(tmp_path, "--preset", "grazzi2020", "--max-steps", "2", "--width", "32")
+    assert summary["contraction"] <= 0.99 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--backward", "aid-xyz"], "unknown --backward"),
+        (["--backward", "itd:x"], "itd:K"),
+        (["--model", "resnet"], "--model must be one of"),
+        (["--t", "0"], "--t must be >= 1"),
+        (["--data", "cifar"], "--data must be one of"),
+    ],
+)
+def test_bad_options_raise(tmp_path, args, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, *args)
+
+
+def test_embedded_data_is_real_and_complete():
+    data = load("mnist-5k")
+    assert data.train.images.shape == (5000, 1, 28, 28) and data.test.images.shape == (10000, 1, 28, 28)
+    assert torch.bincount(data.train.labels).tolist() == [500] * 10
+    assert 0.0 <= float(data.train.images.min()) and float(data.train.images.max()) == 1.0
+
+
+@needs_shared
+@pytest.mark.parametrize("name, root, n_train", [("mnist-5k", "", 5000), ("mnist", "mnist-5k", 5000),
+                                                  ("fashion-mnist", "", 60000)])
+def test_offline_loading_from_shared_data(name, root, n_train):
+    data = load(name, SHARED / root)
+    assert len(data.train) == n_train and len(data.test) == 10000
+    if name != "fashion-mnist":  # the shared copy is the embedded set in torchvision's layout
+        embedded = load("mnist-5k")
+        assert torch.equal(data.test.images, embedded.test.images)
+
+
+@needs_shared
+def test_training_on_fashion_mnist_offline(tmp_path):
+    summary = run(tmp_path, "--data", "fashion-mnist", "--data-root", str(SHARED), "--max-steps", "2", "--width", "32")
+    assert summary["data"] == "fashion-mnist" and summary["steps"] == 2
+
+
+def test_bad_data_path_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="data root not found"):
+        run(tmp_path, "--data", "mnist", "--data-root", str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="no mnist data under"):
+        run(tmp_path, "--data", "mnist", "--data-root", str(tmp_path))
+
+
+def test_missing_and_corrupt_gz_files(tmp_path):
+    from train import data as data_module
+
+    folder = tmp_path / "gz"
+    shutil.copytree(EMBEDDED, folder)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="data file not found: .*t10k-labels"):
+        data_module._load_gz_folder(folder)
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="corrupt data file .*not a valid gzip"):
+        data_module._load_gz_folder(folder)
+    raw = gzip.decompress((EMBEDDED / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw[:-7]))  # truncated payload
+    with pytest.raises(DataError, match="header says shape"):
+        data_module._load_gz_folder(folder)
+
+
+def test_command_line_reports_bad_option_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "train.mnist", "--backward", "nope", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().startswith("error: unknown --backward")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_gradients_equal_single_process(tmp_path):
+    """One SGD step (lr 1, no momentum) in float64: w₀ − w₁ is the gradient of the global batch.
+
+    AID-FP and a fixed t act on each sample separately, so the split cannot change the maths
+    (GMRES/CG take inner products over the whole local batch: their truncated answers differ).
+    """
+    args = ["--max-steps", "1", "--width", "32", "--batch-size", "40", "--optimizer", "sgd", "--lr", "1",
+            "--momentum", "0", "--schedule", "constant", "--dtype", "float64", "--backward", "aid-fp", "--tol", "0"]
+    single = run(tmp_path / "single", *args)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "train.mnist",
+           *SMALL, "--out", str(tmp_path / "ddp"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and single["world_size"] == 1
+
+    torch.manual_seed(0)
+    w0 = mnist.build_model(mnist.parse_args(args)).double().state_dict()
+    w_single, w_ddp = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    for name, initial in w0.items():
+        if not initial.is_floating_point() or name.endswith(("_u", "_v")):
+            continue  # power-iteration buffers are not gradients
+        g_single, g_ddp = initial - w_single[name], initial - w_ddp[name]
+        assert g_single.abs().max() > 0, name
+        torch.testing.assert_close(g_ddp, g_single, rtol=1e-10, atol=1e-12 * float(g_single.abs().max()))
