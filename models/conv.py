@@ -17,6 +17,8 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 import implicitnets as inn
+
+from .equilibrium import EquilibriumClassifier
 from implicitnets.parametrizations.conv import conv_operator_norm, conv_spectral_norm
 
 __all__ = ["ConvCell", "ConvEquilibrium"]
@@ -79,7 +81,7 @@ class ConvCell(nn.Module):
         return f"channels={self.channels}, size={self.size}, contraction={self.contraction}, activation={self.activation}"
 
 
-class ConvEquilibrium(nn.Module):
+class ConvEquilibrium(EquilibriumClassifier):
     """The conv equilibrium classifier above for (B, 1, 28, 28) images (or any even size).
 
     ``solver`` / ``backward`` go to :class:`implicitnets.FixedPointLayer`.
@@ -104,17 +106,6 @@ class ConvEquilibrium(nn.Module):
         self.cell = ConvCell(4 * in_channels, channels, (half, half), contraction=contraction, activation=activation)
         self.deq = inn.FixedPointLayer(self.cell, solver=solver, backward=backward)
         self.head = nn.Linear(channels * (half // 2) ** 2, num_classes)
-
-    @property
-    def stats(self) -> inn.SolverStats | None:
-        """The :class:`~implicitnets.SolverStats` of the last forward (and backward) pass."""
-        return self.deq.stats
-
-    @property
-    def contraction_weight(self) -> Tensor:
-        """The trainable kernel of ``A`` (before any parametrization)."""
-        A = self.cell.A
-        return A.parametrizations.weight.original if hasattr(A, "parametrizations") else A.weight
 
     def lipschitz_bound(self) -> float:
         return self.cell.lipschitz_bound()

@@ -15,10 +15,12 @@ from torch import Tensor, nn
 
 import implicitnets as inn
 
+from .equilibrium import EquilibriumClassifier
+
 __all__ = ["FCEquilibrium"]
 
 
-class FCEquilibrium(nn.Module):
+class FCEquilibrium(EquilibriumClassifier):
     """``logits = head(w*)`` with ``w* = tanh(A w* + B x + c)`` solved by ``solver``.
 
     ``contraction`` is passed to :class:`implicitnets.maps.TanhMap` (``None``: ``A`` free);
@@ -40,17 +42,6 @@ class FCEquilibrium(nn.Module):
         self.cell = inn.maps.TanhMap(in_features, width, contraction=contraction)
         self.deq = inn.FixedPointLayer(self.cell, solver=solver, backward=backward)
         self.head = nn.Linear(width, num_classes)
-
-    @property
-    def stats(self) -> inn.SolverStats | None:
-        """The :class:`~implicitnets.SolverStats` of the last forward (and backward) pass."""
-        return self.deq.stats
-
-    @property
-    def contraction_weight(self) -> Tensor:
-        """The trainable tensor that bounds the contraction: ``A`` before any parametrization."""
-        A = self.cell.A
-        return A.parametrizations.weight.original if hasattr(A, "parametrizations") else A.weight
 
     def lipschitz_bound(self) -> float:
         """``‖A‖₂`` of the effective weight (exact): the map's contraction factor bound."""

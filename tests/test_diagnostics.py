@@ -20,12 +20,7 @@ from implicitnets.diagnostics import (
 
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

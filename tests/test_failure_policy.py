@@ -29,12 +29,7 @@ FPI = inn.FixedPointIteration(max_iter=T, tol=0.0)
 DIVERGING = inn.linear.FixedPoint(max_iter=30, tol=1e-10)  # Neumann series: grows like 1.5^k
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -14,14 +14,7 @@ from implicitnets import hypergrad as hg
 from implicitnets import linear
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)  # small problems: a second (contended) thread only slows them down
-    yield
-    torch.set_default_dtype(previous)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
 class Ridge:

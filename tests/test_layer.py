@@ -14,12 +14,7 @@ import implicitnets as inn
 from implicitnets import linear
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_layer(backward=None, solver=None, contraction=0.9):

@@ -17,12 +17,9 @@ varied.  Mean and spread (min–max) over random λ.  Writes ``hypergrad_error.c
 
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
 import io
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -31,6 +28,8 @@ import torch.nn.functional as F
 
 from implicitnets import hypergrad as hg
 from implicitnets import linear
+from train.atomic import write_atomic
+from train.config import parse_config
 
 
 @dataclass
@@ -44,19 +43,8 @@ class Config:
     threads: int = 1  # the machine is shared: 2 contended threads can be 100x slower than 1
 
 
-def parse_args() -> Config:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return Config(**vars(parser.parse_args()))
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+def parse_args(argv: list[str] | None = None) -> Config:
+    return parse_config(Config, argv, prog="python -m train.hypergrad_error", description=__doc__)
 
 
 def ridge_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):

@@ -21,14 +21,12 @@ is biased — prefer ``aid-normalcg`` or ``aid-gmres`` for these models.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,6 +40,8 @@ from tqdm import tqdm
 import implicitnets as inn
 from implicitnets import linear
 from models import CNN, MLP, ConvEquilibrium, FCEquilibrium, count_parameters
+from train.atomic import write_atomic
+from train.config import parse_config
 from train.data import DataError, load
 
 BASELINE = {"fc": "mlp", "conv": "cnn"}  # equilibrium model → explicit network of about its size
@@ -104,21 +104,7 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.mnist", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for field in dataclasses.fields(Config):
-        flag = f"--{field.name.replace('_', '-')}"
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            parser.add_argument(flag, type=type(field.default), default=field.default)
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        if preset not in PRESETS:
-            parser.error(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        parser.set_defaults(**PRESETS[preset])
-    return Config(**vars(parser.parse_args(argv)))
+    return parse_config(Config, argv, prog="python -m train.mnist", description=__doc__, presets=PRESETS)
 
 
 CHOICES = dict(
@@ -175,23 +161,6 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.model == "mlp":
         return MLP(784, cfg.width, 10)
     return CNN(1, cfg.channels, 10, 28)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def shift_images(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch.Tensor:

@@ -18,12 +18,9 @@ training set (a full gradient or a full HVP is one epoch; validation passes are 
 
 from __future__ import annotations
 
-import argparse
 import csv
-import dataclasses
 import io
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -32,6 +29,8 @@ import torch.nn.functional as F
 
 from implicitnets import hypergrad as hg
 from implicitnets import linear
+from train.atomic import write_atomic
+from train.config import parse_config
 
 DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
@@ -57,19 +56,8 @@ class Config:
     dtype: str = "float32"
 
 
-def parse_args() -> Config:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    return Config(**vars(parser.parse_args()))
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+def parse_args(argv: list[str] | None = None) -> Config:
+    return parse_config(Config, argv, prog="python -m train.multinomial_sid", description=__doc__)
 
 
 def load(cfg: Config, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -51,7 +51,9 @@ from implicitnets import diagnostics as diag
 from implicitnets import linear
 from models import FCEquilibrium
 from train.data import load
-from train.mnist import make_backward, write_atomic
+from train.atomic import write_atomic
+from train.config import config_parser, parse_config
+from train.mnist import make_backward
 
 MODES = ("itd", "aid-fp", "aid-normalcg", "aid-gmres", "jfb")
 SETTINGS = ("0.5", "0.9", "0.99", "projection", "none", "none@1.5")
@@ -90,30 +92,21 @@ QUICK = dict(settings="0.9,none", seeds="0", epochs=2, diag_every=50)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.stability", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for field in dataclasses.fields(Config):
-        flag = f"--{field.name.replace('_', '-')}"
-        if isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        else:
-            parser.add_argument(flag, type=type(field.default), default=field.default)
-    if parser.parse_known_args(argv)[0].quick:
-        parser.set_defaults(**QUICK)
-    cfg = Config(**vars(parser.parse_args(argv)))
+    prog = "python -m train.stability"
+    cfg = parse_config(Config, argv, prog=prog, description=__doc__, presets={"quick": QUICK}, preset_field="quick")
+    error = config_parser(Config, prog, __doc__).error
     if cfg.optimizer not in ("adam", "sgd"):
-        parser.error(f"--optimizer must be adam or sgd, got {cfg.optimizer!r}")
+        error(f"--optimizer must be adam or sgd, got {cfg.optimizer!r}")
     for mode in _split(cfg.modes):
         if mode not in MODES:
-            parser.error(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            error(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for setting in _split(cfg.settings):
         if setting not in ("projection", "none"):
             try:
                 if not 0 < float(setting[5:] if setting.startswith("none@") else setting):
                     raise ValueError
             except ValueError:
-                parser.error(f"--settings: {setting!r} is not a bound γ > 0, 'projection', 'none' or 'none@s'")
+                error(f"--settings: {setting!r} is not a bound γ > 0, 'projection', 'none' or 'none@s'")
     return cfg
 
 

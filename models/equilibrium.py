@@ -1,0 +1,28 @@
+"""What every equilibrium classifier here shares: a ``cell`` whose ``A`` sets the contraction,
+solved by ``self.deq`` (a :class:`implicitnets.FixedPointLayer`)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+import implicitnets as inn
+
+__all__ = ["EquilibriumClassifier"]
+
+
+class EquilibriumClassifier(nn.Module):
+    """Base class: subclasses set ``self.cell`` (with a module ``A``) and ``self.deq``."""
+
+    cell: nn.Module
+    deq: inn.FixedPointLayer
+
+    @property
+    def stats(self) -> inn.SolverStats | None:
+        """The :class:`~implicitnets.SolverStats` of the last forward (and backward) pass."""
+        return self.deq.stats
+
+    @property
+    def contraction_weight(self) -> Tensor:
+        """The trainable tensor that bounds the contraction: ``A``'s weight before any parametrization."""
+        A = self.cell.A
+        return A.parametrizations.weight.original if hasattr(A, "parametrizations") else A.weight
