@@ -51,7 +51,7 @@ def test_conv_model_respects_its_contraction_after_training_steps():
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    model.cell.A.parametrizations.weight[0].power_iterate_(model.contraction_weight.detach(), 2000)
+    # the weight the next step will use, estimated by the default power iteration (to tol 1e-6)
     assert model.lipschitz_bound() <= 0.8 * (1 + 1e-6)
 
 

@@ -7,20 +7,20 @@ several times smaller or larger), so it does not make ``z ↦ act(K_W z + u)`` a
 
 Here ``σ = ‖K_W‖₂`` is estimated by power iteration on ``K_Wᵀ K_W``, with ``K_W`` applied by
 ``conv2d`` and ``K_Wᵀ`` by ``conv_transpose2d`` on the real input shape; the parametrization
-is ``W ↦ W · γ / max(σ, γ)``.  The vectors live in buffers and are warm-started across calls
-(``n_power_iterations`` per evaluation in training mode), so σ tracks the weight as it
-trains.  The estimate ``σ = uᵀ K_W v`` approaches ``‖K_W‖₂`` from below; use
+is ``W ↦ W · γ / max(σ, γ)``.  The vectors live in buffers, warm-started, and the iteration
+runs to a tolerance whenever the kernel has changed, so σ tracks the weight as it trains.  The estimate ``σ = uᵀ K_W v`` approaches ``‖K_W‖₂`` from below; use
 :func:`conv_operator_norm` with many iterations to check a trained weight.
 """
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from .power import PowerIterationBound, _normalize, check_bound, check_power_options
 
 __all__ = ["ConvOperatorBound", "conv_spectral_norm", "conv_operator_norm"]
 
@@ -62,17 +62,13 @@ class _ConvGeometry:
         )
 
 
-def _normalize(t: Tensor) -> Tensor:
-    return t / torch.linalg.vector_norm(t).clamp_min(torch.finfo(t.dtype).tiny)
-
-
-class ConvOperatorBound(nn.Module):
+class ConvOperatorBound(PowerIterationBound):
     """Parametrization ``W ↦ W · γ / max(σ, γ)``, ``σ ≈ ‖K_W‖₂`` on ``input_shape``.
 
     ``σ = uᵀ K_W v`` with ``v`` (input-shaped) and ``u`` (output-shaped) unit vectors of a
-    power iteration ``v ← Kᵀu/‖Kᵀu‖, u ← Kv/‖Kv‖`` kept in buffers; in training mode each
-    evaluation advances it ``n_power_iterations`` times (without autograd), then ``σ`` is
-    differentiable in ``W``.  In eval mode the stored vectors are used as they are.
+    power iteration ``v ← Kᵀu/‖Kᵀu‖, u ← Kv/‖Kv‖`` kept in buffers, run to ``tol`` whenever
+    the kernel has changed (:mod:`implicitnets.parametrizations.power`); ``σ`` is
+    differentiable in ``W``.
     """
 
     def __init__(
@@ -85,44 +81,26 @@ class ConvOperatorBound(nn.Module):
         padding: Pair = (0, 0),
         dilation: Pair = (1, 1),
         groups: int = 1,
-        n_power_iterations: int = 1,
-        n_init_iterations: int = 50,
+        tol: float = 1e-6,
+        max_iter: int = 500,
     ) -> None:
-        super().__init__()
-        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
-            raise ValueError(f"conv_spectral_norm: bound must be a finite number > 0, got {bound!r}")
-        for name, value, low in (("n_power_iterations", n_power_iterations, 1), ("n_init_iterations", n_init_iterations, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"conv_spectral_norm: {name} must be an int >= {low}, got {value!r}")
+        check_bound("conv_spectral_norm", bound)
+        check_power_options("conv_spectral_norm", tol, max_iter)
         if weight.dim() != 4:
             raise ValueError(f"conv_spectral_norm: expected a 4-d Conv2d kernel, got shape {tuple(weight.shape)}")
-        self.bound, self.n_power_iterations = float(bound), n_power_iterations
         self.geometry = _ConvGeometry(input_shape, (weight.shape[2], weight.shape[3]), stride, padding, dilation, groups)
         generator = torch.Generator(device="cpu").manual_seed(0)
-        v = torch.randn((1, *input_shape), generator=generator, dtype=weight.dtype)
-        self.register_buffer("_v", _normalize(v).to(weight.device))
-        self.register_buffer("_u", _normalize(self.geometry.apply(self._v, weight.detach())))
-        self.power_iterate_(weight.detach(), n_init_iterations)
+        v0 = torch.randn((1, *input_shape), generator=generator, dtype=weight.dtype)
+        super().__init__(weight, bound, v0, tol=tol, max_iter=max_iter)
 
-    @torch.no_grad()
-    def power_iterate_(self, weight: Tensor, steps: int) -> None:
-        """Advance the stored vectors ``steps`` power iterations for ``weight``."""
-        for _ in range(steps):
-            self._v.copy_(_normalize(self.geometry.adjoint(self._u, weight)))
-            self._u.copy_(_normalize(self.geometry.apply(self._v, weight)))
+    def apply(self, v: Tensor, weight: Tensor) -> Tensor:
+        return self.geometry.apply(v, weight)
 
-    def sigma(self, weight: Tensor) -> Tensor:
-        """The estimate ``uᵀ K_W v`` of ``‖K_W‖₂`` (a lower bound), differentiable in ``W``."""
-        if self.training:
-            self.power_iterate_(weight.detach(), self.n_power_iterations)
-        u, v = self._u.clone(), self._v.clone()
-        return torch.sum(u * self.geometry.apply(v, weight))
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight * (self.bound / torch.clamp(self.sigma(weight), min=self.bound))
+    def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
+        return self.geometry.adjoint(u, weight)
 
     def extra_repr(self) -> str:
-        return f"bound={self.bound}, input_shape={self.geometry.input_shape}"
+        return f"bound={self.bound}, input_shape={self.geometry.input_shape}, tol={self.tol}"
 
 
 def _conv_options(module: nn.Conv2d) -> dict:
@@ -167,15 +145,16 @@ def conv_spectral_norm(
     input_shape: tuple[int, ...] = (),
     *,
     name: str = "weight",
-    n_power_iterations: int = 1,
-    n_init_iterations: int = 50,
+    tol: float = 1e-6,
+    max_iter: int = 500,
 ) -> nn.Conv2d:
     """Register :class:`ConvOperatorBound` on ``module.<name>``: ``‖K_W‖₂ ≤ bound`` on inputs
     of shape ``input_shape`` (``(H, W)`` or ``(C_in, H, W)``).
 
     The operator norm depends on the spatial size (zero padding), so give the size the
     convolution is applied to.  Stride, padding, dilation and groups are read from the
-    module.  Uses ``torch.nn.utils.parametrize``; returns ``module``.
+    module.  ``tol`` and ``max_iter`` control the power iteration.  Uses
+    ``torch.nn.utils.parametrize``; returns ``module``.
     """
     options = _conv_options(module)
     shape = _input_shape(module, input_shape)
@@ -183,8 +162,7 @@ def conv_spectral_norm(
     if not isinstance(weight, Tensor):
         raise ValueError(f"conv_spectral_norm: {type(module).__name__} has no tensor attribute {name!r}")
     bound_module = ConvOperatorBound(
-        weight, bound, shape, n_power_iterations=n_power_iterations, n_init_iterations=n_init_iterations, **options
-    )
+        weight, bound, shape, tol=tol, max_iter=max_iter, **options)
     parametrize.register_parametrization(module, name, bound_module)
     return module
 
