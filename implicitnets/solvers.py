@@ -4,10 +4,14 @@ Both solvers stop on the *relative residual* of the whole batch,
 
     r(z) = ‖g(z) − z‖ / max(‖g(z)‖, tiny),
 
-evaluated every ``check_every`` map evaluations.  ``tol = 0`` runs exactly ``max_iter``
-map evaluations (the number ``t`` of the paper) and never stops early.  Residuals are kept
-on the device during the loop; the host synchronises only at the stopping checks (none when
-``tol = 0``) and once at the end to fill :class:`SolverStats`.
+evaluated every ``check_every`` map evaluations and after the last one (``SolverStats.trace``
+holds these values).  ``tol = 0`` runs exactly ``max_iter`` map evaluations (the number ``t``
+of the paper) and never stops early.  Residuals are kept on the device during the loop; the
+host synchronises only at the stopping checks (none when ``tol = 0``) and once at the end to
+fill :class:`SolverStats`.  Between checks an iteration does no work beyond the map
+evaluation and the solver's update: ``check_every = 1`` (the default) gives the earliest stop
+and a full trace; a larger value trades a few extra evaluations for fewer reductions and
+host syncs (worth it for cheap maps and on GPUs).
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ __all__ = ["SolverStats", "FixedPointIteration", "Anderson", "ForwardSolver"]
 class SolverStats:
     """What one solve did; the backward pass fills the ``backward_*`` fields.
 
-    ``iterations`` counts map evaluations, ``residual`` is the last relative residual,
-    ``trace`` the residuals at every check.  ``backward_fallback`` names the method a
+    ``iterations`` counts map evaluations, ``residual`` is the relative residual of the
+    last evaluation, ``trace`` the residuals at every check (every ``check_every``
+    evaluations and the last one).  ``backward_fallback`` names the method a
     failure policy fell back to, if any.
     """
 
@@ -69,23 +74,37 @@ def _check_shape(fz: Tensor, z: Tensor) -> None:
 
 
 class _Monitor:
-    """Residual bookkeeping shared by the solvers: device-side trace, sparse host syncs."""
+    """Residual bookkeeping shared by the solvers: device-side trace, sparse host syncs.
+
+    The residual is computed only at the *checks* (every ``check_every`` map evaluations and
+    after the last one): between checks an iteration costs one map evaluation and nothing
+    else.  With ``tol > 0`` the host synchronises at each check for the stopping test.
+    """
 
     def __init__(self, name: str, max_iter: int, tol: float, check_every: int, like: Tensor):
         self.name, self.max_iter, self.tol, self.check_every = name, max_iter, tol, check_every
-        self.buffer = torch.full((max_iter,), math.nan, dtype=like.dtype, device=like.device)
-        self.count = 0
+        checks = -(-max_iter // check_every) + 1
+        self.buffer = torch.full((checks,), math.nan, dtype=like.dtype, device=like.device)
+        self.count = 0  # map evaluations
+        self.checks = 0  # residuals stored
 
-    def record(self, fz: Tensor, z: Tensor) -> bool:
-        """Store the residual of ``g(z) = fz``; return True when the solve should stop."""
-        index = self.count
+    def due(self) -> bool:
+        """Whether the map evaluation about to be recorded is a check."""
+        count = self.count + 1
+        return count % self.check_every == 0 or count == self.max_iter
+
+    def record(self, fz: Tensor, z: Tensor, due: bool | None = None) -> bool:
+        """Count one evaluation ``fz = g(z)``; at a check store its relative residual and
+        return True when the solve should stop."""
+        due = self.due() if due is None else due
         self.count += 1
-        due = self.count % self.check_every == 0 or self.count == self.max_iter
-        if not (self.tol > 0 and due):
-            self.buffer[index] = _relative_residual(fz, z)
+        if not due:
             return False
         r = _relative_residual(fz, z)
-        self.buffer[index] = r
+        self.buffer[self.checks] = r
+        self.checks += 1
+        if not self.tol > 0:
+            return False
         value = float(r)
         if not math.isfinite(value):
             raise NonFiniteError(
@@ -95,7 +114,7 @@ class _Monitor:
         return value <= self.tol
 
     def finish(self, strict: bool) -> SolverStats:
-        trace = self.buffer[: self.count].tolist()
+        trace = self.buffer[: self.checks].tolist()
         residual = trace[-1] if trace else math.nan
         if not math.isfinite(residual):
             raise NonFiniteError(
@@ -153,12 +172,13 @@ class FixedPointIteration:
 class Anderson:
     """Anderson acceleration (type II) of ``z = g(z)``, batched per sample.
 
-    With the last ``m = memory`` iterates x_i and residuals G_i = g(x_i) − x_i of each sample,
-    solve ``min_α ‖Σ α_i G_i‖`` subject to ``Σ α_i = 1`` (ridge ``regularization`` relative
-    to the Gram matrix's scale), then ``x ← Σ α_i (x_i + mixing · G_i)``.  The first axis of
-    ``z`` is the batch (a 1-D ``z`` is one sample).  Without autograd the history lives in
-    preallocated buffers updated in place; with autograd enabled (ITD through Anderson) it is
-    built out of place.  Stopping follows :class:`FixedPointIteration`.
+    With the last ``m = memory`` iterates x_i and residuals r_i = g(x_i) − x_i of each sample,
+    solve ``min_α ‖Σ α_i r_i‖`` subject to ``Σ α_i = 1`` (ridge ``regularization`` relative
+    to the Gram matrix's scale), then ``x ← Σ α_i (x_i + mixing · r_i)``.  The first axis of
+    ``z`` is the batch (a 1-D ``z`` is one sample).  Without autograd the history (images,
+    residuals and their Gram matrix, one new row per iteration) lives in preallocated buffers
+    updated in place; with autograd enabled (ITD through Anderson) it is built out of place.
+    Stopping follows :class:`FixedPointIteration`.
     """
 
     max_iter: int = 50
@@ -183,43 +203,56 @@ class Anderson:
         monitor = _Monitor("Anderson", self.max_iter, self.tol, self.check_every, z0)
         shape = z0.shape
         batch = shape[0] if z0.dim() > 1 else 1
-        flat = lambda t: t.reshape(batch, -1)  # noqa: E731
-        in_place = not torch.is_grad_enabled()
         m, beta = self.memory, float(self.mixing)
-        x = flat(z0)
+        x = z0.reshape(batch, -1)
+        # History of images f_i = g(x_i) and residuals r_i = f_i − x_i (so x_i = f_i − r_i) and
+        # their Gram matrix H = R Rᵀ, updated one row per iteration.  Without autograd they
+        # live in preallocated buffers written in place; with autograd (ITD through Anderson)
+        # they are rebuilt out of place.
+        in_place = not torch.is_grad_enabled()
         if in_place:
-            X = x.new_zeros(batch, m, x.shape[1])
             F = x.new_zeros(batch, m, x.shape[1])
+            R = x.new_zeros(batch, m, x.shape[1])
+            H = x.new_zeros(batch, m, m)
         else:
-            xs: list[Tensor] = []
             fs: list[Tensor] = []
+            rs: list[Tensor] = []
+        eye = torch.eye(m, dtype=x.dtype, device=x.device)
+        ones = x.new_ones(batch, m, 1)
+        tiny = torch.finfo(x.dtype).tiny
         fx = x
         for k in range(self.max_iter):
             fz = g(x.reshape(shape))
             _check_shape(fz, z0)
-            fx = flat(fz)
+            fx = fz.reshape(batch, -1)
             stop = monitor.record(fx, x)
             if stop or k == self.max_iter - 1:
                 break
             n, slot = min(k + 1, m), k % m
             if in_place:
-                X[:, slot].copy_(x)
+                r = torch.sub(fx, x, out=R[:, slot])
                 F[:, slot].copy_(fx)
-                Xh, Fh = X[:, :n], F[:, :n]
+                Fh, Rh = F[:, :n], R[:, :n]
+                column = torch.bmm(Rh, r.unsqueeze(-1)).squeeze(-1)  # ⟨r_i, r_new⟩, i < n
+                H[:, slot, :n] = column
+                H[:, :n, slot] = column
+                Hh = H[:, :n, :n]
             else:
-                xs, fs = (xs + [x])[-m:], (fs + [fx])[-m:]
-                Xh, Fh = torch.stack(xs, 1), torch.stack(fs, 1)
+                fs, rs = (fs + [fx])[-m:], (rs + [fx - x])[-m:]
+                Fh, Rh = torch.stack(fs, 1), torch.stack(rs, 1)
+                Hh = Rh @ Rh.transpose(1, 2)
             if n == 1:
                 x = torch.lerp(x, fx, beta)
                 continue
-            G = Fh - Xh
-            H = G @ G.transpose(1, 2)
-            scale = H.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)
-            eye = torch.eye(n, dtype=H.dtype, device=H.device)
-            H = H + (self.regularization * scale).unsqueeze(-1) * eye
-            a = torch.linalg.solve(H, torch.ones_like(H[..., 0]))
-            alpha = (a / a.sum(-1, keepdim=True)).unsqueeze(1)
-            x = (alpha @ (Xh + beta * G)).squeeze(1)
+            # min ‖Σ α_i r_i‖² s.t. Σ α_i = 1: α ∝ (H + λI)⁻¹ 1, λ relative to H's scale
+            scale = Hh.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(tiny)
+            Hr = Hh + (self.regularization * scale)[:, None, None] * eye[:n, :n]
+            a = torch.linalg.solve(Hr, ones[:, :n])
+            alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, n)
+            # x ← Σ α_i (x_i + β r_i) = Σ α_i f_i − (1 − β) Σ α_i r_i
+            x = (alpha @ Fh).squeeze(1)
+            if beta != 1.0:
+                x = x - (1.0 - beta) * (alpha @ Rh).squeeze(1)
         return fx.reshape(shape), monitor.finish(self.strict)
 
 

@@ -86,6 +86,42 @@ def test_anderson_reaches_the_same_fixed_point_with_fewer_iterations():
     assert aa.stats.iterations < fp.stats.iterations
 
 
+@pytest.mark.parametrize("solver_cls", [inn.FixedPointIteration, inn.Anderson], ids=repr)
+def test_check_every_sparse_trace_and_stops_on_a_check(solver_cls):
+    """The residual is computed every ``check_every`` evaluations and after the last one;
+    the stopping test happens only there, so a solve stops on a multiple of check_every."""
+    x = torch.randn(3, 4)
+    every = make_layer(inn.JacobianFree(), solver_cls(max_iter=200, tol=1e-10, check_every=1))
+    sparse = make_layer(inn.JacobianFree(), solver_cls(max_iter=200, tol=1e-10, check_every=4))
+    sparse.load_state_dict(every.state_dict())
+    with torch.no_grad():
+        a, b = every(x), sparse(x)
+    n1, n4 = every.stats.iterations, sparse.stats.iterations
+    assert len(every.stats.trace) == n1 and n4 % 4 == 0 and n1 <= n4 < n1 + 4
+    assert len(sparse.stats.trace) == n4 // 4 and sparse.stats.residual <= 1e-10
+    assert torch.linalg.vector_norm(a - b) <= 1e-9 * torch.linalg.vector_norm(a)
+    # tol = 0: exactly max_iter evaluations, a check every 3 and one after the last
+    exact = make_layer(inn.JacobianFree(), solver_cls(max_iter=10, tol=0.0, check_every=3))
+    with torch.no_grad():
+        exact(x)
+    assert exact.stats.iterations == 10 and len(exact.stats.trace) == 4
+
+
+def test_anderson_in_place_history_equals_the_autograd_path():
+    """Without autograd Anderson keeps its history in preallocated buffers (incremental Gram
+    matrix); with autograd it rebuilds it out of place.  Same iterates, same answer."""
+    x = torch.randn(5, 4)
+    solver = inn.Anderson(max_iter=40, tol=0.0, memory=4, mixing=0.7)
+    layer = make_layer(inn.ITD(), solver, contraction=0.95)
+    with torch.no_grad():
+        fast = layer(x)
+        trace_fast = layer.stats.trace
+    slow = layer(x)
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.tensor(trace_fast), torch.tensor(layer.stats.trace), rtol=1e-9, atol=1e-14)
+
+
 def test_damped_iteration_converges_where_plain_oscillates():
     g = lambda z, x: -1.5 * z + x  # noqa: E731  fixed point x / 2.5, plain iteration diverges
     x = torch.ones(3)
