@@ -20,14 +20,15 @@ Target: training-step time ours / theirs <= 0.8, gradients equal within float32 
 torchdeq is an optional extra, never a dependency of implicitnets; run this in the benchmark
 environment:
 
-    python3 -m venv /work/venv-bench && /work/venv-bench/bin/pip install -e . torchdeq
-    /work/venv-bench/bin/python benchmarks/vs_torchdeq.py [--quick] [--device cpu|cuda]
+    pip install -e ".[bench]"        # implicitnets plus torchdeq
+    python benchmarks/vs_torchdeq.py [--quick] [--device cpu|cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import sys
 import warnings
 
@@ -142,7 +143,7 @@ def main() -> int:
               "  /work/venv-bench/bin/python benchmarks/vs_torchdeq.py")
         return 0
     device = harness.setup(args)
-    print(f"# torchdeq {getattr(torchdeq, '__version__', '?')}, t={args.t}, k={args.k}, K={args.truncate}")
+    print(f"# torchdeq {importlib.metadata.version('torchdeq')}, t={args.t}, k={args.k}, K={args.truncate}")
     warnings.simplefilter("ignore", inn.ConvergenceWarning)
     verdicts = harness.Verdicts()
     mode_names = ["implicit", "JFB", "truncated"]

@@ -217,7 +217,7 @@ class Anderson:
         else:
             fs: list[Tensor] = []
             rs: list[Tensor] = []
-        eye = torch.eye(m, dtype=x.dtype, device=x.device)
+        reg_eye = self.regularization * torch.eye(m, dtype=x.dtype, device=x.device)
         ones = x.new_ones(batch, m, 1)
         tiny = torch.finfo(x.dtype).tiny
         fx = x
@@ -245,9 +245,8 @@ class Anderson:
                 x = torch.lerp(x, fx, beta)
                 continue
             # min ‖Σ α_i r_i‖² s.t. Σ α_i = 1: α ∝ (H + λI)⁻¹ 1, λ relative to H's scale
-            scale = Hh.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(tiny)
-            Hr = Hh + (self.regularization * scale)[:, None, None] * eye[:n, :n]
-            a = torch.linalg.solve(Hr, ones[:, :n])
+            scale = Hh.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(tiny)[:, None, None]
+            a = torch.linalg.solve_ex(torch.addcmul(Hh, scale, reg_eye[:n, :n]), ones[:, :n])[0]
             alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, n)
             # x ← Σ α_i (x_i + β r_i) = Σ α_i f_i − (1 − β) Σ α_i r_i
             x = (alpha @ Fh).squeeze(1)
