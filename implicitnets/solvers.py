@@ -5,13 +5,15 @@ Both solvers stop on the *relative residual* of the whole batch,
     r(z) = ‖g(z) − z‖ / max(‖g(z)‖, tiny),
 
 evaluated every ``check_every`` map evaluations and after the last one (``SolverStats.trace``
-holds these values).  ``tol = 0`` runs exactly ``max_iter`` map evaluations (the number ``t``
+holds these values).  ``check_every=None`` (the default) means every evaluation when
+``tol > 0`` and only after the last one when ``tol = 0`` (nothing to stop on; pass
+``check_every=1`` for a full trace).  ``tol = 0`` runs exactly ``max_iter`` map evaluations (the number ``t``
 of the paper) and never stops early.  Residuals are kept on the device during the loop; the
 host synchronises only at the stopping checks (none when ``tol = 0``) and once at the end to
 fill :class:`SolverStats`.  Between checks an iteration does no work beyond the map
-evaluation and the solver's update: ``check_every = 1`` (the default) gives the earliest stop
-and a full trace; a larger value trades a few extra evaluations for fewer reductions and
-host syncs (worth it for cheap maps and on GPUs).
+evaluation and the solver's update: ``check_every = 1`` gives the earliest stop and a full
+trace; a larger value trades a few extra evaluations for fewer reductions and host syncs
+(worth it for cheap maps and on GPUs).
 """
 
 from __future__ import annotations
@@ -49,13 +51,15 @@ class SolverStats:
     backward_fallback: str | None = None
 
 
-def _check_common(name: str, max_iter: int, tol: float, check_every: int) -> None:
+def _check_common(name: str, max_iter: int, tol: float, check_every: int | None) -> None:
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
     if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
         raise ValueError(f"{name}: tol must be a finite number >= 0, got {tol!r}")
-    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
-        raise ValueError(f"{name}: check_every must be an int >= 1, got {check_every!r}")
+    if check_every is not None and (
+        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+    ):
+        raise ValueError(f"{name}: check_every must be None or an int >= 1, got {check_every!r}")
 
 
 def _relative_residual(fz: Tensor, z: Tensor) -> Tensor:
@@ -81,7 +85,9 @@ class _Monitor:
     else.  With ``tol > 0`` the host synchronises at each check for the stopping test.
     """
 
-    def __init__(self, name: str, max_iter: int, tol: float, check_every: int, like: Tensor):
+    def __init__(self, name: str, max_iter: int, tol: float, check_every: int | None, like: Tensor):
+        if check_every is None:
+            check_every = 1 if tol > 0 else max_iter
         self.name, self.max_iter, self.tol, self.check_every = name, max_iter, tol, check_every
         checks = -(-max_iter // check_every) + 1
         self.buffer = torch.full((checks,), math.nan, dtype=like.dtype, device=like.device)
@@ -146,7 +152,7 @@ class FixedPointIteration:
     max_iter: int = 50
     tol: float = 1e-5
     damping: float = 1.0
-    check_every: int = 1
+    check_every: int | None = None
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -186,7 +192,7 @@ class Anderson:
     memory: int = 5
     mixing: float = 1.0
     regularization: float = 1e-10
-    check_every: int = 1
+    check_every: int | None = None
     strict: bool = False
 
     def __post_init__(self) -> None:

@@ -73,7 +73,10 @@ def test_tol_zero_runs_exactly_max_iter():
     for solver in (inn.FixedPointIteration(max_iter=7, tol=0.0), inn.Anderson(max_iter=7, tol=0.0)):
         layer = make_layer(inn.ITD(), solver)
         layer(torch.randn(2, 4))
-        assert layer.stats.iterations == 7 and len(layer.stats.trace) == 7
+        assert layer.stats.iterations == 7 and len(layer.stats.trace) == 1  # checked after the last only
+    full = make_layer(inn.ITD(), inn.FixedPointIteration(max_iter=7, tol=0.0, check_every=1))
+    full(torch.randn(2, 4))
+    assert full.stats.iterations == 7 and len(full.stats.trace) == 7
 
 
 def test_anderson_reaches_the_same_fixed_point_with_fewer_iterations():

@@ -125,7 +125,7 @@ def make_model(cfg: Config, mode: str, setting: str) -> FCEquilibrium:
     if isinstance(backward, inn.AID):  # a failed adjoint solve raises: the loop skips the step
         backward = dataclasses.replace(backward, on_failure=inn.Raise())
     free = setting in ("projection", "none") or setting.startswith("none@")
-    solver = inn.FixedPointIteration(max_iter=cfg.t, tol=0.0)
+    solver = inn.FixedPointIteration(max_iter=cfg.t, tol=0.0, check_every=1)  # full trace: divergence detection
     model = FCEquilibrium(784, cfg.width, 10, contraction=None if free else float(setting), solver=solver,
                           backward=backward)
     if setting.startswith("none@"):
