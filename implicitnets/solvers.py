@@ -179,8 +179,9 @@ class Anderson:
     """Anderson acceleration (type II) of ``z = g(z)``, batched per sample.
 
     With the last ``m = memory`` iterates x_i and residuals r_i = g(x_i) − x_i of each sample,
-    solve ``min_α ‖Σ α_i r_i‖`` subject to ``Σ α_i = 1`` (ridge ``regularization`` relative
-    to the Gram matrix's scale), then ``x ← Σ α_i (x_i + mixing · r_i)``.  The first axis of
+    solve ``min_α ‖Σ α_i r_i‖`` subject to ``Σ α_i = 1`` (ridge ``regularization``, at least
+    100 × the dtype's machine epsilon, relative to the Gram matrix's mean diagonal; a sample
+    whose system is singular all the same takes a plain step), then ``x ← Σ α_i (x_i + mixing · r_i)``.  The first axis of
     ``z`` is the batch (a 1-D ``z`` is one sample).  Without autograd the history (images,
     residuals and their Gram matrix, one new row per iteration) lives in preallocated buffers
     updated in place; with autograd enabled (ITD through Anderson) it is built out of place.
@@ -223,7 +224,8 @@ class Anderson:
         else:
             fs: list[Tensor] = []
             rs: list[Tensor] = []
-        reg_eye = self.regularization * torch.eye(m, dtype=x.dtype, device=x.device)
+        ridge = max(float(self.regularization), 100 * torch.finfo(x.dtype).eps)
+        reg_eye = ridge * torch.eye(m, dtype=x.dtype, device=x.device)
         ones = x.new_ones(batch, m, 1)
         tiny = torch.finfo(x.dtype).tiny
         fx = x
@@ -251,13 +253,17 @@ class Anderson:
                 x = torch.lerp(x, fx, beta)
                 continue
             # min ‖Σ α_i r_i‖² s.t. Σ α_i = 1: α ∝ (H + λI)⁻¹ 1, λ relative to H's scale
+            # (scaled to unit mean diagonal: a sample whose residuals are all exactly zero, i.e.
+            # converged, gets H = ridge·I and uniform α instead of a singular system)
             scale = Hh.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(tiny)[:, None, None]
-            a = torch.linalg.solve_ex(torch.addcmul(Hh, scale, reg_eye[:n, :n]), ones[:, :n])[0]
+            a, info = torch.linalg.solve_ex(Hh / scale + reg_eye[:n, :n], ones[:, :n])
             alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, n)
             # x ← Σ α_i (x_i + β r_i) = Σ α_i f_i − (1 − β) Σ α_i r_i
-            x = (alpha @ Fh).squeeze(1)
+            x_new = (alpha @ Fh).squeeze(1)
             if beta != 1.0:
-                x = x - (1.0 - beta) * (alpha @ Rh).squeeze(1)
+                x_new = x_new - (1.0 - beta) * (alpha @ Rh).squeeze(1)
+            # a sample whose system is still singular takes the plain damped step instead
+            x = torch.where((info != 0)[:, None], torch.lerp(x, fx, beta), x_new)
         return fx.reshape(shape), monitor.finish(self.strict)
 
 

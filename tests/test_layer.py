@@ -110,6 +110,20 @@ def test_check_every_sparse_trace_and_stops_on_a_check(solver_cls):
     assert exact.stats.iterations == 10 and len(exact.stats.trace) == 4
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["in-place", "autograd"])
+def test_anderson_survives_samples_that_converge_exactly(grad):
+    """Residuals that become exactly zero (float32, a fast contraction) must not make the
+    Anderson least-squares system singular: no NaN, the fixed point is reached."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=torch.float32)
+    f = lambda w, x: torch.tanh(0.5 * w + x)  # noqa: E731
+    with torch.set_grad_enabled(grad):
+        z, stats = inn.fixed_point(f, x, solver=inn.Anderson(max_iter=60, tol=1e-12, memory=5),
+                                   backward=inn.ITD() if grad else inn.JacobianFree())
+    assert torch.isfinite(z).all()
+    assert torch.linalg.vector_norm(f(z, x) - z) <= 1e-6 * torch.linalg.vector_norm(z)
+
+
 def test_anderson_in_place_history_equals_the_autograd_path():
     """Without autograd Anderson keeps its history in preallocated buffers (incremental Gram
     matrix); with autograd it rebuilds it out of place.  Same iterates, same answer."""
