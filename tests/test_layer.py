@@ -316,3 +316,12 @@ def test_no_warnings_on_a_healthy_solve():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_layer()(torch.randn(3, 4)).sum().backward()
+
+
+def test_nan_in_a_spectrally_bounded_weight_raises():
+    linear_module = nn.Linear(4, 4)
+    inn.spectral_norm(linear_module, bound=0.5)
+    with torch.no_grad():
+        linear_module.parametrizations.weight.original[0, 0] = math.nan
+    with pytest.raises(inn.NonFiniteError, match="weight contains NaN"):
+        linear_module.weight

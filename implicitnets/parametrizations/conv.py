@@ -8,12 +8,12 @@ several times smaller or larger), so it does not make ``z ↦ act(K_W z + u)`` a
 Here ``σ = ‖K_W‖₂`` is estimated by power iteration on ``K_Wᵀ K_W``, with ``K_W`` applied by
 ``conv2d`` and ``K_Wᵀ`` by ``conv_transpose2d`` on the real input shape; the parametrization
 is ``W ↦ W · γ / max(σ, γ)``.  The vectors live in buffers, warm-started, and the iteration
-runs to a tolerance whenever the kernel has changed, so σ tracks the weight as it trains.  The estimate ``σ = uᵀ K_W v`` approaches ``‖K_W‖₂`` from below; use
+runs to a tolerance whenever the kernel has changed, so σ tracks the weight as it trains.
+The estimate ``σ = uᵀ K_W v`` approaches ``‖K_W‖₂`` from below; use
 :func:`conv_operator_norm` with many iterations to check a trained weight.
 """
 
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F

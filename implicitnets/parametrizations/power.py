@@ -28,6 +28,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..errors import NonFiniteError
+
 __all__ = ["PowerIterationBound"]
 
 _CHECK_EVERY = 4  # power steps between stopping checks (host syncs)
@@ -84,7 +86,7 @@ class PowerIterationBound(nn.Module):
         max_iter = self.max_iter if max_iter is None else max_iter
         tol = self.tol if tol is None else tol
         weight = weight.detach()
-        u, v = self._u, self._v
+        u, v, kv = self._u, self._v, None
         previous, steps = -math.inf, 0
         while steps < max_iter:
             for _ in range(min(_CHECK_EVERY, max_iter - steps)):
@@ -94,12 +96,13 @@ class PowerIterationBound(nn.Module):
                 steps += 1
             sigma = float(torch.linalg.vector_norm(kv))
             if not math.isfinite(sigma):
-                raise FloatingPointError(f"{type(self).__name__}: the weight contains NaN or Inf")
+                raise NonFiniteError(f"{type(self).__name__}: the weight contains NaN or Inf")
             if sigma - previous <= tol * sigma:
                 break
             previous = sigma
-        self._u.copy_(u)
-        self._v.copy_(v)
+        if kv is not None:
+            self._u.copy_(u)
+            self._v.copy_(v)
         return steps
 
     def _refresh(self, weight: Tensor) -> None:
