@@ -7,8 +7,8 @@ Both solvers stop on the *relative residual* of the whole batch,
 evaluated every ``check_every`` map evaluations and after the last one (``SolverStats.trace``
 holds these values).  ``check_every=None`` (the default) means every evaluation when
 ``tol > 0`` and only after the last one when ``tol = 0`` (nothing to stop on; pass
-``check_every=1`` for a full trace).  ``tol = 0`` runs exactly ``max_iter`` map evaluations (the number ``t``
-of the paper) and never stops early.  Residuals are kept on the device during the loop; the
+``check_every=1`` for a full trace).  ``tol = 0`` runs exactly ``max_iter`` map
+evaluations (the number ``t`` of the paper) and never stops early.  Residuals are kept on the device during the loop; the
 host synchronises only at the stopping checks (none when ``tol = 0``) and once at the end to
 fill :class:`SolverStats`.  Between checks an iteration does no work beyond the map
 evaluation and the solver's update: ``check_every = 1`` gives the earliest stop and a full
@@ -94,17 +94,11 @@ class _Monitor:
         self.count = 0  # map evaluations
         self.checks = 0  # residuals stored
 
-    def due(self) -> bool:
-        """Whether the map evaluation about to be recorded is a check."""
-        count = self.count + 1
-        return count % self.check_every == 0 or count == self.max_iter
-
-    def record(self, fz: Tensor, z: Tensor, due: bool | None = None) -> bool:
+    def record(self, fz: Tensor, z: Tensor) -> bool:
         """Count one evaluation ``fz = g(z)``; at a check store its relative residual and
         return True when the solve should stop."""
-        due = self.due() if due is None else due
         self.count += 1
-        if not due:
+        if self.count % self.check_every and self.count != self.max_iter:
             return False
         r = _relative_residual(fz, z)
         self.buffer[self.checks] = r
@@ -181,8 +175,8 @@ class Anderson:
     With the last ``m = memory`` iterates x_i and residuals r_i = g(x_i) − x_i of each sample,
     solve ``min_α ‖Σ α_i r_i‖`` subject to ``Σ α_i = 1`` (ridge ``regularization``, at least
     100 × the dtype's machine epsilon, relative to the Gram matrix's mean diagonal; a sample
-    whose system is singular all the same takes a plain step), then ``x ← Σ α_i (x_i + mixing · r_i)``.  The first axis of
-    ``z`` is the batch (a 1-D ``z`` is one sample).  Without autograd the history (images,
+    whose system is singular all the same takes a plain step), then
+    ``x ← Σ α_i (x_i + mixing · r_i)``.  The first axis of ``z`` is the batch (a 1-D ``z`` is one sample).  Without autograd the history (images,
     residuals and their Gram matrix, one new row per iteration) lives in preallocated buffers
     updated in place; with autograd enabled (ITD through Anderson) it is built out of place.
     Stopping follows :class:`FixedPointIteration`.
@@ -225,7 +219,7 @@ class Anderson:
             fs: list[Tensor] = []
             rs: list[Tensor] = []
         ridge = max(float(self.regularization), 100 * torch.finfo(x.dtype).eps)
-        reg_eye = ridge * torch.eye(m, dtype=x.dtype, device=x.device)
+        eye = torch.eye(m, dtype=x.dtype, device=x.device)
         ones = x.new_ones(batch, m, 1)
         tiny = torch.finfo(x.dtype).tiny
         fx = x
@@ -256,14 +250,16 @@ class Anderson:
             # (scaled to unit mean diagonal: a sample whose residuals are all exactly zero, i.e.
             # converged, gets H = ridge·I and uniform α instead of a singular system)
             scale = Hh.diagonal(dim1=1, dim2=2).mean(-1).clamp_min(tiny)[:, None, None]
-            a, info = torch.linalg.solve_ex(Hh / scale + reg_eye[:n, :n], ones[:, :n])
+            a, info = torch.linalg.solve_ex(Hh / scale + eye[:n, :n] * ridge, ones[:, :n])
+            # a sample whose system is still singular puts all weight on the newest point,
+            # i.e. takes the plain damped step x + β r
+            newest = slot if in_place else n - 1  # where the newest point sits in the history
+            a = torch.where((info != 0)[:, None, None], eye[:n, newest : newest + 1], a)
             alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, n)
             # x ← Σ α_i (x_i + β r_i) = Σ α_i f_i − (1 − β) Σ α_i r_i
-            x_new = (alpha @ Fh).squeeze(1)
+            x = (alpha @ Fh).squeeze(1)
             if beta != 1.0:
-                x_new = x_new - (1.0 - beta) * (alpha @ Rh).squeeze(1)
-            # a sample whose system is still singular takes the plain damped step instead
-            x = torch.where((info != 0)[:, None], torch.lerp(x, fx, beta), x_new)
+                x = x - (1.0 - beta) * (alpha @ Rh).squeeze(1)
         return fx.reshape(shape), monitor.finish(self.strict)
 
 
