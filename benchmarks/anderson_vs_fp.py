@@ -53,7 +53,7 @@ def train_fc(args, device):
     torch.manual_seed(args.seed)
     f = inn.maps.TanhMap(784, 200, contraction=0.9)
     layer = inn.FixedPointLayer(f, solver=inn.FixedPointIteration(max_iter=20, tol=0.0),
-                                backward=inn.AID(linear_solver("FixedPoint", max_iter=20, tol=0.0)))
+                                backward=inn.AID(linear_solver("Neumann", max_iter=20, tol=0.0)))
     model = nn.Sequential(layer, nn.Linear(200, 10)).to(device)
     try:
         xtr, ytr = load_mnist(args.data, True, device)

@@ -30,7 +30,7 @@ def modes(k: int) -> dict[str, object]:
     """Backward modes compared; AID solvers run exactly k iterations (tol=0)."""
     return {
         "ITD": inn.ITD(),
-        "AID-FP": inn.AID(inn.linear.FixedPoint(max_iter=k, tol=0.0)),
+        "AID-FP": inn.AID(inn.linear.Neumann(max_iter=k, tol=0.0)),
         # GMRES keeps restart + 1 Krylov vectors: O(restart·d), the same for every k >= restart
         # (restart = 10 = the smallest t here, so that every row runs full cycles).
         "AID-GMRES": inn.AID(inn.linear.GMRES(max_iter=k, tol=0.0, restart=10)),

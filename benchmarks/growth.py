@@ -39,7 +39,7 @@ def fc_step(batch: int, width: int, t: int, device, in_features: int = 784, trai
     """A closure running one training step (or one inference forward) of the FC model."""
     layer = inn.FixedPointLayer(inn.maps.TanhMap(in_features, width, contraction=0.9),
                                 solver=inn.FixedPointIteration(max_iter=t, tol=0.0),
-                                backward=inn.AID(linear_solver("FixedPoint", max_iter=t, tol=0.0)))
+                                backward=inn.AID(linear_solver("Neumann", max_iter=t, tol=0.0)))
     model = nn.Sequential(layer, nn.Linear(width, 10)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, in_features, device=device)

@@ -62,7 +62,7 @@ class Net(nn.Module):
 def ours(net: Net, t: int, k: int, mode: str, K: int):
     solver = inn.FixedPointIteration(max_iter=t, tol=0.0)
     backward = {
-        "implicit": lambda: inn.AID(linear_solver("FixedPoint", max_iter=k, tol=0.0)),
+        "implicit": lambda: inn.AID(linear_solver("Neumann", max_iter=k, tol=0.0)),
         "JFB": lambda: inn.JacobianFree(),
         "truncated": lambda: inn.ITD(truncate=K),
     }[mode]()

@@ -1,31 +1,46 @@
 """implicitnets: deep equilibrium models, implicit layers and hypergradients in PyTorch.
 
 A layer solves ``w = Φ(w, x; θ)``; the backward mode decides how gradients flow: ITD
-(through the solver's iterations), AID (an adjoint linear solve with FixedPoint, CG,
-NormalCG, GMRES or Exact) or the Jacobian-free one-step gradient.
+(through the solver's iterations), AID (an adjoint linear solve with Neumann, CG,
+NormalCG, GMRES or Exact) or the Jacobian-free one-step gradient.  Forward solvers,
+linear solvers, backward modes and failure policies are open: subclass
+:class:`ForwardSolver`, :class:`linear.LinearSolver`, :class:`BackwardMode` or
+:class:`FailurePolicy`.
 """
 
 from . import diagnostics, hypergrad, linear, maps, parametrizations
-from .backward import AID, ITD, JacobianFree
+from .backward import AID, ITD, BackwardMode, JacobianFree, Problem
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
-from .failure import FallbackITD, FallbackJacobianFree, Raise, Warn
+from .failure import AdjointFailure, FailurePolicy, FallbackITD, FallbackJacobianFree, Raise, Resolution, Warn
 from .layer import FixedPointLayer, fixed_point
+from .operator import FunctionOperator, GraphJacobian, IdentityMinus, LinearOperator, Transposed
 from .parametrizations import conv_spectral_norm, project_spectral_, spectral_norm
-from .solvers import Anderson, FixedPointIteration, SolverStats
+from .solvers import Anderson, FixedPointIteration, ForwardSolver, SolverStats
 
 __all__ = [
     "fixed_point",
     "FixedPointLayer",
+    "ForwardSolver",
     "FixedPointIteration",
     "Anderson",
     "SolverStats",
+    "BackwardMode",
+    "Problem",
     "ITD",
     "AID",
     "JacobianFree",
+    "FailurePolicy",
+    "AdjointFailure",
+    "Resolution",
     "Warn",
     "Raise",
     "FallbackITD",
     "FallbackJacobianFree",
+    "LinearOperator",
+    "GraphJacobian",
+    "IdentityMinus",
+    "Transposed",
+    "FunctionOperator",
     "spectral_norm",
     "project_spectral_",
     "conv_spectral_norm",

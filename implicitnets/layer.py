@@ -2,7 +2,7 @@
 
 Both find ``w* = Φ(w*, x; θ)`` with a forward solver and make ``w*`` differentiable with
 respect to ``x`` and θ by the chosen backward mode (:class:`ITD`, :class:`AID`,
-:class:`JacobianFree`).
+:class:`JacobianFree`, or any :class:`BackwardMode`).
 """
 
 from __future__ import annotations
@@ -13,53 +13,75 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .backward import AID, ITD, BackwardMode, JacobianFree, Problem
+from .backward import AID, BackwardMode, Problem
 from .errors import NonFiniteError
-from .solvers import Anderson, FixedPointIteration, ForwardSolver, SolverStats
+from .solvers import ForwardSolver, SolverStats
+from .state import State, parts
 
 __all__ = ["fixed_point", "FixedPointLayer"]
 
-Map = Callable[[Tensor, Tensor], Tensor]
+Map = Callable[[State, Tensor], State]
 
 
 def _check_options(solver: object, backward: object) -> None:
-    if not isinstance(solver, (FixedPointIteration, Anderson)):
+    if not isinstance(solver, ForwardSolver):
         raise ValueError(
-            f"solver must be FixedPointIteration(...) or Anderson(...), got {solver!r}"
+            f"solver must be an implicitnets.ForwardSolver (e.g. FixedPointIteration(), Anderson()), got {solver!r}"
         )
-    if not isinstance(backward, (ITD, AID, JacobianFree)):
+    if not isinstance(backward, BackwardMode):
         hint = ""
-        if type(backward).__module__.endswith(".linear"):
+        if type(backward).__module__.startswith("implicitnets.linear"):
             hint = f"; to use a linear solver write backward=AID({backward!r})"
-        raise ValueError(f"backward must be ITD(...), AID(...) or JacobianFree(), got {backward!r}{hint}")
+        raise ValueError(
+            f"backward must be an implicitnets.BackwardMode (e.g. ITD(), AID(...), JacobianFree()), got {backward!r}{hint}"
+        )
 
 
 def _touch_parametrizations(module: nn.Module) -> None:
-    """Evaluate every parametrized tensor once, with autograd on, inside ``cached()``.
+    """Evaluate every parametrized tensor once inside ``cached()``, with autograd as the
+    caller has it (on, unless under ``no_grad``).
 
     Otherwise the first evaluation may happen under the solver's ``no_grad`` and the cached
     weight would carry no graph: its parameters would silently get no gradient.
     """
-    with torch.enable_grad() if torch.is_grad_enabled() else torch.no_grad():
-        for sub in module.modules():
-            if parametrize.is_parametrized(sub):
-                for name in sub.parametrizations:
-                    getattr(sub, name)
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name in sub.parametrizations:
+                getattr(sub, name)
 
 
-def _initial_state(f: Map, x: Tensor, z0: Tensor | None) -> Tensor:
+def _check_input(x: object, module: nn.Module | None) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype} (convert it, e.g. x.float())")
+    if module is not None:
+        weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+        if weight is not None and weight.device != x.device:
+            raise ValueError(f"x is on {x.device} but the map's parameters are on {weight.device}")
+        if weight is not None and weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"x has dtype {x.dtype} but the map's parameters have dtype {weight.dtype}; "
+                f"convert one of them (e.g. x.to({weight.dtype}))"
+            )
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"the input x (shape {tuple(x.shape)}) contains NaN or Inf")
+
+
+def _initial_state(f: Map, x: Tensor, z0: State | None) -> State:
     if z0 is None:
         init = getattr(f, "initial_state", None)
         z0 = init(x) if callable(init) else torch.zeros_like(x)
-    if not isinstance(z0, Tensor):
-        raise ValueError(f"z0 must be a tensor, got {type(z0).__name__}")
-    if z0.dtype != x.dtype or z0.device != x.device:
-        raise ValueError(
-            f"z0 has dtype {z0.dtype} on {z0.device} but x has dtype {x.dtype} on {x.device}"
-        )
-    if not torch.isfinite(z0).all():
-        raise NonFiniteError("z0 contains NaN or Inf")
-    return z0.detach()
+    if isinstance(z0, list):
+        z0 = tuple(z0)
+    if not isinstance(z0, (Tensor, tuple)) or not all(isinstance(t, Tensor) for t in parts(z0)) or not parts(z0):
+        raise ValueError(f"z0 must be a tensor or a tuple/list of tensors, got {type(z0).__name__}")
+    for t in parts(z0):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"z0 has dtype {t.dtype} on {t.device} but x has dtype {x.dtype} on {x.device}")
+        if not torch.isfinite(t).all():
+            raise NonFiniteError("z0 contains NaN or Inf")
+    return tuple(t.detach() for t in z0) if isinstance(z0, tuple) else z0.detach()
 
 
 def fixed_point(
@@ -68,22 +90,22 @@ def fixed_point(
     *,
     solver: ForwardSolver,
     backward: BackwardMode,
-    z0: Tensor | None = None,
-) -> tuple[Tensor, SolverStats]:
+    z0: State | None = None,
+    adjoint_x0: Tensor | None = None,
+) -> tuple[State, SolverStats]:
     """Solve ``w = f(w, x)`` and return ``(w*, stats)``, ``w*`` differentiable by ``backward``.
 
-    ``f`` is any callable ``f(w, x) -> w``.  If it has ``inject(x) -> u`` and
+    ``f`` is any callable ``f(w, x) -> w``; the state ``w`` is a tensor or a tuple of
+    tensors (e.g. one per resolution).  If ``f`` has ``inject(x) -> u`` and
     ``step(w, u) -> w`` (like :class:`~implicitnets.maps.TanhMap`), the input term is
     computed once per solve.  ``z0`` defaults to ``f.initial_state(x)`` if ``f`` has one,
-    else ``zeros_like(x)``.  Parametrized weights of an ``nn.Module`` map are evaluated once
-    per solve (``parametrize.cached``), so forward and backward see the same weights.
+    else ``zeros_like(x)``.  ``adjoint_x0`` warm-starts an AID adjoint solve.
+    Parametrized weights of an ``nn.Module`` map are evaluated once per solve
+    (``parametrize.cached``), so forward and backward see the same weights.
     """
     _check_options(solver, backward)
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(f"the input x (shape {tuple(x.shape)}) contains NaN or Inf")
     module = f if isinstance(f, nn.Module) else None
+    _check_input(x, module)
     with parametrize.cached():
         if module is not None:
             _touch_parametrizations(module)
@@ -96,7 +118,7 @@ def fixed_point(
         needs_grad = torch.is_grad_enabled() and (
             module is None or x.requires_grad or u.requires_grad or bool(params)
         )
-        problem = Problem(step, u, _initial_state(f, x, z0), solver, params, needs_grad, module)
+        problem = Problem(step, u, _initial_state(f, x, z0), solver, params, needs_grad, module, adjoint_x0)
         return backward.run(problem)
 
 
@@ -105,7 +127,8 @@ class FixedPointLayer(nn.Module):
 
     ``solver`` runs the forward solve, ``backward`` chooses how gradients flow.  After each
     call ``self.stats`` holds the solve's :class:`SolverStats` (filled in by backward too);
-    under ``torch.no_grad()`` no graph is built.
+    under ``torch.no_grad()`` no graph is built.  With ``AID(..., warm_start=True)`` each
+    adjoint solve starts from the previous one's solution.
     """
 
     def __init__(self, cell: Map, *, solver: ForwardSolver, backward: BackwardMode) -> None:
@@ -116,8 +139,12 @@ class FixedPointLayer(nn.Module):
         self.backward = backward
         self.stats: SolverStats | None = None
 
-    def forward(self, x: Tensor, z0: Tensor | None = None) -> Tensor:
-        z, self.stats = fixed_point(self.cell, x, solver=self.solver, backward=self.backward, z0=z0)
+    def forward(self, x: Tensor, z0: State | None = None) -> State:
+        warm = isinstance(self.backward, AID) and self.backward.warm_start and self.stats is not None
+        adjoint_x0 = self.stats.adjoint if warm else None
+        z, self.stats = fixed_point(
+            self.cell, x, solver=self.solver, backward=self.backward, z0=z0, adjoint_x0=adjoint_x0
+        )
         return z
 
     def extra_repr(self) -> str:

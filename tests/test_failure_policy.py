@@ -26,7 +26,7 @@ WIDTH, IN = 6, 4
 ANDERSON = inn.Anderson(max_iter=100, tol=1e-12, memory=WIDTH)
 T = 10
 FPI = inn.FixedPointIteration(max_iter=T, tol=0.0)
-DIVERGING = inn.linear.FixedPoint(max_iter=30, tol=1e-10)  # Neumann series: grows like 1.5^k
+DIVERGING = inn.linear.Neumann(max_iter=30, tol=1e-10)  # Neumann series: grows like 1.5^k
 
 
 pytestmark = pytest.mark.usefixtures("float64")
@@ -83,7 +83,7 @@ def test_setup_is_expansive_where_the_adjoint_is_solved(solver):
 def test_raise_raises_a_clear_error(solver):
     f = _expansive_map()
     x, y = _data()
-    with pytest.raises(inn.ConvergenceError, match=r"FixedPoint solve of \(I - J\^T\) v = g did not converge.*contraction"):
+    with pytest.raises(inn.ConvergenceError, match=r"Neumann solve of \(I - J\^T\) v = g did not converge.*contraction"):
         _grads(f, inn.AID(DIVERGING, on_failure=inn.Raise()), x, y, solver=solver)
 
 
@@ -103,7 +103,7 @@ def test_warn_raises_on_nonfinite_solution():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", inn.ConvergenceWarning)
         with pytest.raises(inn.NonFiniteError, match="NaN/Inf"):
-            _grads(f, inn.AID(inn.linear.FixedPoint(max_iter=3000, tol=0.0), on_failure=inn.Warn()), x, y)
+            _grads(f, inn.AID(inn.linear.Neumann(max_iter=3000, tol=0.0), on_failure=inn.Warn()), x, y)
 
 
 def test_warn_raises_when_the_solver_reports_a_nonfinite_residual():
@@ -112,7 +112,7 @@ def test_warn_raises_when_the_solver_reports_a_nonfinite_residual():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", inn.ConvergenceWarning)
         with pytest.raises(inn.NonFiniteError):
-            _grads(f, inn.AID(inn.linear.FixedPoint(max_iter=5000, tol=1e-10), on_failure=inn.Warn()), x, y)
+            _grads(f, inn.AID(inn.linear.Neumann(max_iter=5000, tol=1e-10), on_failure=inn.Warn()), x, y)
 
 
 def test_fallback_jacobian_free_equals_jacobian_free():
@@ -161,7 +161,7 @@ def test_fallback_itd_sees_the_forward_weights_under_spectral_norm(exact):
     f.train()
     x, y = _data()
     tight = inn.FixedPointIteration(max_iter=400, tol=1e-14)
-    starved = inn.linear.FixedPoint(max_iter=1, tol=1e-12)  # fails on any map
+    starved = inn.linear.Neumann(max_iter=1, tol=1e-12)  # fails on any map
     reference, _ = _grads(copy.deepcopy(f), inn.ITD(), x, y, solver=tight)
     with pytest.warns(inn.ConvergenceWarning, match="falling back to ITD"):
         grads, stats = _grads(f, inn.AID(starved, on_failure=inn.FallbackITD()), x, y, solver=tight)

@@ -53,7 +53,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 EXACT_MODES = [
     inn.ITD(),
-    inn.AID(linear.FixedPoint(max_iter=400, tol=1e-14)),
+    inn.AID(linear.Neumann(max_iter=400, tol=1e-14)),
     inn.AID(linear.NormalCG(max_iter=200, tol=1e-14)),
     inn.AID(linear.GMRES(max_iter=100, tol=1e-14, restart=30)),
     inn.AID(linear.Exact()),
@@ -116,7 +116,7 @@ def test_truncated_itd_from_fixed_point_equals_aid_fp(K):
         w_star, _ = TIGHT.solve(lambda z: cell(z, x), cell.initial_state(x))
     solver = inn.FixedPointIteration(max_iter=K + 7, tol=0.0)
     itd, _ = grads_of(cell, x, R, inn.ITD(truncate=K), solver, z0=w_star)
-    aid, _ = grads_of(cell, x, R, inn.AID(linear.FixedPoint(max_iter=K, tol=0.0)), solver, z0=w_star)
+    aid, _ = grads_of(cell, x, R, inn.AID(linear.Neumann(max_iter=K, tol=0.0)), solver, z0=w_star)
     for a, b in zip(itd, aid):
         assert rel(a, b) <= 1e-10
 
@@ -126,7 +126,7 @@ def test_errors_fall_geometrically_with_t_equal_k():
     x, R = torch.randn(3, 5), torch.randn(3, 6)
     reference = torch.cat([g.reshape(-1) for g in dense_reference(cell, x, R)])
     ts = [5, 10, 15, 20, 25, 30]
-    for make_mode in (lambda t: inn.ITD(), lambda t: inn.AID(linear.FixedPoint(max_iter=t, tol=0.0))):
+    for make_mode in (lambda t: inn.ITD(), lambda t: inn.AID(linear.Neumann(max_iter=t, tol=0.0))):
         errors = []
         for t in ts:
             solver = inn.FixedPointIteration(max_iter=t, tol=0.0)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import implicitnets as inn
 from implicitnets import hypergrad as hg
 from implicitnets import linear
 
@@ -98,7 +99,7 @@ def test_closed_form_ridge_matches_finite_differences() -> None:
         linear.CG(max_iter=400, tol=1e-13),
         linear.GMRES(max_iter=400, tol=1e-13),
         linear.NormalCG(max_iter=400, tol=1e-13),
-        linear.FixedPoint(max_iter=400, tol=1e-13),
+        linear.Neumann(max_iter=400, tol=1e-13),
         linear.Exact(),
     ],
     ids=repr,
@@ -112,7 +113,7 @@ def test_aid_cg_reaches_1e8_at_k20_and_beats_fp_for_k_ge_5(ridge: Ridge) -> None
     errors = {}
     for k in range(1, 41):
         cg = ridge.rel(hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), linear.CG(max_iter=k, tol=0.0)))
-        fp = ridge.rel(hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), linear.FixedPoint(max_iter=k, tol=0.0)))
+        fp = ridge.rel(hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), linear.Neumann(max_iter=k, tol=0.0)))
         errors[k] = (cg, fp)
     assert errors[20][0] <= 1e-8
     for k in range(5, 41):
@@ -125,7 +126,7 @@ def test_all_methods_converge_linearly_in_t_equals_k(ridge: Ridge) -> None:
     for t in ts:
         w_t = hg.iterate(ridge.phi, ridge.w0, (ridge.lam,), t)
         curves["ITD"].append(ridge.rel(hg.reverse_itd(ridge.phi, ridge.E, ridge.w0, (ridge.lam,), t)))
-        for name, cls in (("FP", linear.FixedPoint), ("CG", linear.CG), ("GMRES", linear.GMRES)):
+        for name, cls in (("FP", linear.Neumann), ("CG", linear.CG), ("GMRES", linear.GMRES)):
             curves[name].append(ridge.rel(hg.aid(ridge.phi, ridge.E, w_t, (ridge.lam,), cls(max_iter=t, tol=0.0))))
     for name, errs in curves.items():
         # geometric decay: every +20 steps divides the error by >= 5 (a sublinear rate would not)
@@ -160,7 +161,7 @@ def test_forward_itd_equals_reverse_itd_heavy_ball_with_lr_and_momentum(logistic
 @pytest.mark.parametrize("K", [1, 5, 20])
 def test_truncated_reverse_itd_from_fixed_point_equals_aid_fp(ridge: Ridge, K: int) -> None:
     itd = hg.reverse_itd(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), steps=50, truncate=K)
-    fp = hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), linear.FixedPoint(max_iter=K, tol=0.0))
+    fp = hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), linear.Neumann(max_iter=K, tol=0.0))
     assert float((itd[0] - fp[0]).norm() / fp[0].norm()) < 1e-10
 
 
@@ -170,7 +171,7 @@ def test_truncated_reverse_itd_equals_aid_fp_logistic(logistic: Logistic) -> Non
     assert float((phi(w_star, (logistic.lam,)) - w_star).norm()) < 1e-14
     for K in (1, 3, 10):
         itd = hg.reverse_itd(phi, logistic.outer, w_star, (logistic.lam,), steps=40, truncate=K)
-        fp = hg.aid(phi, logistic.outer, w_star, (logistic.lam,), linear.FixedPoint(max_iter=K, tol=0.0))
+        fp = hg.aid(phi, logistic.outer, w_star, (logistic.lam,), linear.Neumann(max_iter=K, tol=0.0))
         assert float((itd[0] - fp[0]).norm() / fp[0].norm()) < 1e-10
 
 
@@ -217,11 +218,11 @@ def test_unused_hyperparameter_gets_zero_gradient(ridge: Ridge) -> None:
 def test_aid_reports_non_convergence(ridge: Ridge) -> None:
     from implicitnets.errors import ConvergenceError, ConvergenceWarning
 
-    solver = linear.FixedPoint(max_iter=2, tol=1e-12)
+    solver = linear.Neumann(max_iter=2, tol=1e-12)
     with pytest.warns(ConvergenceWarning):
         hg.AID(solver)(ridge.phi, ridge.E, ridge.w_star, ridge.lam)
     with pytest.raises(ConvergenceError):
-        hg.AID(solver, strict=True)(ridge.phi, ridge.E, ridge.w_star, ridge.lam)
+        hg.AID(solver, on_failure=inn.Raise())(ridge.phi, ridge.E, ridge.w_star, ridge.lam)
 
 
 def test_aid_warm_start_returns_adjoint(ridge: Ridge) -> None:
@@ -238,7 +239,7 @@ def test_aid_warm_start_returns_adjoint(ridge: Ridge) -> None:
         lambda: hg.ReverseITD(1.5),
         lambda: hg.ForwardITD(True),
         lambda: hg.AID("cg"),
-        lambda: hg.AID(linear.CG(), strict="yes"),
+        lambda: hg.AID(linear.CG(), on_failure="raise"),
         lambda: hg.RTHO(10, hyper_lr=0.0),
         lambda: hg.RTHO(10, hyper_lr=0.1, period=0),
         lambda: hg.GradientStep(lambda w, hp: w.sum(), -0.1),

@@ -128,7 +128,7 @@ def test_sid_full_batch_unit_steps_is_aid_fp() -> None:
     res = hg.SID(25, 12).run(phi, E, torch.zeros(10), lam, lambda: full)
     det = lambda w, hp: phi(w, hp, full)  # noqa: E731
     w_t = hg.iterate(det, torch.zeros(10), lam, 25)
-    (ref,) = hg.aid(det, E, w_t, lam, linear.FixedPoint(max_iter=12, tol=0.0))
+    (ref,) = hg.aid(det, E, w_t, lam, linear.Neumann(max_iter=12, tol=0.0))
     assert torch.allclose(res.w, w_t, rtol=1e-12, atol=1e-15)
     assert torch.allclose(res.grads[0], ref, rtol=1e-10, atol=1e-15)
 

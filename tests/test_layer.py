@@ -51,7 +51,7 @@ def test_sequential_state_dict_and_dtype_round_trip():
 
 
 def test_no_grad_builds_no_graph_and_eval_keeps_stats():
-    for backward in (inn.ITD(), inn.ITD(truncate=3), inn.JacobianFree(), inn.AID(linear.FixedPoint())):
+    for backward in (inn.ITD(), inn.ITD(truncate=3), inn.JacobianFree(), inn.AID(linear.Neumann())):
         layer = make_layer(backward).eval()
         with torch.no_grad():
             w = layer(torch.randn(3, 4))
@@ -201,20 +201,20 @@ def test_linear_solver_where_backward_mode_expected():
         make_layer(solver=linear.CG())
 
 
-def test_non_convergence_warns_and_strict_raises():
+def test_non_convergence_warns_and_raise_policy_raises():
     layer = make_layer(solver=inn.FixedPointIteration(max_iter=3, tol=1e-12))
     with pytest.warns(inn.ConvergenceWarning, match="did not converge"):
         layer(torch.randn(2, 4))
     assert not layer.stats.converged and layer.stats.residual > 1e-12
-    strict = make_layer(solver=inn.Anderson(max_iter=3, tol=1e-12, strict=True))
+    strict = make_layer(solver=inn.Anderson(max_iter=3, tol=1e-12, on_failure=inn.Raise()))
     with pytest.raises(inn.ConvergenceError):
         strict(torch.randn(2, 4))
 
 
 def test_aid_non_convergence_reported_and_warned():
-    layer = make_layer(inn.AID(linear.FixedPoint(max_iter=2, tol=1e-12)))
+    layer = make_layer(inn.AID(linear.Neumann(max_iter=2, tol=1e-12)))
     out = layer(torch.randn(2, 4)).sum()
-    with pytest.warns(inn.ConvergenceWarning, match="FixedPoint"):
+    with pytest.warns(inn.ConvergenceWarning, match="Neumann"):
         out.backward()
     assert layer.stats.backward_converged is False and layer.stats.backward_iterations == 2
 
@@ -305,7 +305,7 @@ def test_project_spectral_clips_singular_values():
 
 def test_parametrized_weight_gets_gradient_when_solve_runs_without_grad():
     """The parametrize.cached() trap: the solve runs under no_grad, A must still learn."""
-    for backward in (inn.AID(linear.FixedPoint(max_iter=50)), inn.JacobianFree(), inn.ITD(truncate=2)):
+    for backward in (inn.AID(linear.Neumann(max_iter=50)), inn.JacobianFree(), inn.ITD(truncate=2)):
         layer = make_layer(backward)
         layer(torch.randn(3, 4)).square().sum().backward()
         grad = layer.cell.A.parametrizations.weight.original.grad

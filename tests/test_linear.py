@@ -8,7 +8,8 @@ import warnings
 import pytest
 import torch
 
-from implicitnets.linear import CG, GMRES, Exact, FixedPoint, LinearInfo, NonSymmetricWarning, NormalCG
+from implicitnets import FunctionOperator, LinearOperator
+from implicitnets.linear import CG, GMRES, Exact, LinearInfo, Neumann, NonSymmetricWarning, NormalCG
 
 DTYPE = torch.float64
 N = 12
@@ -19,7 +20,7 @@ def _scaled(M: torch.Tensor, norm: float) -> torch.Tensor:
 
 
 def _spd(n: int = N, seed: int = 0, m_norm: float = 0.5) -> torch.Tensor:
-    """``A = I − M`` with ``M`` symmetric, ``‖M‖ = m_norm`` (SPD, FixedPoint-convergent)."""
+    """``A = I − M`` with ``M`` symmetric, ``‖M‖ = m_norm`` (SPD, Neumann-convergent)."""
     g = torch.Generator().manual_seed(seed)
     M = torch.randn(n, n, generator=g, dtype=DTYPE)
     return torch.eye(n, dtype=DTYPE) - _scaled(M + M.T, m_norm)
@@ -34,25 +35,32 @@ def _rhs(shape: tuple[int, ...], seed: int = 2) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=DTYPE)
 
 
-class Counted:
-    """``x ↦ A x`` on tensors of any shape, counting calls."""
+class Counted(LinearOperator):
+    """The dense ``A`` on tensors of any shape, counting ``mv`` and ``rmv`` calls."""
 
-    def __init__(self, A: torch.Tensor, shape: tuple[int, ...] | None = None):
-        self.A, self.calls = A, 0
-        self.shape = shape
+    def __init__(self, A: torch.Tensor):
+        self.A, self.calls, self.rcalls = A, 0, 0
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def like(self) -> torch.Tensor:
+        return self.A[0]
+
+    def mv(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return (self.A @ x.reshape(-1)).reshape(x.shape)
 
+    def rmv(self, y: torch.Tensor) -> torch.Tensor:
+        self.rcalls += 1
+        return (self.A.T @ y.reshape(-1)).reshape(y.shape)
+
 
 def _solve(solver, A: torch.Tensor, b: torch.Tensor, x0=None):
-    return solver.solve(Counted(A), b, x0, rmatvec=Counted(A.T))
+    return solver.solve(Counted(A), b, x0)
 
 
-ALL = [FixedPoint(max_iter=200), CG(), NormalCG(max_iter=200), GMRES(), Exact()]
-GENERAL = [FixedPoint(max_iter=400), NormalCG(max_iter=400), GMRES(), Exact()]
-ITERATIVE = [FixedPoint(max_iter=200), CG(), NormalCG(max_iter=200), GMRES()]
+ALL = [Neumann(max_iter=200), CG(), NormalCG(max_iter=200), GMRES(), Exact()]
+GENERAL = [Neumann(max_iter=400), NormalCG(max_iter=400), GMRES(), Exact()]
+ITERATIVE = [Neumann(max_iter=200), CG(), NormalCG(max_iter=200), GMRES()]
 
 
 def _rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -101,24 +109,25 @@ def test_cg_no_warning_on_symmetric_or_when_disabled():
         _solve(CG(max_iter=5, check_symmetry=False), _nonsym(), _rhs((N,)))
 
 
-# Matvec calls for `max_iter` iterations from x0 = None: FixedPoint uses exactly max_iter;
+# Matvec calls for `max_iter` iterations from x0 = None: Neumann uses exactly max_iter;
 # the others add one for the final true residual, CG two more for the symmetry probe, GMRES
 # one per restart cycle (30 iterations with restart=20: two cycles).
-OVERHEAD = {FixedPoint: 0, CG: 3, NormalCG: 1, GMRES: 2}
+OVERHEAD = {Neumann: 0, CG: 3, NormalCG: 1, GMRES: 2}
 
 
-@pytest.mark.parametrize("cls", [FixedPoint, CG, NormalCG, GMRES], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [Neumann, CG, NormalCG, GMRES], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("A_kind", ["identity", "spd"])
 def test_tol_zero_runs_exactly_max_iter_without_nan(cls, A_kind):
     # A = I: CG/GMRES converge exactly in one step and must keep going without 0/0.
     A = torch.eye(N, dtype=DTYPE) if A_kind == "identity" else _spd()
     b, max_iter = _rhs((N,)), 30
-    mv, rmv = Counted(A), Counted(A.T)
-    x, info = cls(max_iter=max_iter, tol=0.0).solve(mv, b, rmatvec=rmv)
+    op = Counted(A)
+    x, info = cls(max_iter=max_iter, tol=0.0).solve(op, b)
+    mv = op
     assert info.iterations == max_iter
     assert mv.calls == max_iter + OVERHEAD[cls]
     if cls is NormalCG:
-        assert rmv.calls == max_iter
+        assert op.rcalls == max_iter
     assert torch.isfinite(x).all() and math.isfinite(info.residual)
     assert info.converged and info.residual < 1e-10
     assert _rel_err(x, torch.linalg.solve(A, b)) < 1e-10
@@ -157,13 +166,13 @@ def test_warm_start_reduces_iterations(solver):
 def test_warm_start_at_solution_takes_no_iterations():
     A, b = _nonsym(), _rhs((N,))
     x0 = torch.linalg.solve(A, b)
-    for solver in (FixedPoint(), NormalCG(), GMRES()):
+    for solver in (Neumann(), NormalCG(), GMRES()):
         x, info = _solve(solver, A, b, x0=x0)
         assert info.iterations == 0 and info.converged
         assert torch.equal(x, x0)
 
 
-@pytest.mark.parametrize("solver", [FixedPoint(max_iter=3), CG(max_iter=3), NormalCG(max_iter=3),
+@pytest.mark.parametrize("solver", [Neumann(max_iter=3), CG(max_iter=3), NormalCG(max_iter=3),
                                     GMRES(max_iter=3)], ids=repr)
 def test_nonconvergence_is_reported(solver):
     A, b = _spd(n=30, seed=7, m_norm=0.9), _rhs((30,))
@@ -177,13 +186,13 @@ def test_nonconvergence_is_reported(solver):
 
 
 def test_tol_zero_reports_divergence():
-    # FixedPoint on ‖M‖ = 2 diverges: tol = 0 flags a residual that grew beyond ‖b‖.
+    # Neumann on ‖M‖ = 2 diverges: tol = 0 flags a residual that grew beyond ‖b‖.
     A = torch.eye(N, dtype=DTYPE) - 2.0 * torch.eye(N, dtype=DTYPE)
-    x, info = _solve(FixedPoint(max_iter=10, tol=0.0), A, _rhs((N,)))
+    x, info = _solve(Neumann(max_iter=10, tol=0.0), A, _rhs((N,)))
     assert not info.converged and info.residual > 1.0
 
 
-@pytest.mark.parametrize("solver", [FixedPoint(), CG(), NormalCG(), GMRES(), Exact()], ids=repr)
+@pytest.mark.parametrize("solver", [Neumann(), CG(), NormalCG(), GMRES(), Exact()], ids=repr)
 def test_nonfinite_reported_not_raised(solver):
     A = _spd()
     A[3, 4] = float("nan")
@@ -203,7 +212,7 @@ def test_fixed_point_error_decays_geometrically():
     Q, _ = torch.linalg.qr(torch.randn(N, N, generator=torch.Generator().manual_seed(8), dtype=DTYPE))
     A, b = torch.eye(N, dtype=DTYPE) - 0.5 * Q, _rhs((N,))
     x_ref = torch.linalg.solve(A, b)
-    errs = [_rel_err(_solve(FixedPoint(max_iter=k, tol=0.0), A, b)[0], x_ref) for k in range(1, 16)]
+    errs = [_rel_err(_solve(Neumann(max_iter=k, tol=0.0), A, b)[0], x_ref) for k in range(1, 16)]
     ratios = torch.tensor(errs[1:]) / torch.tensor(errs[:-1])
     assert torch.allclose(ratios, torch.full_like(ratios, 0.5), rtol=1e-6, atol=0)
 
@@ -212,20 +221,22 @@ def test_fixed_point_is_truncated_neumann_series():
     A, b, K = _nonsym(), _rhs((N,)), 7
     M = torch.eye(N, dtype=DTYPE) - A
     ref = sum(torch.linalg.matrix_power(M, j) @ b for j in range(K))
-    x, _ = _solve(FixedPoint(max_iter=K, tol=0.0), A, b)
+    x, _ = _solve(Neumann(max_iter=K, tol=0.0), A, b)
     assert _rel_err(x, ref) < 1e-13
 
 
 def test_cg_beats_fixed_point_on_spd():
     A, b = _spd(m_norm=0.9), _rhs((N,))
-    _, fp = _solve(FixedPoint(max_iter=500), A, b)
+    _, fp = _solve(Neumann(max_iter=500), A, b)
     _, cg = _solve(CG(), A, b)
     assert fp.converged and cg.converged and cg.iterations < fp.iterations
 
 
-def test_normal_cg_requires_rmatvec():
-    with pytest.raises(ValueError, match="rmatvec"):
-        NormalCG().solve(Counted(_spd()), _rhs((N,)))
+def test_normal_cg_needs_rmv():
+    A = _spd()
+    op = FunctionOperator(lambda x: A @ x, like=A[0])
+    with pytest.raises(NotImplementedError, match="rmv"):
+        NormalCG().solve(op, _rhs((N,)))
 
 
 def test_x0_shape_mismatch_raises():
@@ -236,9 +247,9 @@ def test_x0_shape_mismatch_raises():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: FixedPoint(max_iter=0),
-        lambda: FixedPoint(max_iter=2.5),
-        lambda: FixedPoint(max_iter=True),
+        lambda: Neumann(max_iter=0),
+        lambda: Neumann(max_iter=2.5),
+        lambda: Neumann(max_iter=True),
         lambda: CG(tol=-1.0),
         lambda: CG(tol=float("nan")),
         lambda: CG(tol=float("inf")),
@@ -273,6 +284,6 @@ def test_diverging_fixed_point_runs_until_nonfinite(tol):
     # ‖M‖ = 1.5: the norm of r overflows (~1e154) long before its entries do; the solve must
     # not stop there with a huge finite x but go on until the iterate is non-finite.
     A = -0.5 * torch.eye(N, dtype=DTYPE)
-    x, info = _solve(FixedPoint(max_iter=5000, tol=tol), A, _rhs((N,)))
+    x, info = _solve(Neumann(max_iter=5000, tol=tol), A, _rhs((N,)))
     assert not torch.isfinite(x).all()
     assert not info.converged and info.residual == math.inf

@@ -48,7 +48,7 @@ def test_diverging_adjoint_steps_are_skipped_and_logged(tmp_path, monkeypatch):
     def expansive(cfg, mode, setting):
         model = stability.FCEquilibrium(784, cfg.width, 10, contraction=None,
                                         solver=inn.FixedPointIteration(max_iter=cfg.t, tol=0.0),
-                                        backward=inn.AID(inn.linear.FixedPoint(max_iter=cfg.k, tol=0.0),
+                                        backward=inn.AID(inn.linear.Neumann(max_iter=cfg.k, tol=0.0),
                                                          on_failure=inn.Raise()))
         Q, _ = torch.linalg.qr(torch.randn(cfg.width, cfg.width, generator=torch.Generator().manual_seed(0)))
         with torch.no_grad():

@@ -7,20 +7,17 @@ wrong is a hypergradient.
 * :func:`jacobian_frobenius_sq` — Hutchinson ‖∂₁Φ‖_F², a differentiable regulariser.
 * :func:`detect_divergence` — NaN/Inf or residual growth in a residual trace.
 * :func:`hypergradient_error` — relative error / cosine against a reference gradient.
-* :class:`Linearization` — ∂₁Φ at a point as an operator (``matvec``, ``rmatvec``).
 """
 
 from .divergence import DivergenceReport, detect_divergence
 from .hypergradient_error import HypergradientError, hypergradient_error
 from .jacobian_regularizer import jacobian_frobenius_sq
-from .linearization import Linearization
 from .lipschitz import lipschitz_bound
 from .spectral_estimate import SpectralEstimate
 from .spectral_norm import jacobian_spectral_norm
 from .spectral_radius import jacobian_spectral_radius
 
 __all__ = [
-    "Linearization",
     "SpectralEstimate",
     "jacobian_spectral_norm",
     "jacobian_spectral_radius",

@@ -1,4 +1,4 @@
-"""Flat ``(n, d)`` views of a :class:`Linearization` shared by the spectral estimates."""
+"""Flat ``(n, d)`` views of the operator ``J`` shared by the spectral estimates."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .linearization import Linearization
+from ..operator import LinearOperator
 
 __all__: list[str] = []
 
 
 def flat_operators(
-    lin: Linearization, per_sample: bool
+    lin: LinearOperator, per_sample: bool
 ) -> tuple[int, int, Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
     """``(n, d, matvec, rmatvec)`` acting on ``(n, d)`` matrices, one row per sample.
 
@@ -21,17 +21,17 @@ def flat_operators(
     ``per_sample=True`` row ``b`` is sample ``b`` (valid when Φ acts sample-wise, i.e. J is
     block diagonal over the batch).
     """
-    shape = lin.shape
+    shape = lin.like.shape
     if per_sample and len(shape) == 0:
         raise ValueError("per_sample=True needs a state with a batch dimension")
     n = shape[0] if per_sample else 1
     d = (shape.numel() // n) if n else 0
 
     def matvec(V: Tensor) -> Tensor:
-        return lin.matvec(V.reshape(shape)).reshape(n, d)
+        return lin.mv(V.reshape(shape)).reshape(n, d)
 
     def rmatvec(V: Tensor) -> Tensor:
-        return lin.rmatvec(V.reshape(shape)).reshape(n, d)
+        return lin.rmv(V.reshape(shape)).reshape(n, d)
 
     return n, d, matvec, rmatvec
 

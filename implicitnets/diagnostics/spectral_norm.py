@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._flat import flat_operators, random_rows
-from .linearization import Linearization
+from ..operator import linearize
 from .spectral_estimate import SpectralEstimate
 
 __all__ = ["jacobian_spectral_norm"]
@@ -44,7 +44,7 @@ def jacobian_spectral_norm(
         raise ValueError(f"jacobian_spectral_norm: max_iter must be an int >= 1, got {max_iter!r}")
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"jacobian_spectral_norm: tol must be a number >= 0, got {tol!r}")
-    lin = Linearization(f, z, x)
+    lin = linearize(f, z, x)
     n, d, matvec, rmatvec = flat_operators(lin, per_sample)
     tiny = torch.finfo(z.dtype).tiny
     V = random_rows(n, d, z, generator)

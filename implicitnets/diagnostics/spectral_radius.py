@@ -2,7 +2,7 @@
 
 ρ(J) < 1 is what decides *asymptotic* local convergence of the fixed-point iteration at
 ``w*`` and the solvability of the AID system ``(I − Jᵀ) v = g`` by the Neumann series
-(``linear.FixedPoint``); ρ(J) ≤ ‖J‖₂, with equality for normal J only.
+(``linear.Neumann``); ρ(J) ≤ ‖J‖₂, with equality for normal J only.
 
 Why not plain power iteration on J: for a non-symmetric J the dominant eigenvalue may be a
 complex pair (power iteration then oscillates forever) or have a near-equal competitor
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._flat import flat_operators, random_rows
-from .linearization import Linearization
+from ..operator import linearize
 from .spectral_estimate import SpectralEstimate
 
 __all__ = ["jacobian_spectral_radius"]
@@ -61,7 +61,7 @@ def jacobian_spectral_radius(
         raise ValueError(f"jacobian_spectral_radius: krylov_dim must be an int >= 1, got {krylov_dim!r}")
     if not (isinstance(tol, (int, float)) and tol >= 0):
         raise ValueError(f"jacobian_spectral_radius: tol must be a number >= 0, got {tol!r}")
-    lin = Linearization(f, z, x)
+    lin = linearize(f, z, x)
     n, d, matvec, _ = flat_operators(lin, per_sample)
     k = min(krylov_dim, d)
     eps = torch.finfo(z.dtype).eps

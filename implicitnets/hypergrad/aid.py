@@ -7,14 +7,13 @@ At (an approximation ``w`` of) the fixed point ``w(λ) = Φ(w(λ), λ)`` the hyp
 
 The linear system is solved with ``k`` iterations of a linear solver using only
 vector–Jacobian products ``∂₁Φᵀu`` on the graph of one map step:
-``linear.FixedPoint`` (AID-FP, the Neumann series), ``linear.CG`` (AID-CG — only when
+``linear.Neumann`` (AID-FP, the Neumann series), ``linear.CG`` (AID-CG — only when
 ``∂₁Φ`` is symmetric, e.g. :class:`GradientStep`), ``linear.NormalCG``, ``linear.GMRES``
 or ``linear.Exact``.  Memory O(d), independent of the inner iteration count.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,12 +21,12 @@ import torch
 from torch import Tensor
 
 from .. import linear
-from ..errors import ConvergenceError, ConvergenceWarning, NonFiniteError
+from ..backward import adjoint_message, solve_adjoint
+from ..failure import AdjointFailure, FailurePolicy, Warn
+from ..operator import GraphJacobian
 from ._state import InnerMap, OuterLoss, as_hparams, check_finite, fill_none, leaves, outer_grads
 
 __all__ = ["AID", "AIDResult", "aid"]
-
-_LINEAR_SOLVERS = (linear.FixedPoint, linear.CG, linear.NormalCG, linear.GMRES, linear.Exact)
 
 
 @dataclass(frozen=True)
@@ -44,23 +43,22 @@ class AIDResult:
 class AID:
     """AID hypergradient with ``solver`` for ``(I − ∂₁Φᵀ) v = ∇₁E``.
 
-    A solve that fails (``info.converged`` is False: above ``tol`` when ``tol > 0``; residual
-    grown beyond ‖∇₁E‖ when ``tol = 0``, i.e. diverged) warns with :class:`ConvergenceWarning`, or raises
-    :class:`ConvergenceError` when ``strict=True``.  A non-finite ``v`` always raises
-    :class:`NonFiniteError`.
+    The operator ``∂₁Φ`` is built once from the graph of one map step
+    (:class:`~implicitnets.GraphJacobian`) and the solve is the core's
+    :func:`~implicitnets.backward.solve_adjoint`.  A failed solve (``info.converged`` is
+    False: above ``tol`` when ``tol > 0``; residual grown beyond ‖∇₁E‖ when ``tol = 0``)
+    goes to ``on_failure`` (``Warn()`` warns, ``Raise()`` raises, ``FallbackJacobianFree()``
+    uses ``v = ∇₁E``).  A non-finite ``v`` raises :class:`NonFiniteError`.
     """
 
     solver: linear.LinearSolver
-    strict: bool = False
+    on_failure: FailurePolicy = Warn()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.solver, _LINEAR_SOLVERS):
-            raise ValueError(
-                "AID: solver must be an implicitnets.linear solver (FixedPoint, CG, NormalCG, "
-                f"GMRES, Exact); got {self.solver!r}"
-            )
-        if not isinstance(self.strict, bool):
-            raise ValueError(f"AID: strict must be a bool, got {self.strict!r}")
+        if not isinstance(self.solver, linear.LinearSolver):
+            raise ValueError(f"AID: solver must be an implicitnets.linear.LinearSolver; got {self.solver!r}")
+        if not isinstance(self.on_failure, FailurePolicy):
+            raise ValueError(f"AID: on_failure must be a FailurePolicy (e.g. Warn(), Raise()); got {self.on_failure!r}")
 
     def solve(
         self,
@@ -80,33 +78,12 @@ class AID:
         b = grads_w[0]
         with torch.enable_grad():
             fw = phi(w_leaf, hp)
-
-            def vjp(u: Tensor) -> Tensor:
-                (out,) = torch.autograd.grad(fw, w_leaf, u, retain_graph=True, allow_unused=True)
-                return torch.zeros_like(u) if out is None else out
-
-            rmatvec = None
-            if isinstance(self.solver, linear.NormalCG):
-                dummy = torch.zeros_like(fw, requires_grad=True)
-                (jtu,) = torch.autograd.grad(fw, w_leaf, dummy, retain_graph=True, create_graph=True)
-
-                def rmatvec(y: Tensor) -> Tensor:  # (I − ∂₁Φ) y, via the double-vjp trick
-                    (jy,) = torch.autograd.grad(jtu, dummy, y, retain_graph=True)
-                    return y - jy
-
-            v, info = self.solver.solve(lambda u: u - vjp(u), b, x0=None if v0 is None else v0.detach(), rmatvec=rmatvec)
-            v = v.detach()
-            name = type(self.solver).__name__
-            if not bool(torch.isfinite(v).all()):
-                raise NonFiniteError(f"AID: the {name} solve of (I - d1Phi^T) v = grad_w E produced NaN/Inf")
-            if not info.converged:
-                message = (
-                    f"AID: the {name} solve of (I - d1Phi^T) v = grad_w E did not converge (relative residual "
-                    f"{info.residual:.3e} after {info.iterations} iterations); is Phi a contraction at w?"
-                )
-                if self.strict:
-                    raise ConvergenceError(message)
-                warnings.warn(message, ConvergenceWarning, stacklevel=2)
+        v, info, finite = solve_adjoint(GraphJacobian(fw, w_leaf), b, self.solver, v0)
+        if not (info.converged and finite):
+            message = adjoint_message(self.solver, info, finite, "hypergrad.AID")
+            v = self.on_failure.adjoint_failed(AdjointFailure(v, b, finite, message)).v
+        v = v.to(b.dtype)
+        with torch.enable_grad():
             cross = torch.autograd.grad(fw, hp, v, allow_unused=True)
         grads = tuple(g + c for g, c in zip(grads_h, fill_none(cross, hp)))
         check_finite("AID", grads)

@@ -1,0 +1,55 @@
+"""The backward-mode protocol and the problem a backward mode is handed."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..solvers import ForwardSolver, SolverStats
+from ..state import State
+
+__all__ = ["BackwardMode", "Problem", "transforms_active"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One fixed-point problem ``z = step(z, u)`` as handed to a backward mode.
+
+    ``u`` is the (differentiable) injected input, ``z0`` the detached start, ``params`` the
+    map's trainable tensors, ``needs_grad`` whether any gradient is wanted, ``module`` the
+    map when it is an ``nn.Module``, ``adjoint_x0`` a warm start for an adjoint solve.
+    """
+
+    step: Callable[[State, Tensor], State]
+    u: Tensor
+    z0: State
+    solver: ForwardSolver
+    params: tuple[Tensor, ...]
+    needs_grad: bool
+    module: torch.nn.Module | None = None
+    adjoint_x0: Tensor | None = None
+
+    def map(self) -> Callable[[State], State]:
+        """``z ↦ step(z, u)``."""
+        return lambda z: self.step(z, self.u)
+
+
+class BackwardMode(abc.ABC):
+    """Decides how gradients flow through ``w* = Φ(w*, x; θ)``; subclass it for your own.
+
+    ``run`` solves the problem with ``problem.solver`` and returns ``(w, stats)`` with ``w``
+    differentiable with respect to ``problem.u`` and ``problem.params`` as the mode defines.
+    """
+
+    @abc.abstractmethod
+    def run(self, problem: Problem) -> tuple[State, SolverStats]:
+        """Solve ``problem`` and return the differentiable solution and its statistics."""
+
+
+def transforms_active(x: Tensor) -> bool:
+    """Whether ``x`` is being traced by a ``torch.func`` transform (grad, vjp, vmap, ...)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))

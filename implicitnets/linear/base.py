@@ -1,0 +1,155 @@
+"""The linear-solver protocol and the bookkeeping the built-in solvers share.
+
+A linear solver solves ``A x = b`` for a :class:`~implicitnets.LinearOperator` ``A``
+(``op.mv(x) = A x``, ``op.rmv(y) = Aᵀ y``) acting on tensors of ``b``'s shape; ``b`` and
+``x`` are treated as one flat vector.  Work happens in ``b``'s dtype and on its device.
+``info.residual`` is the *true* relative residual ``‖b − A x‖ / ‖b‖``, recomputed at the end.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..operator import LinearOperator
+
+__all__ = ["LinearSolver", "LinearInfo"]
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+class LinearSolver(abc.ABC):
+    """Solves ``A x = b``; subclass it to plug your own solver into AID.
+
+    ``solve`` returns ``(x, LinearInfo)``.  A solver that stops without converging, or
+    meets NaN/Inf, reports it (``info.converged = False``, ``residual = inf`` when
+    non-finite) and does not raise: the caller's failure policy decides.
+    """
+
+    @abc.abstractmethod
+    def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearInfo]:
+        """Solve ``op x = b`` from ``x0`` (``None``: zero)."""
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """What one linear solve did.
+
+    ``iterations`` counts iterations (one ``op.mv`` each; :class:`NormalCG` also one
+    ``op.rmv``; :class:`Exact` counts the ``op.mv`` calls that build ``A``).
+    ``residual`` is ``‖b − A x‖ / ‖b‖`` (``inf`` if non-finite).  ``converged`` means
+    ``residual <= tol`` when ``tol > 0`` and, when ``tol = 0``, that the residual is finite
+    and did not grow beyond ``‖b‖``.
+    """
+
+    iterations: int
+    residual: float
+    converged: bool
+
+
+def check_options(name: str, max_iter: int, tol: float) -> None:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise ValueError(f"{name}: tol must be a finite number >= 0, got {tol!r}")
+
+
+def dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum()
+
+
+def norm(a: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(a)
+
+
+def safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, and 0 where ``den == 0`` (no NaN from 0/0 at exact convergence)."""
+    ok = den != 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def flat_mv(op: LinearOperator, p: Problem, transpose: bool = False) -> MatVec:
+    """``A x`` (or ``Aᵀ x``) acting on flat vectors; checks that it preserves ``b``'s shape."""
+    product = op.rmv if transpose else op.mv
+    shape = p.shape
+
+    def mv(v: Tensor) -> Tensor:
+        out = product(v.view(shape))
+        if out.shape != shape:
+            name = "rmv" if transpose else "mv"
+            raise ValueError(f"op.{name} returned shape {tuple(out.shape)}, expected b's shape {tuple(shape)}")
+        return out.reshape(-1)
+
+    return mv
+
+
+class Problem:
+    """Flattened ``b``, the start ``x``, and the bookkeeping shared by all solvers."""
+
+    def __init__(self, name: str, b: Tensor, x0: Tensor | None):
+        if x0 is not None and x0.shape != b.shape:
+            raise ValueError(f"{name}: x0 has shape {tuple(x0.shape)}, b has shape {tuple(b.shape)}")
+        self.shape = b.shape
+        self.b = b.reshape(-1)
+        self.x = torch.zeros_like(self.b) if x0 is None else x0.detach().to(b).reshape(-1).clone()
+        self.warm = x0 is not None
+        self.bnorm = float(norm(self.b))  # the one host sync before the loop
+
+    def trivial(self) -> tuple[Tensor, LinearInfo] | None:
+        """The answer without iterating when ``b == 0`` (x = 0) or ``b`` is non-finite."""
+        if self.bnorm == 0.0:
+            return torch.zeros_like(self.b).view(self.shape), LinearInfo(0, 0.0, True)
+        if not math.isfinite(self.bnorm):
+            return self.b.clone().view(self.shape), LinearInfo(0, math.inf, False)
+        return None
+
+    def finish(self, x: Tensor, r: Tensor, iterations: int, tol: float) -> tuple[Tensor, LinearInfo]:
+        """Package ``x`` with the true residual ``r = b − A x``."""
+        res = float(norm(r)) / self.bnorm
+        if not math.isfinite(res) or not bool(torch.isfinite(x).all()):
+            return x.view(self.shape), LinearInfo(iterations, math.inf, False)
+        converged = res <= tol if tol > 0 else res <= 1.0
+        return x.view(self.shape), LinearInfo(iterations, res, converged)
+
+
+def stop(rnorm: Tensor, threshold: float, r: Tensor | None = None) -> bool:
+    """Host-side stopping test (``tol > 0`` only): converged, or the iterate is non-finite.
+
+    A norm that overflows while the residual ``r`` itself is finite does not stop the
+    solve: a diverging iteration runs on until its iterate is non-finite, as with ``tol = 0``.
+    """
+    value = float(rnorm)
+    if value <= threshold or math.isnan(value):
+        return True
+    if math.isinf(value):
+        return r is None or not bool(torch.isfinite(r).all())
+    return False
+
+
+Inner = Callable[[MatVec, Tensor, Tensor, int, float], tuple[Tensor, int]]
+
+
+def restarted(inner: Inner, mv: MatVec, p: Problem, max_iter: int, tol: float) -> tuple[Tensor, LinearInfo]:
+    """Run ``inner(mv, x, r, budget, threshold) -> (x, used)`` from the true residual.
+
+    After each run the true residual is recomputed; if ``inner``'s own estimate claimed
+    convergence but the true residual disagrees, ``inner`` restarts from it.  The last
+    true residual is the one reported, so ``max_iter`` iterations cost ``max_iter + 1``
+    matvecs (``+ 1`` more with a warm start).
+    """
+    x, used, threshold = p.x, 0, tol * p.bnorm
+    r = p.b - mv(x) if p.warm else p.b.clone()
+    while used < max_iter:
+        if tol > 0 and stop(norm(r), threshold, r):
+            break
+        x, k = inner(mv, x, r, max_iter - used, threshold)
+        used += k
+        r = p.b - mv(x)
+    return p.finish(x, r, used, tol)
+
+

@@ -1,0 +1,213 @@
+"""Linear operators: ``J = ∂₁Φ(w)`` and the adjoint system matrix built from it.
+
+A :class:`LinearOperator` has ``mv(x) = A x`` and ``rmv(y) = Aᵀ y`` acting on tensors of
+one fixed shape (its ``like``).  Every linear solver in :mod:`implicitnets.linear`, the
+diagnostics and the hypergradient methods take such an object; the adjoint system of AID
+is ``(I − J)ᵀ v = g``, i.e. ``IdentityMinus(J).T``.
+
+:class:`GraphJacobian` builds ``J`` of a map at a point from one differentiable
+evaluation: ``Jᵀu`` is a vector–Jacobian product on that graph and ``J y`` differentiates
+the linear map ``u ↦ Jᵀu`` once more (built on first use).  A map may instead provide a
+closed form: a method ``jacobian(w, u, out) -> LinearOperator`` (``out = step(w, u)``),
+which :func:`state_jacobian` prefers.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .state import State, map_parts, parts
+
+__all__ = [
+    "LinearOperator",
+    "Transposed",
+    "IdentityMinus",
+    "FunctionOperator",
+    "GraphJacobian",
+    "state_jacobian",
+    "linearize",
+]
+
+
+class LinearOperator(abc.ABC):
+    """A linear map ``A`` with ``mv(x) = A x`` and ``rmv(y) = Aᵀ y``.
+
+    Vectors are tensors shaped like :attr:`like` (the state for a tensor state; one flat
+    vector for a tuple state).  Products never write ``.grad`` of any tensor.
+    """
+
+    @property
+    @abc.abstractmethod
+    def like(self) -> Tensor:
+        """A tensor of the shape, dtype and device of the vectors ``A`` acts on."""
+
+    @abc.abstractmethod
+    def mv(self, x: Tensor) -> Tensor:
+        """``A x``."""
+
+    @abc.abstractmethod
+    def rmv(self, y: Tensor) -> Tensor:
+        """``Aᵀ y``."""
+
+    @property
+    def T(self) -> LinearOperator:  # noqa: N802 (the usual name of a transpose)
+        """The transposed operator ``Aᵀ``."""
+        return Transposed(self)
+
+
+class Transposed(LinearOperator):
+    """``Aᵀ`` of an operator ``A``."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        self.op = op
+
+    @property
+    def like(self) -> Tensor:
+        return self.op.like
+
+    def mv(self, x: Tensor) -> Tensor:
+        return self.op.rmv(x)
+
+    def rmv(self, y: Tensor) -> Tensor:
+        return self.op.mv(y)
+
+    @property
+    def T(self) -> LinearOperator:  # noqa: N802
+        return self.op
+
+
+class IdentityMinus(LinearOperator):
+    """``I − A``."""
+
+    def __init__(self, op: LinearOperator) -> None:
+        self.op = op
+
+    @property
+    def like(self) -> Tensor:
+        return self.op.like
+
+    def mv(self, x: Tensor) -> Tensor:
+        return x - self.op.mv(x)
+
+    def rmv(self, y: Tensor) -> Tensor:
+        return y - self.op.rmv(y)
+
+
+class FunctionOperator(LinearOperator):
+    """An operator from callables: ``mv`` and, optionally, ``rmv`` (else ``rmv`` raises)."""
+
+    def __init__(self, mv: Callable[[Tensor], Tensor], like: Tensor, rmv: Callable[[Tensor], Tensor] | None = None):
+        if not callable(mv) or (rmv is not None and not callable(rmv)):
+            raise ValueError("FunctionOperator: mv (and rmv, if given) must be callable")
+        self._mv, self._rmv, self._like = mv, rmv, like
+
+    @property
+    def like(self) -> Tensor:
+        return self._like
+
+    def mv(self, x: Tensor) -> Tensor:
+        return self._mv(x)
+
+    def rmv(self, y: Tensor) -> Tensor:
+        if self._rmv is None:
+            raise NotImplementedError("this FunctionOperator was built without rmv (y -> A^T y)")
+        return self._rmv(y)
+
+
+def _flat_cat(tensors: tuple[Tensor, ...]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+class GraphJacobian(LinearOperator):
+    """``J = ∂ out / ∂ w`` on a recorded graph ``out = Φ(w, ·)``.
+
+    ``w`` (tensors that require grad) and ``out`` are states of one structure.  For a
+    tensor state vectors are shaped like it; for a tuple state they are the flat
+    concatenation of the parts.  Products run in the dtype of ``out`` (e.g. bfloat16 under
+    autocast) and return the dtype of their argument.  The graph is kept for as many
+    products as asked (``retain_graph``).
+    """
+
+    def __init__(self, out: State, w: State) -> None:
+        self.outs, self.ws = parts(out), parts(w)
+        if len(self.outs) != len(self.ws) or any(o.shape != z.shape for o, z in zip(self.outs, self.ws)):
+            raise ValueError(
+                "GraphJacobian: the map's output "
+                f"{[tuple(o.shape) for o in self.outs]} does not match the state {[tuple(z.shape) for z in self.ws]}"
+            )
+        self.single = isinstance(out, Tensor)
+        self._like = self.outs[0].detach() if self.single else _flat_cat(tuple(o.detach() for o in self.outs))
+        self._dual: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
+
+    @property
+    def like(self) -> Tensor:
+        return self._like
+
+    def _split(self, x: Tensor, like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        if self.single:
+            return (x.to(like[0].dtype),)
+        chunks = torch.split(x, [t.numel() for t in like])
+        return tuple(c.reshape(t.shape).to(t.dtype) for c, t in zip(chunks, like))
+
+    def _join(self, tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        out = tensors[0] if self.single else _flat_cat(tensors)
+        return out.detach().to(dtype)
+
+    @staticmethod
+    def _grad(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False) -> tuple[Tensor, ...]:
+        pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+        if not pairs:  # the output does not depend on w at all: J = 0
+            return tuple(torch.zeros_like(z) for z in inputs)
+        with torch.enable_grad():
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], inputs, [c for _, c in pairs],
+                retain_graph=True, create_graph=create, allow_unused=True,
+            )
+        return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
+
+    def rmv(self, y: Tensor) -> Tensor:
+        """``Jᵀ y``: one vector–Jacobian product on the recorded graph."""
+        return self._join(self._grad(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
+
+    def mv(self, x: Tensor) -> Tensor:
+        """``J x``: the derivative of ``u ↦ Jᵀu`` (linear in ``u``) applied to ``x``."""
+        if self._dual is None:
+            with torch.enable_grad():
+                dummies = tuple(torch.zeros_like(o, requires_grad=True) for o in self.outs)
+                jtu = self._grad(self.outs, self.ws, dummies, create=True)
+            self._dual = (jtu, dummies)
+        jtu, dummies = self._dual
+        return self._join(self._grad(jtu, dummies, self._split(x, self.ws)), x.dtype)
+
+
+def state_jacobian(step: Callable[[State, Tensor], State], w: State, u: Tensor, out: State) -> LinearOperator:
+    """``J = ∂₁ step(w, u)`` at ``w``, with ``out = step(w, u)`` recorded from leaves ``w``.
+
+    Uses the map's closed form when ``step`` is a bound method of an object that has
+    ``jacobian(w, u, out)``; otherwise the graph of ``out``.
+    """
+    owner = getattr(step, "__self__", None)
+    closed = getattr(owner, "jacobian", None)
+    if callable(closed):
+        return closed(w, u, out)
+    return GraphJacobian(out, w)
+
+
+def linearize(f: Callable[[State, Tensor], State], z: State, x: Tensor) -> LinearOperator:
+    """``J = ∂₁f(z, x)`` at ``z``, for a map ``f(w, x) -> w``.
+
+    A map with ``inject(x)`` and ``step(w, u)`` is linearised through ``step`` (and its
+    closed-form ``jacobian`` when it has one); any other callable through the graph of one
+    evaluation.  Vectors are shaped like ``z`` (flat for a tuple state).
+    """
+    inject, step = getattr(f, "inject", None), getattr(f, "step", None)
+    with torch.enable_grad():
+        w = map_parts(lambda t: t.detach().requires_grad_(), z)
+        if callable(inject) and callable(step):
+            u = inject(x)
+            return state_jacobian(step, w, u, step(w, u))
+        return GraphJacobian(f(w, x), w)

@@ -1,0 +1,13 @@
+"""Forward solvers for ``z = g(z)``: the :class:`ForwardSolver` protocol and the built-ins.
+
+:class:`FixedPointIteration` (damped Picard) and :class:`Anderson` stop on the relative
+residual ``‖g(z) − z‖ / ‖g(z)‖`` of the whole batch; ``tol = 0`` runs exactly ``max_iter``
+map evaluations (the ``t`` of the paper).  Any subclass of :class:`ForwardSolver` works
+wherever these do.
+"""
+
+from .anderson import Anderson
+from .base import ForwardSolver, SolverStats
+from .fixed_point import FixedPointIteration
+
+__all__ = ["ForwardSolver", "SolverStats", "FixedPointIteration", "Anderson"]

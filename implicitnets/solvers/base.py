@@ -1,0 +1,72 @@
+"""The forward-solver protocol and the statistics every solve returns."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import Tensor
+
+from ..failure import FailurePolicy, Warn
+from ..state import State
+
+__all__ = ["ForwardSolver", "SolverStats"]
+
+
+@dataclass
+class SolverStats:
+    """What one solve did; the backward pass fills the ``backward_*`` fields.
+
+    ``iterations`` counts map evaluations, ``residual`` is the relative residual
+    ``‖g(z) − z‖ / ‖g(z)‖`` of the last evaluation, ``trace`` the residuals at every check.
+    ``converged`` says whether the whole forward solve reached its tolerance (always true
+    for ``tol = 0``, which asks for exactly ``max_iter`` evaluations).  ``backward_fallback``
+    names the method a failure policy fell back to, if any; ``adjoint`` is the adjoint
+    solution ``v`` of the last AID backward (detached; the warm start of the next one).
+    """
+
+    iterations: int = 0
+    residual: float = math.nan
+    converged: bool = False
+    trace: list[float] = field(default_factory=list)
+    backward_iterations: int | None = None
+    backward_residual: float | None = None
+    backward_converged: bool | None = None
+    backward_fallback: str | None = None
+    adjoint: Tensor | None = field(default=None, repr=False)
+
+
+class ForwardSolver(abc.ABC):
+    """Solves ``z = g(z)`` from ``z0``; subclass it to plug in your own solver.
+
+    ``solve`` must return the last iterate (a state of ``z0``'s structure; computed from
+    ``g``'s outputs so that ITD can differentiate through it) and a :class:`SolverStats`.
+    Under ``torch.no_grad`` (AID, JacobianFree) it may work in place.  ``max_iter`` and
+    ``tol`` are read by :class:`~implicitnets.ITD` when it truncates, ``on_failure``
+    when the whole truncated solve misses ``tol``; a solver that
+    is not a dataclass with those fields overrides :meth:`with_budget`.
+    """
+
+    max_iter: int
+    tol: float
+    #: what a solve that stops above ``tol`` does (the built-ins take it as a field)
+    on_failure: FailurePolicy = Warn()
+
+    @abc.abstractmethod
+    def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
+        """Iterate from ``z0`` towards a fixed point of ``g``."""
+
+    def with_budget(self, max_iter: int, tol: float) -> ForwardSolver:
+        """A copy that runs at most ``max_iter`` evaluations with tolerance ``tol`` and
+        reports (does not warn about or raise for) non-convergence."""
+        if not dataclasses.is_dataclass(self):
+            raise NotImplementedError(
+                f"{type(self).__name__}.with_budget: override it to let ITD(truncate=K) split the solve"
+            )
+        changes: dict[str, object] = {"max_iter": max_iter, "tol": tol}
+        if any(f.name == "on_failure" for f in dataclasses.fields(self)):
+            changes["on_failure"] = Warn()
+        return dataclasses.replace(self, **changes)
