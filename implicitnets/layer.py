@@ -69,13 +69,19 @@ def _check_input(x: object, module: nn.Module | None) -> None:
 
 
 def _initial_state(f: Map, x: Tensor, z0: State | None) -> State:
-    if z0 is None:
-        init = getattr(f, "initial_state", None)
-        z0 = init(x) if callable(init) else torch.zeros_like(x)
+    init = getattr(f, "initial_state", None)
     if isinstance(z0, list):
         z0 = tuple(z0)
-    if not isinstance(z0, (Tensor, tuple)) or not all(isinstance(t, Tensor) for t in parts(z0)) or not parts(z0):
+    if z0 is not None and (
+        not isinstance(z0, (Tensor, tuple)) or not parts(z0) or not all(isinstance(t, Tensor) for t in parts(z0))
+    ):
         raise ValueError(f"z0 must be a tensor or a tuple/list of tensors, got {type(z0).__name__}")
+    if z0 is None:
+        z0 = init(x) if callable(init) else torch.zeros_like(x)
+    elif callable(init):
+        want, got = [tuple(t.shape) for t in parts(init(x))], [tuple(t.shape) for t in parts(z0)]
+        if want != got:
+            raise ValueError(f"z0 has shape {got} but the map's state for this x has shape {want}")
     for t in parts(z0):
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"z0 has dtype {t.dtype} on {t.device} but x has dtype {x.dtype} on {x.device}")

@@ -55,7 +55,7 @@ class ConvCell(nn.Module):
         with torch.no_grad():  # start well inside the contraction region
             self.A.weight.mul_(0.5)
         if contraction is not None:
-            conv_spectral_norm(self.A, contraction, self.size)
+            conv_spectral_norm(self.A, bound=contraction, input_shape=self.size)
         self._act = _ACTIVATIONS[activation]
 
     def inject(self, x: Tensor) -> Tensor:
@@ -117,7 +117,7 @@ class ConvEquilibrium(EquilibriumClassifier):
         The operator norm is estimated by power iteration; rescaling (not an SVD clip, which
         the operator does not have in closed form) is the projection used for conv cells.
         """
-        sigma = conv_operator_norm(self.cell.A, self.cell.size, n_iterations=100, tol=1e-6)
+        sigma = conv_operator_norm(self.cell.A, self.cell.size, max_iter=100, tol=1e-6)
         if sigma > bound:
             self.contraction_weight.mul_(bound / sigma)
 

@@ -40,7 +40,7 @@ def make(spec: dict, seed: int | None = None) -> nn.Conv2d:
 def test_operator_norm_matches_dense_svd(spec):
     conv = make(spec)
     exact = float(torch.linalg.matrix_norm(dense(conv, SIZE), 2))
-    estimate = conv_operator_norm(conv, SIZE, n_iterations=20000, tol=1e-15)
+    estimate = conv_operator_norm(conv, SIZE, max_iter=20000, tol=1e-15)
     assert abs(estimate - exact) <= 1e-8 * exact
 
 
@@ -65,7 +65,7 @@ def test_parametrization_enforces_the_bound_on_the_operator(spec):
     conv = make(spec)
     with torch.no_grad():
         conv.weight.mul_(3.0)  # well above the bound
-    conv_spectral_norm(conv, 0.5, SIZE, tol=0.0, max_iter=20000)  # to convergence
+    conv_spectral_norm(conv, bound=0.5, input_shape=SIZE, tol=0.0, max_iter=20000)  # to convergence
     sigma = float(torch.linalg.matrix_norm(dense(conv, SIZE), 2))
     assert abs(sigma - 0.5) <= 1e-8 * 0.5
     # a weight already inside the bound is left alone
@@ -73,7 +73,7 @@ def test_parametrization_enforces_the_bound_on_the_operator(spec):
     with torch.no_grad():
         small.weight.mul_(0.01)
     before = small.weight.detach().clone()
-    conv_spectral_norm(small, 0.5, SIZE)
+    conv_spectral_norm(small, bound=0.5, input_shape=SIZE)
     torch.testing.assert_close(small.weight, before, rtol=0, atol=0)
 
 
@@ -84,14 +84,14 @@ def test_reshaped_kernel_norm_is_not_the_operator_norm():
     with torch.no_grad():
         conv.weight.fill_(1.0)
     reshaped = float(torch.linalg.matrix_norm(conv.weight.detach().reshape(1, -1), 2))
-    operator = conv_operator_norm(conv, (16, 16), n_iterations=5000, tol=1e-13)
+    operator = conv_operator_norm(conv, (16, 16), max_iter=5000, tol=1e-13)
     exact = float(torch.linalg.matrix_norm(dense(conv, (16, 16)), 2))
     assert reshaped == pytest.approx(3.0, rel=1e-12)
     assert operator == pytest.approx(exact, rel=1e-8) and operator > 2.8 * reshaped
 
 
 def test_gradients_flow_through_the_parametrization():
-    conv = conv_spectral_norm(make(GEOMETRIES[0]), 0.3, SIZE, max_iter=200)
+    conv = conv_spectral_norm(make(GEOMETRIES[0]), bound=0.3, input_shape=SIZE, max_iter=200)
     conv.eval()
     x = torch.randn(2, 3, *SIZE, dtype=torch.float64)
     original = conv.parametrizations.weight.original
@@ -108,13 +108,13 @@ def test_gradients_flow_through_the_parametrization():
 @pytest.mark.parametrize(
     "make_bad, message",
     [
-        (lambda: conv_spectral_norm(nn.Linear(3, 3), 0.5, SIZE), "expected an nn.Conv2d"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), 0.5, SIZE), "padding_mode"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), 0.0, SIZE), "bound must be a finite number > 0"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), 0.5, (3, 7, 6)), "input_shape"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), 0.5, SIZE, max_iter=0), "max_iter"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), 0.5, SIZE, tol=1.5), "tol must be"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 2, padding="same"), 0.5, SIZE), "odd effective kernel"),
+        (lambda: conv_spectral_norm(nn.Linear(3, 3), bound=0.5, input_shape=SIZE), "expected an nn.Conv2d"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), bound=0.5, input_shape=SIZE), "padding_mode"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.0, input_shape=SIZE), "bound must be a finite number > 0"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.5, input_shape=(3, 7, 6)), "input_shape"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.5, input_shape=SIZE, max_iter=0), "max_iter"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.5, input_shape=SIZE, tol=1.5), "tol must be"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 2, padding="same"), bound=0.5, input_shape=SIZE), "odd effective kernel"),
     ],
 )
 def test_bad_arguments_raise(make_bad, message):

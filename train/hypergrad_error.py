@@ -80,7 +80,7 @@ def logistic_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):
 
 
 METHODS = {
-    "AID-FP": lambda k: linear.FixedPoint(max_iter=k, tol=0.0),
+    "AID-FP": lambda k: linear.Neumann(max_iter=k, tol=0.0),
     "AID-CG": lambda k: linear.CG(max_iter=k, tol=0.0),
     "AID-GMRES": lambda k: linear.GMRES(max_iter=k, tol=0.0, restart=max(k, 1)),
 }

@@ -67,7 +67,7 @@ def make_method(cfg: Config):
         "itd": lambda: hg.ReverseITD(T),
         "forward-itd": lambda: hg.ForwardITD(T),
         "aid-cg": lambda: hg.AID(linear.CG(max_iter=T, tol=0.0)),
-        "aid-fp": lambda: hg.AID(linear.FixedPoint(max_iter=T, tol=0.0)),
+        "aid-fp": lambda: hg.AID(linear.Neumann(max_iter=T, tol=0.0)),
         "aid-gmres": lambda: hg.AID(linear.GMRES(max_iter=T, tol=0.0)),
     }
     if cfg.method not in methods:

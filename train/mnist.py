@@ -142,7 +142,7 @@ def make_backward(spec: str, k: int, tol: float = 0.0) -> inn.ITD | inn.AID | in
         except ValueError as err:
             raise ValueError(f"--backward itd:K needs an integer K >= 1, got {spec!r}") from err
     aid = {
-        "aid-fp": linear.FixedPoint, "aid-cg": linear.CG, "aid-normalcg": linear.NormalCG, "aid-gmres": linear.GMRES,
+        "aid-fp": linear.Neumann, "aid-cg": linear.CG, "aid-normalcg": linear.NormalCG, "aid-gmres": linear.GMRES,
     }
     if spec in aid:
         return inn.AID(aid[spec](max_iter=k, tol=tol))

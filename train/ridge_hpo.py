@@ -98,7 +98,7 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
                 st = hoag.hypergradient(step, phi, E, w, theta, v)
                 (g,), w, v = st.grads, st.w, st.v
             elif method.startswith("aid-"):
-                solver = {"cg": linear.CG, "fp": linear.FixedPoint, "gmres": linear.GMRES}[method[4:]](max_iter=k, tol=0.0)
+                solver = {"cg": linear.CG, "fp": linear.Neumann, "gmres": linear.GMRES}[method[4:]](max_iter=k, tol=0.0)
                 w = hg.iterate(phi, w, theta, t)
                 res = hg.AID(solver).solve(phi, E, w, theta, v0=v)
                 g, v = res.grads[0], res.v

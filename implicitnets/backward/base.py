@@ -52,4 +52,6 @@ class BackwardMode(abc.ABC):
 
 def transforms_active(x: Tensor) -> bool:
     """Whether ``x`` is being traced by a ``torch.func`` transform (grad, vjp, vmap, ...)."""
+    if torch.compiler.is_compiling():  # dynamo traces plain tensors here
+        return False
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._flat import flat_operators, random_rows
+from ..errors import NonFiniteError
 from ..operator import linearize
 from .spectral_estimate import SpectralEstimate
 
@@ -55,7 +56,7 @@ def jacobian_spectral_norm(
         JV = matvec(V)
         new = torch.linalg.vector_norm(JV, dim=1)
         if not torch.isfinite(new).all():
-            raise FloatingPointError("jacobian_spectral_norm: J v is NaN/Inf")
+            raise NonFiniteError("jacobian_spectral_norm: J v is NaN/Inf")
         W = rmatvec(JV)
         wn = torch.linalg.vector_norm(W, dim=1, keepdim=True)
         V = torch.where(wn > tiny, W / wn.clamp_min(tiny), V)  # J = 0 on a sample: keep v

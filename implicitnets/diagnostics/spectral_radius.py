@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._flat import flat_operators, random_rows
+from ..errors import NonFiniteError
 from ..operator import linearize
 from .spectral_estimate import SpectralEstimate
 
@@ -76,7 +77,7 @@ def jacobian_spectral_radius(
         steps = j + 1
         w = matvec(Q[:, j])
         if not torch.isfinite(w).all():
-            raise FloatingPointError("jacobian_spectral_radius: J v is NaN/Inf")
+            raise NonFiniteError("jacobian_spectral_radius: J v is NaN/Inf")
         scale = torch.linalg.vector_norm(w, dim=1)
         w, h = _orthogonalize(Q[:, : j + 1], w)
         H[:, : j + 1, j] = h

@@ -141,10 +141,10 @@ def _input_shape(module: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[int, 
 
 def conv_spectral_norm(
     module: nn.Conv2d,
-    bound: float = 0.9,
-    input_shape: tuple[int, ...] = (),
-    *,
     name: str = "weight",
+    *,
+    bound: float = 0.9,
+    input_shape: tuple[int, ...],
     tol: float = 1e-6,
     max_iter: int = 500,
 ) -> nn.Conv2d:
@@ -169,7 +169,7 @@ def conv_spectral_norm(
 
 @torch.no_grad()
 def conv_operator_norm(
-    module: nn.Conv2d, input_shape: tuple[int, ...], *, n_iterations: int = 200, tol: float = 1e-7
+    module: nn.Conv2d, input_shape: tuple[int, ...], *, max_iter: int = 200, tol: float = 1e-7
 ) -> float:
     """Estimate ``‖K_W‖₂`` of ``module``'s (effective, i.e. parametrized) kernel on
     ``input_shape`` by a fresh power iteration; stops when σ changes by ≤ ``tol`` relatively.
@@ -181,7 +181,7 @@ def conv_operator_norm(
     generator = torch.Generator(device="cpu").manual_seed(1)
     v = _normalize(torch.randn((1, *geometry.input_shape), generator=generator, dtype=weight.dtype).to(weight.device))
     sigma = 0.0
-    for _ in range(n_iterations):
+    for _ in range(max_iter):
         y = geometry.apply(v, weight)
         new = float(torch.linalg.vector_norm(y))
         v = _normalize(geometry.adjoint(y, weight))
