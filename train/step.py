@@ -67,6 +67,8 @@ def guarded_step(
         loss, output = forward()
         if not bool(torch.isfinite(loss.detach())):
             reason = "non-finite loss"
+    except inn.ConvergenceError as err:
+        reason = f"forward solve diverged: {err}"
     except inn.NonFiniteError as err:
         reason = f"forward: {err}"
     device = params[0].device
