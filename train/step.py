@@ -5,7 +5,8 @@ are finite (a solver's :class:`~implicitnets.NonFiniteError` or a failed adjoint
 :class:`~implicitnets.ConvergenceError` counts as non-finite).  Otherwise it is *skipped*:
 the gradients are dropped and the weights and optimiser state stay as they were.  A step
 that was taken but left a non-finite weight is *undone*: the weights return to their values
-before the step (the optimiser's moment estimates, computed from finite gradients, are kept).  Either way the caller gets the reason and decides how to log it.
+before the step (the optimiser's moment estimates, computed from finite gradients, are kept).
+Either way the caller gets the reason and decides how to log it.
 
 Under ``torch.distributed`` the decision is collective: if any process fails, every process
 skips, so replicas never diverge.
