@@ -5,7 +5,7 @@ Map evaluations (``stats.iterations``) each solver needs to reach a relative res
 ratio of the two solves:
 
 * the FC tanh map g(w) = tanh(A w + B x + c) of a model *trained inside this script* on the
-  5,000-digit MNIST sample in ../shared/data (FixedPointLayer, t = k = 20, AID-FP; a few hundred
+  embedded 5,000-digit MNIST sample (``train/data/mnist-5k``; FixedPointLayer, t = k = 20, AID-FP; a few hundred
   Adam steps), evaluated on 1,000 test digits; if the data is absent the row says so and uses
   random weights instead.  A second row uses random weights with ||A||_2 = 0.9 exactly.
 * the symmetric linear map g(z) = M z + b, M = (G + G^T)/2 rescaled to ||M||_2 = q = 0.99
@@ -22,7 +22,6 @@ import argparse
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,40 +29,32 @@ from torch.nn.utils import parametrize
 
 import harness
 import implicitnets as inn
+from train.cli import make_backward, make_solver
+from train.data import DataError, load
 
 TOL = 1e-4
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist-5k"
 
-
-def linear_solver(name: str, **kw):
-    cls = getattr(inn, name, None) or getattr(inn.linear, name)
-    return cls(**kw)
-
-
-def load_mnist(root: Path, train: bool, device):
-    from torchvision.datasets import MNIST
-
-    ds = MNIST(str(root), train=train, download=False)
-    x = ds.data.reshape(len(ds), -1).to(torch.float32).div_(255.0).sub_(0.1307).div_(0.3081)
-    return x.to(device), ds.targets.to(device)
+def load_mnist(root: str, device):
+    """Training and test digits, flattened and normalised (the embedded set unless ``root``)."""
+    data = load("mnist-5k", root or None)
+    flat = lambda split: split.images.reshape(len(split), -1).sub(0.1307).div(0.3081).to(device)
+    return flat(data.train), data.train.labels.to(device), flat(data.test)
 
 
 def train_fc(args, device):
     """A few hundred Adam steps of the FC equilibrium model on the MNIST 5k sample."""
     torch.manual_seed(args.seed)
     f = inn.maps.TanhMap(784, 200, contraction=0.9)
-    layer = inn.FixedPointLayer(f, solver=inn.FixedPointIteration(max_iter=20, tol=0.0),
-                                backward=inn.AID(linear_solver("Neumann", max_iter=20, tol=0.0)))
+    layer = inn.FixedPointLayer(f, solver=make_solver("fp", 20, 0.0), backward=make_backward("aid-fp", 20))
     model = nn.Sequential(layer, nn.Linear(200, 10)).to(device)
     try:
-        xtr, ytr = load_mnist(args.data, True, device)
-        xte, _ = load_mnist(args.data, False, device)
-    except Exception as exc:  # absent data: say so, fall back to random weights
-        return f, torch.randn(1000, 784, device=device), f"random weights (no MNIST at {args.data}: {exc})"
+        xtr, ytr, xte = load_mnist(args.data, device)
+    except DataError as exc:  # absent data: say so, fall back to random weights
+        return f, torch.randn(1000, 784, device=device), f"random weights ({exc})"
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     steps = 100 if args.quick else 400
     start = time.perf_counter()
-    for i in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(xtr), (128,), device=device)
         loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
         opt.zero_grad()
@@ -79,8 +70,8 @@ def train_fc(args, device):
 
 def measure(g, z0, args, device):
     """Iterations and median solve time of FP and Anderson to TOL (interleaved)."""
-    fp = inn.FixedPointIteration(max_iter=args.max_iter, tol=TOL)
-    aa = inn.Anderson(max_iter=args.max_iter, tol=TOL, memory=args.memory)
+    fp = make_solver("fp", args.max_iter, TOL)
+    aa = make_solver("anderson", args.max_iter, TOL, memory=args.memory)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", inn.ConvergenceWarning)
         _, s_fp = fp.solve(g, z0)
@@ -109,7 +100,7 @@ def main() -> int:
     parser.add_argument("--max-iter", type=int, default=5000)
     parser.add_argument("--q", type=float, default=0.99)
     parser.add_argument("--n", type=int, default=500, help="dimension of the linear map")
-    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--data", default="", help="torchvision-layout copy of MNIST-5k (default: the embedded set)")
     args = parser.parse_args()
     device = harness.setup(args)
     rows = []

@@ -2,7 +2,7 @@
 
 One training step (forward + backward + SGD update) of the FC tanh equilibrium model
 (TanhMap, spectral bound 0.9, linear head, cross-entropy) with FixedPointIteration(t, tol=0)
-and AID(FixedPoint(k = t, tol=0)).  Each sweep varies one of batch, width, t (the points of a
+and AID(Neumann(k = t, tol=0)).  Each sweep varies one of batch, width, t (the points of a
 sweep are timed interleaved) and reports the least-squares exponent p of time ~ size^p.
 Ideal exponents: 1 in batch, 2 in width (a width x width matmul dominates), 1 in t (t + k map
 evaluations and vector-Jacobian products, nothing that grows faster).  Targets: p_batch <= 1.1,
@@ -28,18 +28,14 @@ from torch import nn
 
 import harness
 import implicitnets as inn
-
-
-def linear_solver(name: str, **kw):
-    cls = getattr(inn, name, None) or getattr(inn.linear, name)
-    return cls(**kw)
+from train.cli import make_backward
 
 
 def fc_step(batch: int, width: int, t: int, device, in_features: int = 784, train: bool = True):
     """A closure running one training step (or one inference forward) of the FC model."""
     layer = inn.FixedPointLayer(inn.maps.TanhMap(in_features, width, contraction=0.9),
                                 solver=inn.FixedPointIteration(max_iter=t, tol=0.0),
-                                backward=inn.AID(linear_solver("Neumann", max_iter=t, tol=0.0)))
+                                backward=make_backward("aid-fp", t))
     model = nn.Sequential(layer, nn.Linear(width, 10)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, in_features, device=device)

@@ -5,12 +5,12 @@ identical): w = tanh(A w + u), u = B x + c computed once per step, A a plain wei
 to spectral norm 0.9 (``contraction=None``, weight rescaled once, so neither side pays a
 parametrisation), cross-entropy loss on a linear head, forward and backward.  Same work:
 
-| comparison | implicitnets                                             | torchdeq (get_deq, core 'sliced')                  |
-|------------|----------------------------------------------------------|----------------------------------------------------|
-| implicit   | FixedPointIteration(t, tol=0), AID(FixedPoint(k, tol=0)) | f_solver=b_solver='fixed_point_iter', f_max_iter=t, |
-|            |                                                          | b_max_iter=k, f_tol=b_tol=0, ift=True              |
-| JFB        | FixedPointIteration(t, tol=0), JacobianFree()            | f_max_iter=t, f_tol=0, grad=1 (1-step phantom grad) |
-| truncated  | FixedPointIteration(t, tol=0), ITD(truncate=K)           | f_max_iter=t-K, f_tol=0, grad=K (phantom grad, tau=1) |
+| comparison | implicitnets (forward: FixedPointIteration(t, tol=0)) | torchdeq (get_deq, core 'sliced') |
+|---|---|---|
+| implicit | AID(Neumann(k, tol=0)) | f_solver=b_solver='fixed_point_iter', f_max_iter=t, |
+| | | b_max_iter=k, f_tol=b_tol=0, ift=True |
+| JFB | JacobianFree() | f_max_iter=t, f_tol=0, grad=1 (1-step phantom grad) |
+| truncated | ITD(truncate=K) | f_max_iter=t-K, f_tol=0, grad=K (phantom grad, tau=1) |
 
 Both sides return g^(t+1)(0) (implicit, JFB) or g^t(0) (truncated), so the gradients must
 agree to float32 rounding; this is checked first (and in float64 to 1e-12).  Times are
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata
+import importlib.util
 import sys
 import warnings
 
@@ -37,15 +38,10 @@ from torch import nn
 
 import harness
 import implicitnets as inn
+from train.cli import make_backward
 
 F32_RTOL = 1e-5   # norm-relative gradient difference allowed in float32
 F64_RTOL = 1e-12  # and in float64
-
-
-def linear_solver(name: str, **kw):
-    """A linear solver class by name, wherever the library exports it."""
-    cls = getattr(inn, name, None) or getattr(inn.linear, name)
-    return cls(**kw)
 
 
 class Net(nn.Module):
@@ -62,7 +58,7 @@ class Net(nn.Module):
 def ours(net: Net, t: int, k: int, mode: str, K: int):
     solver = inn.FixedPointIteration(max_iter=t, tol=0.0)
     backward = {
-        "implicit": lambda: inn.AID(linear_solver("Neumann", max_iter=k, tol=0.0)),
+        "implicit": lambda: make_backward("aid-fp", k),
         "JFB": lambda: inn.JacobianFree(),
         "truncated": lambda: inn.ITD(truncate=K),
     }[mode]()
@@ -135,10 +131,8 @@ def main() -> int:
     parser.add_argument("--truncate", type=int, default=5, help="K for ITD(truncate=K) vs phantom grad K")
     parser.add_argument("--in-features", type=int, default=784)
     args = parser.parse_args()
-    try:
-        import torchdeq
-    except ImportError as exc:
-        print(f"SKIP: torchdeq is not installed here ({exc}).\n"
+    if importlib.util.find_spec("torchdeq") is None:
+        print("SKIP: torchdeq is not installed here.\n"
               "  python3 -m venv /work/venv-bench && /work/venv-bench/bin/pip install -e . torchdeq\n"
               "  /work/venv-bench/bin/python benchmarks/vs_torchdeq.py")
         return 0

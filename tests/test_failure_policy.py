@@ -4,7 +4,7 @@
 input term u = B x + c, so that near w = 0 the Jacobian ∂₁Φ ≈ A has spectral radius ≈ 1.5:
 
 * ``ANDERSON`` finds the (unstable) fixed point w* ≈ (I − A)⁻¹u ≈ 0 to 1e-12 — the forward
-  succeeds — but there the Neumann series of AID-FixedPoint diverges;
+  succeeds — but there the Neumann series of AID-FP diverges;
 * ``FPI`` (10 plain iterations from 0, tol = 0) stays in the expansive region (‖w₁₀‖ ≲ 0.1),
   so the adjoint solve diverges too, and ITD through its steps is well conditioned.
 

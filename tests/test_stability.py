@@ -63,7 +63,7 @@ def test_diverging_adjoint_steps_are_skipped_and_logged(tmp_path, monkeypatch):
                             "--batch-size", "50", "--train-limit", "100", "--test-limit", "100", "--width", "16",
                             "--diag-every", "100", "--diag-batch", "4", "--no-progress", "--out", str(tmp_path)])
     run = json.load(open(os.path.join(tmp_path, "runs", "aid-fp__none__seed0.json")))
-    assert run["skipped"] == [0, 1] and all(e["reason"] == "adjoint solve diverged" for e in run["events"])
+    assert run["skipped"] == [0, 1] and all(e["reason"].startswith("adjoint solve diverged") for e in run["events"])
     assert cells["none|aid-fp"]["skipped"] == 2
     assert run["checkpoints"][0]["rho_worst"] > 1.4
     assert all(math.isnan(v) for v in run["loss"])

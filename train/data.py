@@ -139,7 +139,8 @@ def _load_torchvision(name: str, root: Path | None) -> tuple[Split, Split, str]:
             ds = cls(str(base), train=train, download=download)
         except Exception as err:  # torchvision raises RuntimeError / OSError / AssertionError
             how = "could not be downloaded" if download else "could not be read (download=False)"
-            raise DataError(f"{name} {'train' if train else 'test'} split under {base / cls.__name__ / 'raw'} {how}: {err}") from err
+            split = "train" if train else "test"
+            raise DataError(f"{name} {split} split under {base / cls.__name__ / 'raw'} {how}: {err}") from err
         splits.append(_split(ds.data, ds.targets, f"{base / cls.__name__ / 'raw'}"))
     return splits[0], splits[1], str(base)
 

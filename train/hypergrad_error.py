@@ -17,8 +17,6 @@ varied.  Mean and spread (min–max) over random λ.  Writes ``hypergrad_error.c
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from dataclasses import dataclass
@@ -27,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from implicitnets import hypergrad as hg
-from implicitnets import linear
-from train.atomic import write_atomic
+from train.atomic import pyplot, write_csv, write_png
+from train.cli import make_linear_solver
 from train.config import parse_config
 
 
@@ -40,7 +38,7 @@ class Config:
     ks: str = "1,2,3,5,7,10,15,20,30,40,50,70,100"  # values of t = k (and of k, exact inner)
     n_lambda: int = 5  # random λ draws
     seed: int = 0
-    threads: int = 1  # the machine is shared: 2 contended threads can be 100x slower than 1
+    threads: int = 1  # CPU threads for tensor maths (torch.set_num_threads); the matrices are small, one is enough
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -53,7 +51,7 @@ def ridge_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):
     X, Xv = torch.randn(cfg.n, cfg.p, generator=g), torch.randn(cfg.n, cfg.p, generator=g)
     y, yv = X @ w_true + torch.randn(cfg.n, generator=g), Xv @ w_true + torch.randn(cfg.n, generator=g)
     phi = hg.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 1.0 / hg.ridge_lipschitz(X, lam))
-    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)  # noqa: E731
+    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)
     return phi, E, hg.ridge_solution(X, y, lam), hg.ridge_hypergradient(X, y, Xv, yv, lam)
 
 
@@ -63,10 +61,10 @@ def logistic_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):
     X, Xv = torch.randn(cfg.n, cfg.p, generator=g), torch.randn(cfg.n, cfg.p, generator=g)
     y = ((X @ w_o + 0.1 * torch.randn(cfg.n, generator=g)) > 0).double()
     yv = ((Xv @ w_o + 0.1 * torch.randn(cfg.n, generator=g)) > 0).double()
-    inner = lambda w, hp: F.binary_cross_entropy_with_logits(X @ w, y) + 0.5 * (hp[0] * w * w).sum()  # noqa: E731
+    inner = lambda w, hp: F.binary_cross_entropy_with_logits(X @ w, y) + 0.5 * (hp[0] * w * w).sum()
     L = 0.25 * float(torch.linalg.eigvalsh(X.T @ X / cfg.n).max()) + float(lam.max())
     phi = hg.GradientStep(inner, 1.0 / L)
-    E = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)  # noqa: E731
+    E = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)
     w = torch.zeros(cfg.p)
     for _ in range(50):  # Newton on the strongly convex inner loss
         s = torch.sigmoid(X @ w)
@@ -79,11 +77,7 @@ def logistic_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):
     return phi, E, w, exact
 
 
-METHODS = {
-    "AID-FP": lambda k: linear.Neumann(max_iter=k, tol=0.0),
-    "AID-CG": lambda k: linear.CG(max_iter=k, tol=0.0),
-    "AID-GMRES": lambda k: linear.GMRES(max_iter=k, tol=0.0, restart=max(k, 1)),
-}
+METHODS = {"AID-FP": "fp", "AID-CG": "cg", "AID-GMRES": "gmres"}  # name in the figure → linear solver
 
 
 def main(cfg: Config) -> list[dict]:
@@ -97,30 +91,22 @@ def main(cfg: Config) -> list[dict]:
             g = torch.Generator().manual_seed(cfg.seed + 1000 * r)
             lam = 10 ** (torch.rand(cfg.p, generator=g) * 2 - 2)  # log-uniform in [0.01, 1]
             phi, E, w_star, exact = build(cfg, lam, g)
-            rel = lambda grads: float((grads[0] - exact).norm() / exact.norm())  # noqa: E731
+            rel = lambda grads, exact=exact: float((grads[0] - exact).norm() / exact.norm())
             w0 = torch.zeros(cfg.p)
             for k in ks:
                 w_t = hg.iterate(phi, w0, (lam,), k)
                 rows.append(dict(problem=problem, setting="t=k", method="ITD", k=k, draw=r,
                                  rel_error=rel(hg.reverse_itd(phi, E, w0, (lam,), k))))
-                for name, solver in METHODS.items():
+                for name, solver_name in METHODS.items():
+                    solver = make_linear_solver(solver_name, k)
                     rows.append(dict(problem=problem, setting="t=k", method=name, k=k, draw=r,
-                                     rel_error=rel(hg.aid(phi, E, w_t, (lam,), solver(k)))))
+                                     rel_error=rel(hg.aid(phi, E, w_t, (lam,), solver))))
                     rows.append(dict(problem=problem, setting="exact inner", method=name, k=k, draw=r,
-                                     rel_error=rel(hg.aid(phi, E, w_star, (lam,), solver(k)))))
+                                     rel_error=rel(hg.aid(phi, E, w_star, (lam,), solver))))
         print(f"{problem}: done ({time.perf_counter() - start:.1f}s)")
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(os.path.join(cfg.out, "hypergrad_error.csv"), buf.getvalue().encode())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    write_csv(os.path.join(cfg.out, "hypergrad_error.csv"), rows)
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.4), sharex=True)
     colors = {"ITD": "C0", "AID-FP": "C1", "AID-CG": "C2", "AID-GMRES": "C3"}
     for col, problem in enumerate(("ridge", "logistic")):
@@ -143,9 +129,7 @@ def main(cfg: Config) -> list[dict]:
     axes[0, 0].legend()
     fig.suptitle(f"hypergradient error, n = {cfg.n}, p = {cfg.p}, {cfg.n_lambda} random λ (geometric mean, min–max)")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    write_atomic(os.path.join(cfg.out, "hypergrad_error.png"), png.getvalue())
+    write_png(fig, os.path.join(cfg.out, "hypergrad_error.png"))
 
     for problem in ("ridge", "logistic"):
         for setting in ("t=k", "exact inner"):
@@ -154,7 +138,8 @@ def main(cfg: Config) -> list[dict]:
                     continue
                 summary = []
                 for method in colors:
-                    errs = [r["rel_error"] for r in rows if (r["problem"], r["setting"], r["method"], r["k"]) == (problem, setting, method, k)]
+                    key = (problem, setting, method, k)
+                    errs = [r["rel_error"] for r in rows if (r["problem"], r["setting"], r["method"], r["k"]) == key]
                     if errs:
                         summary.append(f"{method} {sum(errs) / len(errs):.2e}")
                 print(f"{problem:8s} {setting:11s} k={k:3d}: " + ", ".join(summary))

@@ -12,9 +12,8 @@ at w_T with k = T), and λ is updated by Adam, projected onto λ ≥ 0.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -22,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from implicitnets import hypergrad as hg
-from implicitnets import linear
-from train.atomic import write_atomic
+from train.atomic import pyplot, write_csv, write_png
+from train.cli import make_hypergradient
 from train.config import parse_config
 
 
@@ -42,7 +41,7 @@ class Config:
     nonnegative: int = 1  # 1: project λ onto λ >= 0 after each step (0: unconstrained, as hypertorch)
     target: float = 0.285
     seed: int = 1
-    threads: int = 1  # the machine is shared: 2 contended threads can be 100x slower than 1
+    threads: int = 1  # CPU threads for tensor maths (torch.set_num_threads); the matrices are small, one is enough
     dtype: str = "float64"
 
 
@@ -61,20 +60,6 @@ def make_data(cfg: Config, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return X[tr], y[tr], X[val], y[val]
 
 
-def make_method(cfg: Config):
-    T = cfg.inner_steps
-    methods = {
-        "itd": lambda: hg.ReverseITD(T),
-        "forward-itd": lambda: hg.ForwardITD(T),
-        "aid-cg": lambda: hg.AID(linear.CG(max_iter=T, tol=0.0)),
-        "aid-fp": lambda: hg.AID(linear.Neumann(max_iter=T, tol=0.0)),
-        "aid-gmres": lambda: hg.AID(linear.GMRES(max_iter=T, tol=0.0)),
-    }
-    if cfg.method not in methods:
-        raise SystemExit(f"--method must be one of {sorted(methods)}, got {cfg.method!r}")
-    return methods[cfg.method]()
-
-
 def main(cfg: Config) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)  # saturated logits make denormals: 100x slower on CPU
@@ -88,10 +73,10 @@ def main(cfg: Config) -> dict[str, float]:
         return F.binary_cross_entropy_with_logits(Xv @ w, yv)
 
     phi = hg.GradientStep(inner_loss, cfg.inner_lr)
-    method = make_method(cfg)
+    method = make_hypergradient(cfg.method, cfg.inner_steps)
     lam = torch.ones(cfg.d, dtype=dtype, requires_grad=True)
     if cfg.outer_optimizer not in ("sgd", "adam"):
-        raise SystemExit(f"--outer-optimizer must be sgd or adam, got {cfg.outer_optimizer!r}")
+        raise ValueError(f"--outer-optimizer must be sgd or adam, got {cfg.outer_optimizer!r}")
     opt_cls = torch.optim.SGD if cfg.outer_optimizer == "sgd" else torch.optim.Adam
     opt = opt_cls([lam], lr=cfg.outer_lr)
     w0 = torch.zeros(cfg.d, dtype=dtype)
@@ -102,11 +87,13 @@ def main(cfg: Config) -> dict[str, float]:
         with torch.no_grad():
             val = float(outer_loss(w_T, (lam,)))
             acc = float(((Xv @ w_T > 0).to(dtype) == yv).to(dtype).mean())
-        rows.append((step, val, acc, float(lam.detach().min()), float(lam.detach().max())))
+        rows.append(dict(outer_step=step, val_loss=val, val_acc=acc, lam_min=float(lam.detach().min()),
+                         lam_max=float(lam.detach().max())))
         if reached is None and val <= cfg.target:
             reached = step
         if step % 100 == 0:
-            print(f"step {step:5d}  val loss {val:.4f}  val acc {acc:.3f}  λ∈[{rows[-1][3]:.3f}, {rows[-1][4]:.3f}]")
+            print(f"step {step:5d}  val loss {val:.4f}  val acc {acc:.3f}  "
+                  f"λ∈[{rows[-1]['lam_min']:.3f}, {rows[-1]['lam_max']:.3f}]")
         if step == cfg.outer_steps:
             break
         w_arg = w0 if isinstance(method, (hg.ReverseITD, hg.ForwardITD)) else w_T
@@ -119,34 +106,25 @@ def main(cfg: Config) -> dict[str, float]:
                 lam.clamp_(min=0.0)
     seconds = time.perf_counter() - start
 
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["outer_step", "val_loss", "val_acc", "lam_min", "lam_max"])
-    writer.writerows(rows)
-    write_atomic(os.path.join(cfg.out, f"logistic_hpo_{cfg.method}.csv"), buf.getvalue().encode())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    write_csv(os.path.join(cfg.out, f"logistic_hpo_{cfg.method}.csv"), rows)
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r[0] for r in rows], [r[1] for r in rows], label=f"{cfg.method}, T={cfg.inner_steps}")
+    ax.plot([r["outer_step"] for r in rows], [r["val_loss"] for r in rows], label=f"{cfg.method}, T={cfg.inner_steps}")
     ax.axhline(cfg.target, color="k", ls="--", lw=0.8, label=f"target {cfg.target}")
-    ax.set_xlabel("outer step")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"logistic HPO, n={cfg.n}, d={cfg.d}")
+    ax.set(xlabel="outer step", ylabel="validation loss", title=f"logistic HPO, n={cfg.n}, d={cfg.d}")
     ax.legend()
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    write_atomic(os.path.join(cfg.out, f"logistic_hpo_{cfg.method}.png"), png.getvalue())
+    write_png(fig, os.path.join(cfg.out, f"logistic_hpo_{cfg.method}.png"), dpi=110)
 
-    summary = {"initial_val": rows[0][1], "final_val": rows[-1][1], "best_val": min(r[1] for r in rows),
+    summary = {"initial_val": rows[0]["val_loss"], "final_val": rows[-1]["val_loss"],
+               "best_val": min(r["val_loss"] for r in rows),
                "reached_target_at": -1 if reached is None else reached, "seconds": seconds}
     print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except ValueError as err:  # a bad option: one clear line
+        sys.exit(f"error: {err}")

@@ -38,11 +38,12 @@ from torch import nn
 from tqdm import tqdm
 
 import implicitnets as inn
-from implicitnets import linear
 from models import CNN, MLP, ConvEquilibrium, FCEquilibrium, count_parameters
-from train.atomic import write_atomic
+from train.atomic import pyplot, write_atomic, write_png
+from train.cli import make_backward, make_solver
 from train.config import parse_config
 from train.data import DataError, load
+from train.step import guarded_step
 
 BASELINE = {"fc": "mlp", "conv": "cnn"}  # equilibrium model → explicit network of about its size
 
@@ -117,7 +118,8 @@ CHOICES = dict(
 def check_config(cfg: Config) -> None:
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+            flag, value = name.replace("_", "-"), getattr(cfg, name)
+            raise ValueError(f"--{flag} must be one of {', '.join(allowed)}, got {value!r}")
     for name in ("t", "k", "epochs", "batch_size", "eval_batch_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -126,34 +128,10 @@ def check_config(cfg: Config) -> None:
     make_backward(cfg.backward, cfg.k, cfg.backward_tol)  # raises on an unknown mode
 
 
-def make_solver(cfg: Config) -> inn.FixedPointIteration | inn.Anderson:
-    if cfg.solver == "fp":
-        return inn.FixedPointIteration(max_iter=cfg.t, tol=cfg.tol)
-    return inn.Anderson(max_iter=cfg.t, tol=cfg.tol, memory=5)
-
-
-def make_backward(spec: str, k: int, tol: float = 0.0) -> inn.ITD | inn.AID | inn.JacobianFree:
-    """The CLI string → backward-mode object (the only place strings meet the library)."""
-    if spec == "itd":
-        return inn.ITD()
-    if spec.startswith("itd:"):
-        try:
-            return inn.ITD(truncate=int(spec[4:]))
-        except ValueError as err:
-            raise ValueError(f"--backward itd:K needs an integer K >= 1, got {spec!r}") from err
-    aid = {
-        "aid-fp": linear.Neumann, "aid-cg": linear.CG, "aid-normalcg": linear.NormalCG, "aid-gmres": linear.GMRES,
-    }
-    if spec in aid:
-        return inn.AID(aid[spec](max_iter=k, tol=tol))
-    if spec == "jfb":
-        return inn.JacobianFree()
-    raise ValueError(f"unknown --backward {spec!r}; choose itd, itd:K, aid-fp, aid-cg, aid-normalcg, aid-gmres or jfb")
-
-
 def build_model(cfg: Config) -> nn.Module:
     contraction = cfg.gamma if cfg.contraction == "spectral" else None
-    deq = dict(contraction=contraction, solver=make_solver(cfg), backward=make_backward(cfg.backward, cfg.k, cfg.backward_tol))
+    deq = dict(contraction=contraction, solver=make_solver(cfg.solver, cfg.t, cfg.tol),
+               backward=make_backward(cfg.backward, cfg.k, cfg.backward_tol))
     if cfg.model == "fc":
         return FCEquilibrium(784, cfg.width, 10, **deq)
     if cfg.model == "conv":
@@ -168,7 +146,7 @@ def shift_images(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     hp, wp = h + 2 * pad, w + 2 * pad
-    arange = lambda size: torch.arange(size, device=images.device)  # noqa: E731
+    arange = lambda size: torch.arange(size, device=images.device)
     start = arange(n) * (c * hp * wp) + offsets[:, 0] * wp + offsets[:, 1]  # top-left corner
     grid = (arange(c) * (hp * wp))[:, None, None] + (arange(h) * wp)[:, None] + arange(w)
     return torch.take(padded, start[:, None, None, None] + grid)
@@ -182,6 +160,29 @@ def lr_at(cfg: Config, step: int, total: int) -> float:
         return cfg.lr
     progress = (step - warmup) / max(1.0, total - warmup)
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read back."""
+
+
+def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, **state) -> None:
+    buffer = io.BytesIO()
+    torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), **state), buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
+    """Restore ``model`` and ``optimizer`` from ``path``; returns the rest of the checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt.pop("model"))
+        optimizer.load_state_dict(ckpt.pop("optimizer"))
+        _ = ckpt["epoch"], ckpt["step"], ckpt["history"]
+    except Exception as err:  # torch.load raises pickle, zip and EOF errors of many kinds
+        raise CheckpointError(f"corrupt checkpoint {path}: {type(err).__name__}: {err}; "
+                              "delete it to start from scratch") from err
+    return ckpt
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -230,13 +231,38 @@ def comparison(summary: dict) -> str:
     lines = [f"{'model':<18} {'parameters':>10}  test acc  train acc  seconds"]
     for s in (summary, summary["baseline"]):
         name = s["model"] + (f" ({s['backward']})" if s["backward"] else "")
-        lines.append(f"{name:<18} {s['parameters']:>10,}  {s['test_acc']:8.4f}  {s['train_acc']:9.4f}  {s['seconds']:7.1f}")
+        lines.append(f"{name:<18} {s['parameters']:>10,}  {s['test_acc']:8.4f}  {s['train_acc']:9.4f}  "
+                     f"{s['seconds']:7.1f}")
     return "\n".join(lines)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, rank: int, world: int,
+             autocast: torch.autocast) -> tuple[float, float, dict]:
+    """Test accuracy, loss and forward-solver statistics; the test set is split over processes
+    and the sums are all-reduced."""
+    model.eval()
+    correct = torch.zeros((), device=x.device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    iters, resid = [], []
+    with torch.no_grad(), autocast:
+        for start in range(rank * cfg.eval_batch_size, x.shape[0], world * cfg.eval_batch_size):
+            xb, yb = x[start : start + cfg.eval_batch_size], y[start : start + cfg.eval_batch_size]
+            logits = model(xb).float()
+            correct += (logits.argmax(1) == yb).sum()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+            if hasattr(model, "stats"):
+                iters.append(model.stats.iterations)
+                resid.append(model.stats.residual)
+    if world > 1:
+        for t in (correct, loss_sum):
+            dist.all_reduce(t)
+    model.train()
+    stats = dict(test_forward_iterations=_mean(iters), test_forward_residual=max(resid, default=None))
+    return float(correct) / x.shape[0], float(loss_sum) / x.shape[0], stats
 
 
 def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     """Train ``cfg.model`` on this process's share of every global batch; returns the summary."""
-    distributed = world > 1
     master = rank == 0
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     log = print if master else (lambda *a, **k: None)
@@ -245,10 +271,9 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     # data: tensors on the device, normalised with the training set's statistics
     data = load(cfg.data, cfg.data_root or None)
     train_x, train_y = data.train.images.to(device, dtype), data.train.labels.to(device)
-    test_x, test_y = data.test.images.to(device, dtype), data.test.labels.to(device)
-    if cfg.test_limit:
-        test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
     mean, std = train_x.mean(), train_x.std()
+    test_x = (data.test.images[: cfg.test_limit or None].to(device, dtype) - mean) / std
+    test_y = data.test.labels[: cfg.test_limit or None].to(device)
     n_train = train_x.shape[0]
     steps_per_epoch = n_train // cfg.batch_size  # the last partial batch is dropped
     if steps_per_epoch < 1:
@@ -259,18 +284,19 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     # -------------------------------------------------------------------------------------
     # model and optimiser
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device=device, dtype=dtype)
-    raw_model = model
-    n_params = count_parameters(raw_model)
-    if distributed:
+    raw_model = build_model(cfg).to(device=device, dtype=dtype)
+    model = raw_model
+    if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = list(raw_model.parameters())
     if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.SGD(raw_model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    project = cfg.contraction == "projection" and hasattr(raw_model, "project_")
-    if project:
-        raw_model.project_(cfg.gamma)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    project = None
+    if cfg.contraction == "projection" and hasattr(raw_model, "project_"):
+        project = lambda: raw_model.project_(cfg.gamma)
+        project()
     is_deq = hasattr(raw_model, "stats")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
@@ -279,56 +305,30 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     start_epoch, history, step = 0, [], 0
     if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        ckpt = load_checkpoint(ckpt_path, raw_model, optimizer, device)
         start_epoch, history, step = ckpt["epoch"], ckpt["history"], ckpt["step"]
         log(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
     elif cfg.resume:
         log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    log(f"{cfg.model}: {n_params:,} parameters | data {data.name} ({n_train} train, {test_x.shape[0]} test) "
-        f"| device {device} x {world} | backward {cfg.backward if is_deq else '(explicit)'} | out {cfg.out}")
-
-    def evaluate() -> tuple[float, float, dict]:
-        """Test accuracy and loss (test set split over processes, summed by all_reduce)."""
-        raw_model.eval()
-        correct = torch.zeros((), device=device, dtype=torch.float64)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        iters, resid = [], []
-        with torch.no_grad(), autocast:
-            for start in range(rank * cfg.eval_batch_size, test_x.shape[0], world * cfg.eval_batch_size):
-                xb = (test_x[start : start + cfg.eval_batch_size] - mean) / std
-                yb = test_y[start : start + cfg.eval_batch_size]
-                logits = raw_model(xb).float()
-                correct += (logits.argmax(1) == yb).sum()
-                loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
-                if is_deq:
-                    iters.append(raw_model.stats.iterations)
-                    resid.append(raw_model.stats.residual)
-        if distributed:
-            for t in (correct, loss_sum):
-                dist.all_reduce(t)
-        raw_model.train()
-        n = test_x.shape[0]
-        solver_stats = dict(test_forward_iterations=_mean(iters), test_forward_residual=max(resid, default=None))
-        return float(correct) / n, float(loss_sum) / n, solver_stats
+    log(f"{cfg.model}: {count_parameters(raw_model):,} parameters | data {data.name} ({n_train} train, "
+        f"{test_x.shape[0]} test) | device {device} x {world} | backward {cfg.backward if is_deq else '(explicit)'} "
+        f"| out {cfg.out}")
 
     # -------------------------------------------------------------------------------------
-    # training loop
+    # training loop: one guarded step per batch (non-finite steps are skipped and logged)
     run_start = time.time() - (history[-1]["elapsed"] if history else 0.0)
     epochs_this_run = 0
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.max_steps and step >= cfg.max_steps:
             break
         t0 = time.time()
-        raw_model.train()
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         perm = torch.randperm(n_train, generator=generator).to(device)
         offsets = torch.randint(0, 2 * cfg.augment + 1, (n_train, 2), generator=generator).to(device)
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss·n, correct, n
         f_iters, f_resid, b_iters, b_resid, skipped = [], [], [], [], []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (master and cfg.progress),
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (master and cfg.progress), leave=False, dynamic_ncols=True)
         # solver warnings are counted per epoch and reported once (not once per step)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -341,51 +341,25 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
                 if cfg.augment:
                     xb = shift_images(xb, offsets[idx], cfg.augment)
                 xb = (xb - mean) / std
-                lr = lr_at(cfg, step, total_steps)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                # forward: a solver failure (NaN/Inf) skips the step on every process
-                reason = ""
-                try:
+                    group["lr"] = lr_at(cfg, step, total_steps)
+
+                def forward(xb=xb, yb=yb):
                     with autocast:
                         logits = model(xb).float()
                     # sum over the local share / global batch · world: DDP's mean gives the global mean
-                    loss = F.cross_entropy(logits, yb, reduction="sum") * (world / cfg.batch_size)
-                    if not torch.isfinite(loss):
-                        reason = "non-finite loss"
-                except inn.NonFiniteError as err:
-                    reason = f"forward: {err}"
-                if distributed:
-                    flag = torch.tensor([0.0 if reason else 1.0], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                    if flag.item() == 0.0 and not reason:
-                        reason = "another process failed"
-                if not reason:
-                    try:
-                        loss.backward()
-                    except inn.NonFiniteError as err:
-                        reason = f"backward: {err}"
-                if not reason:
-                    grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
-                    if not all(bool(torch.isfinite(g).all()) for g in grads):
-                        reason = "non-finite gradient"
-                if reason:
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped.append(step)
-                    warnings.warn(f"step {step}: skipped ({reason[:300]})", RuntimeWarning, stacklevel=1)
-                    step += 1
-                    continue
-                optimizer.step()
-                if project:
-                    raw_model.project_(cfg.gamma)
+                    return F.cross_entropy(logits, yb, reduction="sum") * (world / cfg.batch_size), logits
+
+                outcome = guarded_step(params, optimizer, forward, after_step=project)
                 step += 1
+                if outcome.skipped:
+                    skipped.append(step - 1)
+                    warnings.warn(f"step {step - 1}: skipped ({outcome.skipped[:300]})", RuntimeWarning, stacklevel=1)
+                    continue
                 with torch.no_grad():
-                    sums += torch.stack([
-                        loss.detach().double() * cfg.batch_size / world,
-                        (logits.argmax(1) == yb).sum().double(),
-                        torch.tensor(float(yb.shape[0]), device=device, dtype=torch.float64),
-                    ])
+                    n_local = torch.tensor(float(yb.shape[0]), device=device, dtype=torch.float64)
+                    sums += torch.stack([outcome.loss.detach().double() * cfg.batch_size / world,
+                                         (outcome.output.argmax(1) == yb).sum().double(), n_local])
                 if is_deq:
                     s = raw_model.stats
                     f_iters.append(s.iterations)
@@ -394,15 +368,15 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
                         b_iters.append(s.backward_iterations)
                         b_resid.append(s.backward_residual)
                 if master and cfg.progress and i % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss) * cfg.batch_size / world / yb.shape[0]:.4f}")
+                    bar.set_postfix(loss=f"{float(outcome.loss) * cfg.batch_size / world / yb.shape[0]:.4f}")
         bar.close()
         n_convergence = report_warnings(caught, f"epoch {epoch + 1}")
-        if distributed:
+        if world > 1:
             dist.all_reduce(sums)
         train_seconds = time.time() - t0
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            test_acc, test_loss, test_stats = evaluate()
+            test_acc, test_loss, test_stats = evaluate(raw_model, test_x, test_y, cfg, rank, world, autocast)
         report_warnings(caught, f"epoch {epoch + 1} (test)")
         n_seen = max(1.0, float(sums[2]))
         record = dict(
@@ -416,25 +390,21 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
             contraction=raw_model.lipschitz_bound() if is_deq else None,
             skipped_steps=skipped, convergence_warnings=n_convergence, **test_stats,
         )
-        params_finite = all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())
         history.append(record)
         log(f"epoch {epoch + 1:3d} | loss {record['train_loss']:.4f} | train {record['train_acc']:.4f} "
             f"| test {test_acc:.4f} | {record['seconds']:.1f}s"
-            + (f" | fwd it {record['forward_iterations']:.1f} | q {record['contraction']:.3f}" if is_deq and f_iters else "")
+            + (f" | fwd it {record['forward_iterations']:.1f} | q {record['contraction']:.3f}"
+               if is_deq and f_iters else "")
             + (f" | skipped {len(skipped)}" if skipped else ""))
 
-        # ---------------------------------------------------------------------------------
-        # rank 0 writes: JSON lines, checkpoint (atomically; only if the weights are finite)
+        # rank 0 writes the JSON lines and the checkpoint, each atomically (the step policy
+        # keeps the weights finite)
         if master:
-            write_atomic(os.path.join(cfg.out, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in history).encode())
-            if params_finite:
-                buffer = io.BytesIO()
-                torch.save(dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch + 1,
-                                step=step, history=history, config=dataclasses.asdict(cfg)), buffer)
-                write_atomic(ckpt_path, buffer.getvalue())
-            else:
-                warnings.warn(f"epoch {epoch + 1}: non-finite weights; keeping the last good checkpoint", RuntimeWarning)
-        if distributed:
+            lines = "".join(json.dumps(r) + "\n" for r in history)
+            write_atomic(os.path.join(cfg.out, "metrics.jsonl"), lines.encode())
+            save_checkpoint(ckpt_path, raw_model, optimizer, epoch=epoch + 1, step=step, history=history,
+                            config=dataclasses.asdict(cfg))
+        if world > 1:
             dist.barrier()
         epochs_this_run += 1
         if cfg.stop_after and epochs_this_run >= cfg.stop_after:
@@ -444,20 +414,21 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     # summary and plot
     final = history[-1] if history else {}
     summary = dict(
-        model=cfg.model, parameters=n_params, data=data.name, backward=cfg.backward if is_deq else None,
-        epochs_completed=len(history), steps=step, test_acc=final.get("test_acc"),
-        best_test_acc=max((r["test_acc"] for r in history), default=None), train_acc=final.get("train_acc"),
-        seconds=final.get("elapsed"), skipped_steps=sum(len(r["skipped_steps"]) for r in history),
-        contraction=final.get("contraction"), device=str(device), world_size=world,
-        torch=torch.__version__, config=dataclasses.asdict(cfg),
+        model=cfg.model, parameters=count_parameters(raw_model), data=data.name,
+        backward=cfg.backward if is_deq else None, epochs_completed=len(history), steps=step,
+        test_acc=final.get("test_acc"), best_test_acc=max((r["test_acc"] for r in history), default=None),
+        train_acc=final.get("train_acc"), seconds=final.get("elapsed"),
+        skipped_steps=sum(len(r["skipped_steps"]) for r in history), contraction=final.get("contraction"),
+        device=str(device), world_size=world, torch=torch.__version__, config=dataclasses.asdict(cfg),
     )
     if master:
         write_atomic(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
         if cfg.plot and history:
-            plot(history, os.path.join(cfg.out, "curves.png"), f"{cfg.model} ({cfg.backward if is_deq else 'explicit'})")
+            title = f"{cfg.model} ({cfg.backward if is_deq else 'explicit'})"
+            plot(history, os.path.join(cfg.out, "curves.png"), title)
         if history:
             log(f"test accuracy: {final['test_acc']:.4f} ({len(history)} epochs, {final['elapsed']:.1f}s)")
-    if distributed:
+    if world > 1:
         dist.barrier()
     return summary
 
@@ -485,11 +456,7 @@ def _mean(values: list) -> float | None:
 
 def plot(history: list[dict], path: str, title: str) -> None:
     """Loss and accuracy curves per epoch, saved atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(epochs, [r["train_loss"] for r in history], label="train")
@@ -502,14 +469,11 @@ def plot(history: list[dict], path: str, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    write_png(fig, path)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, DataError) as err:  # a bad option or data file: one clear line, no traceback
+    except (ValueError, DataError, CheckpointError) as err:  # a bad option, data file or checkpoint: one clear line
         sys.exit(f"error: {err}")

@@ -13,14 +13,18 @@ Adam; they differ in how each hypergradient is estimated:
 Cost is counted in epochs of per-sample gradient or Hessian-vector evaluations on the
 training set (a full gradient or a full HVP is one epoch; validation passes are free).
 
-    python -m train.multinomial_sid --out runs/multinomial_sid --data-root ../shared/data
+    python -m train.multinomial_sid                          # Fashion-MNIST, downloaded once by torchvision
+    python -m train.multinomial_sid --data-root DIR          # an existing copy (torchvision layout), offline
+    python -m train.multinomial_sid --dataset mnist-5k --n-train 2500 --n-val 2500   # the embedded digits
+
+Data are read by :func:`train.data.load` (see :mod:`train.data` for the folder layouts); a
+missing or corrupt file is an error naming it.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -28,17 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from implicitnets import hypergrad as hg
-from implicitnets import linear
-from train.atomic import write_atomic
+from train import data
+from train.atomic import pyplot, write_csv, write_png
+from train.cli import make_linear_solver
 from train.config import parse_config
-
-DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
 @dataclass
 class Config:
     out: str = "runs/multinomial_sid"
-    data_root: str = DEFAULT_ROOT
+    data_root: str = ""  # a folder holding an existing copy (no download); "": see train.data.load
     dataset: str = "fashion-mnist"  # fashion-mnist | mnist-5k
     n_train: int = 10000
     n_val: int = 10000
@@ -52,7 +55,7 @@ class Config:
     outer_lr: float = 0.05  # Adam on θ = log λ
     init_lambda: float = 1e-3
     seed: int = 0
-    threads: int = 1  # the machine is shared: 2 contended threads can be 100x slower than 1
+    threads: int = 1  # CPU threads for tensor maths (torch.set_num_threads); the matrices are small, one is enough
     dtype: str = "float32"
 
 
@@ -61,37 +64,23 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 def load(cfg: Config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Train/validation split of the training set and the official test set (no download)."""
-    from torchvision import datasets
-
-    cls, folder, sub = {
-        "fashion-mnist": (datasets.FashionMNIST, "fashion-mnist", "FashionMNIST"),
-        "mnist-5k": (datasets.MNIST, "mnist-5k", "MNIST"),
-    }.get(cfg.dataset, (None, None, None))
-    if cls is None:
-        raise SystemExit(f"--dataset must be fashion-mnist or mnist-5k, got {cfg.dataset!r}")
-    root = os.path.join(cfg.data_root, folder)
-    needed = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-    missing = [f for f in needed if not os.path.exists(os.path.join(root, sub, "raw", f))]
-    if missing:
-        raise SystemExit(
-            f"{cfg.dataset}: missing {', '.join(missing)} under {os.path.join(root, sub, 'raw')}; "
-            "point --data-root at the folder holding fashion-mnist/ and mnist-5k/ (torchvision layout); "
-            "nothing is downloaded"
-        )
-    train, test = cls(root, train=True, download=False), cls(root, train=False, download=False)
-    n = len(train)
+    """Train/validation split of the training set and the official test set."""
+    if cfg.dataset not in ("fashion-mnist", "mnist-5k"):
+        raise ValueError(f"--dataset must be fashion-mnist or mnist-5k, got {cfg.dataset!r}")
+    loaded = data.load(cfg.dataset, cfg.data_root or None)
+    n = len(loaded.train)
     if cfg.n_train + cfg.n_val > n:
-        raise SystemExit(f"{cfg.dataset} has {n} training images < n_train + n_val = {cfg.n_train + cfg.n_val}")
+        raise ValueError(f"{cfg.dataset} has {n} training images < --n-train + --n-val = {cfg.n_train + cfg.n_val}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))  # mnist-5k is sorted by class
 
     def features(images: torch.Tensor) -> torch.Tensor:
-        x = images.reshape(len(images), -1).to(dtype) / 255.0
+        x = images.reshape(len(images), -1).to(dtype)
         return torch.cat([x, torch.ones(len(x), 1, dtype=dtype)], 1)  # bias feature
 
     tr, va = perm[: cfg.n_train], perm[cfg.n_train : cfg.n_train + cfg.n_val]
-    return dict(Xtr=features(train.data[tr]), ytr=train.targets[tr], Xval=features(train.data[va]), yval=train.targets[va],
-                Xtest=features(test.data), ytest=test.targets)
+    images, labels = loaded.train.images, loaded.train.labels
+    return dict(Xtr=features(images[tr]), ytr=labels[tr], Xval=features(images[va]), yval=labels[va],
+                Xtest=features(loaded.test.images), ytest=loaded.test.labels)
 
 
 def main(cfg: Config) -> dict[str, dict[str, float]]:
@@ -135,14 +124,15 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
             if method == "AID":
                 phi = hg.GradientStep(inner_loss, alpha)
                 W = hg.iterate(phi, W, theta, cfg.aid_inner)
-                res = hg.AID(linear.CG(max_iter=cfg.aid_linear, tol=0.0)).solve(phi, outer_loss, W, theta, v0=v)
+                res = hg.AID(make_linear_solver("cg", cfg.aid_linear)).solve(phi, outer_loss, W, theta, v0=v)
                 (g,), v = res.grads, res.v
                 epochs += cfg.aid_inner + cfg.aid_linear
             else:
-                def phi_batch(W_: torch.Tensor, hp: tuple[torch.Tensor, ...], idx: torch.Tensor) -> torch.Tensor:
+                def phi_batch(W_: torch.Tensor, hp: tuple[torch.Tensor, ...], idx: torch.Tensor,
+                              alpha: float = alpha) -> torch.Tensor:
                     return hg.GradientStep(lambda w, h: inner_loss(w, h, idx), alpha)(W_, hp)
 
-                sample = lambda: torch.randint(0, n, (cfg.batch_size,), generator=gen)  # noqa: E731
+                sample = lambda gen=gen: torch.randint(0, n, (cfg.batch_size,), generator=gen)
                 step_size = hg.DecayingStep(cfg.sid_step)
                 res = hg.SID(cfg.sid_inner, cfg.sid_linear, step_size, step_size).run(
                     phi_batch, outer_loss, W, theta, sample, v0=v)
@@ -152,22 +142,15 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
             theta.grad = g  # the training loop, not the library, owns .grad
             opt.step()
             step += 1
-        summary[method] = dict(val_loss=rows[-1]["val_loss"], test_loss=rows[-1]["test_loss"], test_acc=rows[-1]["test_acc"],
-                               outer_steps=step, epochs=epochs, seconds=time.perf_counter() - start,
-                               initial_val_loss=rows[[r["method"] for r in rows].index(method)]["val_loss"])
-        print(f"{method}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary[method].items()))
+        first = next(r for r in rows if r["method"] == method)
+        summary[method] = dict(val_loss=rows[-1]["val_loss"], test_loss=rows[-1]["test_loss"],
+                               test_acc=rows[-1]["test_acc"], outer_steps=step, epochs=epochs,
+                               seconds=time.perf_counter() - start, initial_val_loss=first["val_loss"])
+        shown = (f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary[method].items())
+        print(f"{method}: " + "  ".join(shown))
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(os.path.join(cfg.out, "multinomial_sid.csv"), buf.getvalue().encode())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    write_csv(os.path.join(cfg.out, "multinomial_sid.csv"), rows)
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for method in ("AID", "SID"):
         pts = [r for r in rows if r["method"] == method]
@@ -181,11 +164,12 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
         ax.legend()
     fig.suptitle(f"{cfg.dataset}: per-pixel L2 weights, n_train = {cfg.n_train}, n_val = {cfg.n_val}")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    write_atomic(os.path.join(cfg.out, "multinomial_sid.png"), png.getvalue())
+    write_png(fig, os.path.join(cfg.out, "multinomial_sid.png"))
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (ValueError, data.DataError) as err:  # a bad option or data file: one clear line
+        sys.exit(f"error: {err}")

@@ -14,17 +14,16 @@ the best single λ from a validation grid.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
+import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 from implicitnets import hypergrad as hg
-from implicitnets import linear
-from train.atomic import write_atomic
+from train.atomic import pyplot, write_csv, write_png
+from train.cli import make_linear_solver
 from train.config import parse_config
 
 
@@ -42,7 +41,7 @@ class Config:
     outer_lr: float = 0.05  # Adam on θ = log λ
     init_lambda: float = 0.1
     seed: int = 0
-    threads: int = 1  # the machine is shared: 2 contended threads can be 100x slower than 1
+    threads: int = 1  # CPU threads for tensor maths (torch.set_num_threads); the matrices are small, one is enough
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -65,10 +64,10 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
     torch.set_default_dtype(torch.float64)
     D = make_data(cfg)
     Xt, yt, Xv, yv, Xs, ys = D["Xtr"], D["ytr"], D["Xval"], D["yval"], D["Xtest"], D["ytest"]
-    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)  # noqa: E731
-    inner = lambda w, hp: hg.ridge_inner_loss(Xt, yt, w, hp[0].exp())  # noqa: E731
-    test_loss = lambda lam: float(hg.ridge_outer_loss(Xs, ys, hg.ridge_solution(Xt, yt, lam)))  # noqa: E731
-    val_loss = lambda lam: float(hg.ridge_outer_loss(Xv, yv, hg.ridge_solution(Xt, yt, lam)))  # noqa: E731
+    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)
+    inner = lambda w, hp: hg.ridge_inner_loss(Xt, yt, w, hp[0].exp())
+    test_loss = lambda lam: float(hg.ridge_outer_loss(Xs, ys, hg.ridge_solution(Xt, yt, lam)))
+    val_loss = lambda lam: float(hg.ridge_outer_loss(Xv, yv, hg.ridge_solution(Xt, yt, lam)))
 
     grid = 10 ** torch.linspace(-4, 1, 51)
     best = min(grid.tolist(), key=lambda s: val_loss(torch.full((cfg.p,), s)))
@@ -82,7 +81,8 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
         opt = torch.optim.Adam([theta], lr=cfg.outer_lr)
         w, v = torch.zeros(cfg.p), None
         start = time.perf_counter()
-        hoag = hg.HOAG(cfg.outer_steps, 1.0, linear.CG(max_iter=200), tolerance=hg.PowerSchedule(1e-2, 1.5))
+        hoag = hg.HOAG(cfg.outer_steps, 1.0, make_linear_solver("cg", 200, 1e-10),
+                       tolerance=hg.PowerSchedule(1e-2, 1.5))
         for step in range(cfg.outer_steps + 1):
             lam = theta.detach().exp()
             rows.append(dict(method=method, step=step, val=val_loss(lam), test=test_loss(lam)))
@@ -98,12 +98,13 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
                 st = hoag.hypergradient(step, phi, E, w, theta, v)
                 (g,), w, v = st.grads, st.w, st.v
             elif method.startswith("aid-"):
-                solver = {"cg": linear.CG, "fp": linear.Neumann, "gmres": linear.GMRES}[method[4:]](max_iter=k, tol=0.0)
+                solver = make_linear_solver(method[4:], k)
                 w = hg.iterate(phi, w, theta, t)
                 res = hg.AID(solver).solve(phi, E, w, theta, v0=v)
                 g, v = res.grads[0], res.v
             else:
-                raise SystemExit(f"unknown method {method!r}")
+                raise ValueError(f"--methods: unknown method {method!r}; choose from exact, itd, hoag, aid-fp, aid-cg, "
+                                 "aid-normalcg, aid-gmres")
             opt.zero_grad(set_to_none=True)
             theta.grad = g  # the training loop, not the library, owns .grad
             opt.step()
@@ -111,17 +112,8 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
         summary[method] = {"lambda": float(lam.median()), "val": val_loss(lam), "test": test_loss(lam),
                            "seconds": time.perf_counter() - start}
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(os.path.join(cfg.out, "ridge_hpo.csv"), buf.getvalue().encode())
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    write_csv(os.path.join(cfg.out, "ridge_hpo.csv"), rows)
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for method in cfg.methods.split(","):
         pts = [r for r in rows if r["method"] == method]
@@ -135,9 +127,7 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"ridge, per-feature λ: n = {cfg.n}, p = {cfg.p}, {cfg.informative} informative features")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    write_atomic(os.path.join(cfg.out, "ridge_hpo.png"), png.getvalue())
+    write_png(fig, os.path.join(cfg.out, "ridge_hpo.png"))
 
     for name, s in summary.items():
         print(f"{name:16s} val {s['val']:.4f}  test {s['test']:.4f}  median λ {s['lambda']:.3g}  ({s['seconds']:.1f}s)")
@@ -145,4 +135,7 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except ValueError as err:  # a bad option: one clear line
+        sys.exit(f"error: {err}")

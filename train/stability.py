@@ -18,23 +18,23 @@ times every contraction setting
     expansive: A₀ = 1.5·Q, Q random orthogonal, so ‖A₀‖₂ = ρ(A₀) = 1.5)
 
 and a few seeds.  AID runs with ``on_failure=Raise()``: a diverging adjoint solve (residual
-above ‖g‖ after k steps, or NaN/Inf) raises, the step is skipped and logged (a *divergence
-event*), and non-finite weights after a step are replaced by the last good snapshot.
+above ‖g‖ after k steps, or NaN/Inf) raises, and the step is skipped and logged (a *divergence
+event*) under the training scripts' one policy (:mod:`train.step`; a step that leaves a
+non-finite weight is undone).
 Recorded per run: final test accuracy, skipped steps, forward and backward relative
 residuals at every step, and at checkpoints (a fixed batch of training digits, float64)
 the measured contraction at the fixed point — ‖∂₁Φ‖₂ and ρ(∂₁Φ) per sample
 (:mod:`implicitnets.diagnostics`) and ‖A‖₂ — and the relative error of the run's
 hypergradient against a high-accuracy reference (Anderson forward to 1e-11, AID-GMRES
 backward to 1e-10).  Writes ``runs/<run>.json`` (resumable), ``results.json``,
-``table.md`` and ``stability_*.png`` under ``--out``, all atomically.
+``stability_table.md`` and ``stability_*.png`` under ``--out``, all atomically; the table and
+figures are made by :mod:`train.stability_report`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
-import io
 import json
 import math
 import os
@@ -50,12 +50,13 @@ import implicitnets as inn
 from implicitnets import diagnostics as diag
 from implicitnets import linear
 from models import FCEquilibrium
-from train.data import load
 from train.atomic import write_atomic
+from train.cli import make_backward
 from train.config import config_parser, parse_config
-from train.mnist import make_backward
+from train.data import load
+from train.stability_report import MODES, fmt, label, plot, summarize
+from train.step import guarded_step
 
-MODES = ("itd", "aid-fp", "aid-normalcg", "aid-gmres", "jfb")
 SETTINGS = ("0.5", "0.9", "0.99", "projection", "none", "none@1.5")
 
 # -----------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ class Config:
     diag_batch: int = 32  # training digits used for the diagnostics
     train_limit: int = 0  # use the first N (shuffled) training digits only (0: all 5,000)
     test_limit: int = 0  # evaluate on the first N test digits only (0: all 10,000)
-    threads: int = 1
+    threads: int = 1  # CPU threads for tensor maths (torch.set_num_threads); the runs are small, one is enough
     figures: str = ""  # also write the PNGs and table.md into this folder (e.g. docs/figures)
     resume: bool = True  # reuse finished runs found under --out/runs
     quick: bool = False
@@ -189,34 +190,28 @@ def evaluate(model: FCEquilibrium, x: torch.Tensor, y: torch.Tensor, batch: int 
     return correct / x.shape[0]
 
 
-def _finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
-
-
 def run_one(cfg: Config, data: dict, mode: str, setting: str, seed: int) -> dict:
     """Train one (mode, setting, seed) and return its record (see the module docstring)."""
     torch.manual_seed(seed)
     model = make_model(cfg, mode, setting)
+    params = list(model.parameters())
     if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    project = setting == "projection"
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    project = (lambda: model.project_(cfg.projection)) if setting == "projection" else None
     if project:
-        model.project_(cfg.projection)
+        project()
     xtr, ytr, xte, yte, xd, yd = (data[k] for k in ("xtr", "ytr", "xte", "yte", "xd", "yd"))
     n = xtr.shape[0]
     steps_per_epoch = n // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     rec: dict = dict(mode=mode, setting=setting, seed=seed, loss=[], forward_residual=[], backward_residual=[],
                      skipped=[], events=[], forward_divergence=0, checkpoints=[], test_acc_epoch=[])
-    snapshot = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
     start = time.time()
 
     def checkpoint(step: int) -> None:
-        d = diagnose(model, xd, yd, seed=step)
-        d["step"] = step
-        rec["checkpoints"].append(d)
+        rec["checkpoints"].append(dict(diagnose(model, xd, yd, seed=step), step=step))
 
     checkpoint(0)
     step = 0
@@ -224,47 +219,29 @@ def run_one(cfg: Config, data: dict, mode: str, setting: str, seed: int) -> dict
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            reason = ""
+
+            def forward(idx=idx):
+                logits = model(xtr[idx])
+                return F.cross_entropy(logits, ytr[idx]), logits
+
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", inn.ConvergenceWarning)
-                try:
-                    loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-                    if not torch.isfinite(loss):
-                        reason = "non-finite loss"
-                    else:
-                        loss.backward()
-                except inn.ConvergenceError:
-                    reason = "adjoint solve diverged"
-                except inn.NonFiniteError:
-                    reason = "NaN/Inf in a solve"
+                outcome = guarded_step(params, optimizer, forward, after_step=project)
             stats = model.stats
-            if not reason and not _finite(p.grad for p in model.parameters()):
-                reason = "non-finite gradient"
             rec["forward_residual"].append(stats.residual if stats is not None else math.nan)
             bres = stats.backward_residual if stats is not None else None
             rec["backward_residual"].append(math.nan if bres is None else bres)
             if stats is not None and diag.detect_divergence(stats.trace).diverged:
                 rec["forward_divergence"] += 1
-            if reason:  # skip the step, log it, keep the weights
-                optimizer.zero_grad(set_to_none=True)
-                rec["skipped"].append(step)
-                rec["events"].append(dict(step=step, reason=reason))
-                rec["loss"].append(math.nan)
-            else:
-                optimizer.step()
-                if project:
-                    model.project_(cfg.projection)
-                rec["loss"].append(float(loss.detach()))
-                if not _finite(model.parameters()):
-                    model.load_state_dict(snapshot[0])
-                    optimizer.load_state_dict(snapshot[1])
-                    rec["events"].append(dict(step=step, reason="non-finite weights: restored last good snapshot"))
+            taken = not outcome.skipped
+            rec["loss"].append(float(outcome.loss.detach()) if taken else math.nan)
+            if not taken:
+                rec["events"].append(dict(step=step, reason=outcome.skipped[:300]))
+                if not outcome.skipped.startswith("non-finite weights"):
+                    rec["skipped"].append(step)
             step += 1
             if step % cfg.diag_every == 0 and step < total:
                 checkpoint(step)
-        if _finite(model.parameters()):
-            snapshot = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
         rec["test_acc_epoch"].append(evaluate(model, xte, yte))
         if cfg.progress:
             print(f"  {mode:>12} {setting:>10} seed {seed} | epoch {epoch + 1}/{cfg.epochs} | "
@@ -273,207 +250,6 @@ def run_one(cfg: Config, data: dict, mode: str, setting: str, seed: int) -> dict
     checkpoint(step)
     rec.update(test_acc=rec["test_acc_epoch"][-1], steps=step, seconds=time.time() - start)
     return rec
-
-
-# -----------------------------------------------------------------------------------------
-# aggregation: markdown table and figures
-
-
-def _nanmean(values: list[float]) -> float:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
-def _std(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    m = sum(values) / len(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
-
-
-def _label(setting: str) -> str:
-    if setting == "projection":
-        return "projection ≤0.99"
-    if setting.startswith("none@"):
-        return f"none, A₀ = {setting[5:]}·Q"
-    return "none" if setting == "none" else f"spectral γ={setting}"
-
-
-def _fmt(x: float, spec: str = ".2e") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    return format(x, spec)
-
-
-def summarize(records: list[dict], modes: list[str], settings: list[str], n_test: int) -> tuple[str, dict]:
-    """The markdown table (accuracy grid + per-cell details) and the aggregated numbers."""
-    cells: dict = {}
-    for s in settings:
-        for m in modes:
-            rs = [r for r in records if r["mode"] == m and r["setting"] == s]
-            if not rs:
-                continue
-            accs = [100 * r["test_acc"] for r in rs]
-            last = [r["checkpoints"][-1] for r in rs]
-            errs = [c["hypergrad_error"] for r in rs for c in r["checkpoints"][1:]]
-            tail = lambda key, r: _nanmean(r[key][-max(1, len(r[key]) // 10):])  # noqa: E731
-            cells[(s, m)] = dict(
-                acc=sum(accs) / len(accs), acc_std=_std(accs), n=len(rs),
-                skipped=sum(len(r["skipped"]) for r in rs), steps=sum(r["steps"] for r in rs),
-                restored=sum(1 for r in rs for e in r["events"] if e["reason"].startswith("non-finite weights")),
-                fwd=_nanmean([tail("forward_residual", r) for r in rs]),
-                bwd=_nanmean([tail("backward_residual", r) for r in rs]),
-                fwd_div=sum(r["forward_divergence"] for r in rs),
-                rho=max(c["rho_worst"] for c in last), norm=max(c["norm_worst"] for c in last),
-                lip=max(c["lipschitz"] for c in last),
-                err_median=sorted(errs)[len(errs) // 2] if errs else math.nan,
-                err_final=_nanmean([c["hypergrad_error"] for c in last]) if all(
-                    math.isfinite(c["hypergrad_error"]) for c in last) else math.inf,
-                ref_valid=all(c["ref_valid"] for r in rs for c in r["checkpoints"]),
-            )
-    seeds = sorted({r["seed"] for r in records})
-    lines = [f"Test accuracy (%) on {n_test:,} MNIST test digits, mean ± std over seeds {seeds}; "
-             "in brackets: skipped steps (diverged adjoint solves) / total steps.", ""]
-    lines.append("| mode | " + " | ".join(_label(s) for s in settings) + " |")
-    lines.append("|---|" + "---|" * len(settings))
-    for m in modes:
-        row = [m]
-        for s in settings:
-            c = cells.get((s, m))
-            row.append("–" if c is None else f"{c['acc']:.2f} ± {c['acc_std']:.2f}"
-                       + (f" [{c['skipped']}/{c['steps']}]" if c["skipped"] else ""))
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Spread (max − min of the mean accuracies over modes) per setting: "
-              + ", ".join(f"{_label(s)}: {_spread(cells, s, modes):.2f} pp" for s in settings), ""]
-    lines.append("| setting | mode | acc % | skipped | restores | fwd residual (last 10%) | "
-                 "bwd residual (last 10%) | fwd diverged | ‖A‖₂ | ‖∂₁Φ‖₂ worst | ρ(∂₁Φ) worst | "
-                 "hypergrad rel. err (median / final) | reference converged |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for s in settings:
-        for m in modes:
-            c = cells.get((s, m))
-            if c is None:
-                continue
-            lines.append(
-                f"| {_label(s)} | {m} | {c['acc']:.2f} | {c['skipped']}/{c['steps']} | {c['restored']} | "
-                f"{_fmt(c['fwd'])} | {_fmt(c['bwd'])} | {c['fwd_div']} | {c['lip']:.3f} | {c['norm']:.3f} | "
-                f"{c['rho']:.3f} | {_fmt(c['err_median'])} / {_fmt(c['err_final'])} | "
-                f"{'yes' if c['ref_valid'] else 'no'} |")
-    return "\n".join(lines) + "\n", {f"{s}|{m}": v for (s, m), v in cells.items()}
-
-
-def _spread(cells: dict, setting: str, modes: list[str]) -> float:
-    accs = [cells[(setting, m)]["acc"] for m in modes if (setting, m) in cells]
-    return max(accs) - min(accs) if accs else math.nan
-
-
-def _save(fig, paths: list[str]) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    for path in paths:
-        write_atomic(path, buffer.getvalue())
-
-
-def _mean_curve(records: list[dict], key: str) -> list[float]:
-    length = min(len(r[key]) for r in records)
-    return [_nanmean([r[key][i] for r in records]) for i in range(length)]
-
-
-def plot(records: list[dict], modes: list[str], settings: list[str], folders: list[str]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = dict(zip(MODES, ("C0", "C1", "C2", "C3", "C4")))
-    written = []
-
-    def out(name: str) -> list[str]:
-        paths = [os.path.join(f, name) for f in folders]
-        written.extend(paths)
-        return paths
-
-    # 1. final test accuracy per setting and mode
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    width = 0.8 / max(1, len(modes))
-    for j, m in enumerate(modes):
-        xs, ys, es = [], [], []
-        for i, s in enumerate(settings):
-            accs = [100 * r["test_acc"] for r in records if r["mode"] == m and r["setting"] == s]
-            if accs:
-                xs.append(i + (j - (len(modes) - 1) / 2) * width)
-                ys.append(sum(accs) / len(accs))
-                es.append(_std(accs))
-        ax.bar(xs, ys, width, yerr=es, label=m, color=colors[m])
-    ax.set_xticks(range(len(settings)), [_label(s) for s in settings])
-    accs = [100 * r["test_acc"] for r in records]
-    ax.set_ylim(max(0.0, min(accs) - 5), min(100.0, max(accs) + 2))
-    ax.set(ylabel="test accuracy (%)", title="final test accuracy (MNIST-5k, t = k = 20)")
-    ax.legend(ncol=len(modes), fontsize=8, loc="lower left")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    _save(fig, out("stability_accuracy.png"))
-    plt.close(fig)
-
-    # 2.-4. curves over training, one column per setting
-    panels = [
-        ("stability_contraction.png", "measured contraction at w_t", [("rho_worst", "-", "ρ(∂₁Φ) worst"),
-                                                                      ("norm_worst", ":", "‖∂₁Φ‖₂ worst"),
-                                                                      ("lipschitz", "--", "‖A‖₂")], "linear"),
-        ("stability_hypergrad.png", "hypergradient relative error", [("hypergrad_error", "-", "")], "log"),
-    ]
-    for name, title, series, yscale in panels:
-        fig, axes = plt.subplots(1, len(settings), figsize=(3.3 * len(settings), 3.2), sharey=True, squeeze=False)
-        for ax, s in zip(axes[0], settings):
-            for m in modes:
-                rs = [r for r in records if r["mode"] == m and r["setting"] == s]
-                if not rs:
-                    continue
-                steps = [c["step"] for c in rs[0]["checkpoints"]]
-                for key, style, label in series:
-                    ys = [_nanmean([r["checkpoints"][i][key] if math.isfinite(r["checkpoints"][i][key]) else math.nan
-                                    for r in rs]) for i in range(len(steps))]
-                    ax.plot(steps, ys, style, color=colors[m], label=f"{m} {label}".strip())
-            if yscale == "linear":
-                ax.axhline(1.0, color="k", lw=0.6)
-            ax.set(title=_label(s), xlabel="optimiser step", yscale=yscale)
-            ax.grid(alpha=0.3)
-        axes[0][0].set_ylabel(title)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        keep = [(h, l) for h, l in zip(handles, labels) if series[0][2] in l] if len(series) > 1 else list(zip(handles, labels))
-        axes[0][-1].legend(*zip(*keep), fontsize=7) if keep else None
-        if len(series) > 1:
-            fig.suptitle(f"{title}: solid ρ(∂₁Φ), dotted ‖∂₁Φ‖₂, dashed ‖A‖₂ (worst sample)", fontsize=9)
-        fig.tight_layout()
-        _save(fig, out(name))
-        plt.close(fig)
-
-    fig, axes = plt.subplots(2, len(settings), figsize=(3.3 * len(settings), 5.6), sharey="row", squeeze=False)
-    for col, s in enumerate(settings):
-        for m in modes:
-            rs = [r for r in records if r["mode"] == m and r["setting"] == s]
-            if not rs:
-                continue
-            for row, key in enumerate(("forward_residual", "backward_residual")):
-                ys = _mean_curve(rs, key)
-                if all(math.isnan(v) for v in ys):
-                    continue
-                win = max(1, len(ys) // 50)
-                smooth = [_nanmean(ys[i : i + win]) for i in range(0, len(ys), win)]
-                axes[row][col].plot([i * win for i in range(len(smooth))], smooth, color=colors[m], label=m)
-        axes[0][col].set(title=_label(s), yscale="log")
-        axes[1][col].set(xlabel="optimiser step", yscale="log")
-        for row in range(2):
-            axes[row][col].grid(alpha=0.3)
-    axes[0][0].set_ylabel("forward residual after t steps")
-    axes[1][0].set_ylabel("adjoint residual after k steps")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, out("stability_residuals.png"))
-    plt.close(fig)
-    return written
 
 
 # -----------------------------------------------------------------------------------------
@@ -494,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.test_limit:
         xte, yte = xte[: cfg.test_limit], yte[: cfg.test_limit]
     data = dict(xtr=xtr, ytr=ytr, xte=xte, yte=yte, xd=xtr[: cfg.diag_batch], yd=ytr[: cfg.diag_batch])
-    tag = lambda m, s, seed: f"{m}__{s}__seed{seed}".replace(".", "p")  # noqa: E731
+    tag = lambda m, s, seed: f"{m}__{s}__seed{seed}".replace(".", "p")
     settings_key = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
                         momentum=cfg.momentum, width=cfg.width, t=cfg.t, k=cfg.k,
                         projection=cfg.projection, diag_every=cfg.diag_every, diag_batch=cfg.diag_batch,
@@ -517,12 +293,13 @@ def main(argv: list[str] | None = None) -> dict:
                 rec["config"] = settings_key
                 write_atomic(path, json.dumps(rec).encode())
                 records.append(rec)
-                print(f"[{len(records)}/{total}] {m} / {_label(s)} / seed {seed}: test {100 * rec['test_acc']:.2f}% "
+                print(f"[{len(records)}/{total}] {m} / {label(s)} / seed {seed}: test {100 * rec['test_acc']:.2f}% "
                       f"skipped {len(rec['skipped'])}/{rec['steps']} hypergrad err "
-                      f"{_fmt(rec['checkpoints'][-1]['hypergrad_error'])} ({rec['seconds']:.0f}s)", flush=True)
+                      f"{fmt(rec['checkpoints'][-1]['hypergrad_error'])} ({rec['seconds']:.0f}s)", flush=True)
     table, cells = summarize(records, modes, settings, int(xte.shape[0]))
     header = (f"# Stability study\n\n`python -m train.stability {' '.join(argv if argv is not None else sys.argv[1:])}`"
-              f" — {cfg.epochs} epochs of {cfg.optimizer} (lr {cfg.lr}, batch {cfg.batch_size}) on MNIST-5k, width {cfg.width}, "
+              f" — {cfg.epochs} epochs of {cfg.optimizer} (lr {cfg.lr}, batch {cfg.batch_size}) on MNIST-5k, "
+              f"width {cfg.width}, "
               f"t = {cfg.t}, k = {cfg.k}, torch {torch.__version__}.\n\n")
     folders = [cfg.out] + ([cfg.figures] if cfg.figures else [])
     for folder in folders:

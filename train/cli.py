@@ -1,0 +1,84 @@
+"""Command-line strings → library objects: the only place in the project where a name such as
+``"aid-gmres"`` or ``"anderson"`` becomes a solver or backward mode.
+
+Every ``train/`` script and every benchmark builds its solvers here, so a renamed class is
+changed in this file and nowhere else.
+
+    make_solver("anderson", max_iter=20, tol=1e-4)    # forward solver of w = Φ(w, x)
+    make_backward("aid-gmres", k=20)                  # AID with 20 GMRES steps on (I − Jᵀ) v = ∇E
+    make_linear_solver("cg", max_iter=20)             # a solver of the adjoint system alone
+"""
+
+from __future__ import annotations
+
+import implicitnets as inn
+from implicitnets import hypergrad as hg
+from implicitnets import linear
+
+__all__ = [
+    "SOLVERS", "LINEAR_SOLVERS", "BACKWARDS", "HYPERGRADIENTS",
+    "make_solver", "make_linear_solver", "make_backward", "make_hypergradient",
+]
+
+SOLVERS = ("fp", "anderson")
+LINEAR_SOLVERS = ("fp", "cg", "normalcg", "gmres", "exact")
+BACKWARDS = ("itd", "itd:K", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb")
+HYPERGRADIENTS = ("itd", "forward-itd", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres")
+
+def make_solver(name: str, max_iter: int, tol: float, *, memory: int = 5) -> inn.ForwardSolver:
+    """``fp``: fixed-point iteration ``w ← Φ(w)``; ``anderson``: Anderson acceleration with
+    ``memory`` past iterates.  Both stop after ``max_iter`` steps or at relative residual ``tol``."""
+    if name == "fp":
+        return inn.FixedPointIteration(max_iter=max_iter, tol=tol)
+    if name == "anderson":
+        return inn.Anderson(max_iter=max_iter, tol=tol, memory=memory)
+    raise ValueError(f"unknown --solver {name!r}; choose one of {', '.join(SOLVERS)}")
+
+
+def make_linear_solver(name: str, max_iter: int, tol: float = 0.0) -> linear.LinearSolver:
+    """A solver of ``(I − Jᵀ) v = g``: ``fp`` (Neumann series ``v ← Jᵀ v + g``), ``cg`` (needs a
+    symmetric J), ``normalcg`` (CG on the normal equations), ``gmres`` (one Krylov space of up
+    to ``max_iter`` vectors, no restart within the budget), ``exact`` (dense solve; ``max_iter``
+    and ``tol`` unused)."""
+    if name == "fp":
+        return linear.Neumann(max_iter=max_iter, tol=tol)
+    if name == "cg":
+        return linear.CG(max_iter=max_iter, tol=tol)
+    if name == "normalcg":
+        return linear.NormalCG(max_iter=max_iter, tol=tol)
+    if name == "gmres":
+        return linear.GMRES(max_iter=max_iter, tol=tol, restart=max(1, max_iter))
+    if name == "exact":
+        return linear.Exact()
+    raise ValueError(f"unknown linear solver {name!r}; choose one of {', '.join(LINEAR_SOLVERS)}")
+
+
+def make_backward(spec: str, k: int, tol: float = 0.0) -> inn.BackwardMode:
+    """``itd`` (reverse mode through every forward step), ``itd:K`` (the last K steps),
+    ``aid-<linear solver>`` (k iterations of that solver, see :func:`make_linear_solver`),
+    ``jfb`` (Jacobian-free: ``v = ∇E``)."""
+    if spec == "itd":
+        return inn.ITD()
+    if spec.startswith("itd:"):
+        try:
+            return inn.ITD(truncate=int(spec[4:]))
+        except ValueError as err:
+            raise ValueError(f"--backward itd:K needs an integer K >= 1, got {spec!r}") from err
+    if spec == "jfb":
+        return inn.JacobianFree()
+    if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
+        return inn.AID(make_linear_solver(spec[4:], k, tol))
+    raise ValueError(f"unknown --backward {spec!r}; choose one of {', '.join(BACKWARDS)}")
+
+
+def make_hypergradient(spec: str, steps: int) -> hg.ReverseITD | hg.ForwardITD | hg.AID:
+    """A bilevel hypergradient method: ``itd`` (reverse mode through ``steps`` inner steps),
+    ``forward-itd`` (forward mode through them), ``aid-<linear solver>`` (``steps`` iterations
+    of that solver at the last inner iterate)."""
+    if spec == "itd":
+        return hg.ReverseITD(steps)
+    if spec == "forward-itd":
+        return hg.ForwardITD(steps)
+    if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
+        return hg.AID(make_linear_solver(spec[4:], steps))
+    raise ValueError(f"unknown --method {spec!r}; choose one of {', '.join(HYPERGRADIENTS)}")
