@@ -84,7 +84,7 @@ def test_gradients_match_dense_implicit_gradient(backward, solver, activation):
     assert stats.converged and z.shape == (B, M, N)
     got = torch.autograd.grad((R * z).sum(), (f.W, f.Omega, xr))
     want = dense_reference(f, A, x, R, jacobian_free=isinstance(backward, inn.JacobianFree))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert rel(g, w) < 1e-9
 
 
@@ -95,7 +95,7 @@ def test_truncated_itd_from_the_fixed_point_matches_the_implicit_gradient():
     z, _ = inn.fixed_point(f, x, solver=FPI, backward=inn.ITD(truncate=40))
     got = torch.autograd.grad((R * z).sum(), (f.W, f.Omega))
     want = dense_reference(f, A, x, R)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert rel(g, w) < 1e-10
     # and a truncation too short to converge is measurably different (the test can fail)
     z, _ = inn.fixed_point(f, x, solver=FPI, backward=inn.ITD(truncate=2))
@@ -150,7 +150,7 @@ def test_projection_onto_the_inf_norm_ball_is_the_euclidean_projection():
     inside = W.abs().sum(1) <= bound
     assert inside.any() and (~inside).any()
     assert torch.equal(P_[inside], W[inside])  # rows inside are left alone
-    for v, p in zip(W, P_):
+    for v, p in zip(W, P_, strict=True):
         assert torch.allclose(p, brute_force_l1_projection(v, bound), rtol=0, atol=1e-13)
         # optimality certificate: ⟨v − p, c − p⟩ ≤ 0 at every vertex c = ±r e_i of the ℓ1 ball,
         # hence on the whole ball (its convex hull): p is the Euclidean projection

@@ -21,7 +21,7 @@ nodes are coupled through Â); a single graph's state is therefore ``(1, m, n)``
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -52,12 +52,16 @@ def normalized_adjacency(edges: Tensor, num_nodes: int, *, self_loops: bool = Tr
         loop = torch.arange(num_nodes, device=edges.device)
         rows, cols = torch.cat([rows, loop]), torch.cat([cols, loop])
     ones = torch.ones(rows.numel(), dtype=dtype, device=edges.device)
-    A = torch.sparse_coo_tensor(torch.stack([rows, cols]), ones, (num_nodes, num_nodes)).coalesce()
-    A = torch.sparse_coo_tensor(A.indices(), torch.ones_like(A.values()), A.shape).coalesce()  # duplicates → 1
+    A = _sparse(torch.stack([rows, cols]), ones, (num_nodes, num_nodes))
+    A = _sparse(A.indices(), torch.ones_like(A.values()), A.shape)  # duplicate edges count once
     degree = torch.zeros(num_nodes, dtype=dtype, device=edges.device).index_add_(0, A.indices()[0], A.values())
     scale = degree.clamp_min(1).rsqrt()
     i, j = A.indices()
-    return torch.sparse_coo_tensor(A.indices(), scale[i] * A.values() * scale[j], A.shape).coalesce()
+    return _sparse(A.indices(), scale[i] * A.values() * scale[j], A.shape)
+
+
+def _sparse(indices: Tensor, values: Tensor, shape: tuple[int, int] | torch.Size) -> Tensor:
+    return torch.sparse_coo_tensor(indices, values, shape, check_invariants=False).coalesce()
 
 
 class GraphMap(nn.Module):
