@@ -64,8 +64,8 @@ class Config:
     train_classes: str = "0,2,4,6,8"  # the other classes are held out for meta-testing
     channels: int = 16
     inner_steps: int = 10  # T gradient steps from w₀ = θ (training and testing)
-    inner_lr: float = 0.1  # α
-    lam: float = 1.0  # λ, the strength of the pull towards θ
+    inner_lr: float = 0.02  # α: α (λ_max(∇²L_task) + λ) < 2 keeps Φ a contraction
+    lam: float = 10.0  # λ: large enough that ∇²L_task + λI stays positive definite at w_T
     linear_steps: int = 5  # k, CG or fixed-point iterations of the adjoint system
     truncate: int = 5  # K, ITD's differentiated inner steps
     meta_steps: int = 300
