@@ -7,12 +7,14 @@ wrong is a hypergradient.
 * :func:`jacobian_frobenius_sq` — Hutchinson ‖∂₁Φ‖_F², a differentiable regulariser.
 * :func:`detect_divergence` — NaN/Inf or residual growth in a residual trace.
 * :func:`hypergradient_error` — relative error / cosine against a reference gradient.
+* :func:`perron_frobenius` — λ_pf of a non-negative (sparse) matrix, Collatz–Wielandt bounds.
 """
 
 from .divergence import DivergenceReport, detect_divergence
 from .hypergradient_error import HypergradientError, hypergradient_error
 from .jacobian_regularizer import jacobian_frobenius_sq
 from .lipschitz import lipschitz_bound
+from .perron_frobenius import PerronFrobenius, perron_frobenius
 from .spectral_estimate import SpectralEstimate
 from .spectral_norm import jacobian_spectral_norm
 from .spectral_radius import jacobian_spectral_radius
@@ -22,6 +24,8 @@ __all__ = [
     "jacobian_spectral_norm",
     "jacobian_spectral_radius",
     "lipschitz_bound",
+    "perron_frobenius",
+    "PerronFrobenius",
     "jacobian_frobenius_sq",
     "DivergenceReport",
     "detect_divergence",

@@ -1,6 +1,7 @@
 """Parametrizations and projections that make maps contractions."""
 
 from .conv import ConvOperatorBound, conv_operator_norm, conv_spectral_norm
+from .infinity_norm import InfNormBound, inf_norm, project_inf_norm_, project_l1_ball
 from .spectral import SpectralBound, project_spectral_, spectral_norm
 
 __all__ = [
@@ -10,4 +11,8 @@ __all__ = [
     "ConvOperatorBound",
     "conv_spectral_norm",
     "conv_operator_norm",
+    "InfNormBound",
+    "inf_norm",
+    "project_inf_norm_",
+    "project_l1_ball",
 ]

@@ -1,0 +1,102 @@
+"""train.imaml: the meta-gradients against the closed-form implicit gradient of a quadratic
+task (float64), and a short run of the script on the shared Fashion-MNIST copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from implicitnets import hypergrad as hg
+from train import imaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("IMPLICITNETS_DATA_ROOT", ROOT.parent / "shared" / "data"))
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared data folder at {SHARED}")
+
+D, LAM = 6, 0.7
+
+
+def quadratic_task(seed: int = 0):
+    """L_task(w) = ½ wᵀAw − bᵀw with an *indefinite* A (A + λI still positive definite),
+    E(w) = ½‖Cw − d‖²; closed form w* = (A + λI)⁻¹(b + λθ), ∇θ = λ (A + λI)⁻¹ Cᵀ(Cw* − d)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    eig = torch.linspace(-0.5, 3.0, D, dtype=torch.float64)
+    A = Q @ torch.diag(eig) @ Q.T
+    b, d = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    C = torch.randn(4, D, generator=g, dtype=torch.float64)
+    theta = torch.randn(D, generator=g, dtype=torch.float64)
+    H = A + LAM * torch.eye(D, dtype=torch.float64)
+    w_star = torch.linalg.solve(H, b + LAM * theta)
+    grad = LAM * torch.linalg.solve(H, C.T @ (C @ w_star - d))
+    alpha = 1.0 / float(torch.linalg.eigvalsh(H).max())
+    phi = imaml.inner_map(lambda w: 0.5 * w @ A @ w - b @ w, LAM, alpha)
+    query = lambda w: 0.5 * ((C @ w - d) ** 2).sum()  # noqa: E731
+    return phi, query, theta, w_star, grad
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+STEPS = 1500  # inner steps: (1 − α(λ_min(A) + λ))^1500 ≈ 1e-24 at this conditioning
+
+
+@pytest.mark.parametrize("name,k", [("imaml-cg", D + 4), ("imaml-fp", 1500)])
+def test_meta_gradient_equals_the_dense_implicit_gradient(name, k):
+    phi, query, theta, w_star, grad = quadratic_task()
+    g, w = imaml.meta_gradient(imaml.Method(name, k, 1), phi, query, theta, STEPS)
+    assert rel(w, w_star) < 1e-12
+    assert rel(g, grad) < 1e-10
+    (dense,) = hg.dense_hypergradient(phi, lambda w_, hp: query(w_), w, (theta,))
+    assert rel(dense, grad) < 1e-10
+
+
+def test_few_cg_steps_are_not_exact_and_fp_is_slower_than_cg():
+    phi, query, theta, _, grad = quadratic_task()
+    errors = {name: rel(imaml.meta_gradient(imaml.Method(name, 3, 1), phi, query, theta, STEPS)[0], grad)
+              for name in ("imaml-cg", "imaml-fp")}
+    assert 1e-6 < errors["imaml-cg"] < errors["imaml-fp"]
+
+
+def test_truncated_itd_from_the_solution_equals_fixed_point_aid_with_as_many_steps():
+    phi, query, theta, _, grad = quadratic_task()
+    for K in (1, 4, 9):
+        itd, _ = imaml.meta_gradient(imaml.Method("itd", 0, K), phi, query, theta, STEPS)
+        fp, _ = imaml.meta_gradient(imaml.Method("imaml-fp", K, 0), phi, query, theta, STEPS)
+        assert rel(itd, fp) < 1e-11
+    assert rel(itd, grad) > 1e-3  # K = 9 steps is far from the implicit gradient
+
+
+def test_first_order_maml_is_the_query_gradient_at_the_adapted_weights():
+    phi, query, theta, w_star, _ = quadratic_task()
+    g, _ = imaml.meta_gradient(imaml.Method("fomaml", 0, 0), phi, query, theta, STEPS)
+    wl = w_star.clone().requires_grad_()
+    (want,) = torch.autograd.grad(query(wl), wl)
+    assert rel(g, want) < 1e-11
+
+
+@needs_shared
+def test_quick_run_meta_trains_every_method(tmp_path):
+    results = imaml.main(["--quick", "--data-root", str(SHARED), "--out", str(tmp_path)])
+    trained = [r for r in results if r["method"] != "no meta-training"]
+    assert sorted(r["method"] for r in trained) == sorted(imaml.METHODS)
+    for r in trained:
+        assert r["meta_steps"] == imaml.QUICK["meta_steps"] and len(r["losses"]) == imaml.QUICK["meta_steps"]
+        assert r["finite"] and 0.0 <= r["acc"] <= 1.0 and r["ci95"] > 0 and r["ms_per_step"] > 0
+    # every method starts from the same θ₀ on the same tasks: the first meta-step's loss agrees
+    first = {r["losses"][0] for r in trained}
+    assert max(first) - min(first) < 1e-6
+    for name in ("imaml_table.md", "imaml.csv", "summary.json", "losses.json"):
+        assert (tmp_path / name).is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--data-root"):
+        imaml.main(["--quick", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown --methods"):
+        imaml.main(["--quick", "--methods", "maml++", "--out", str(tmp_path)])
