@@ -17,68 +17,12 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 
 import implicitnets as inn
+from implicitnets.maps import ConvCell
+from implicitnets.parametrizations.conv import conv_operator_norm
 
 from .equilibrium import EquilibriumClassifier
-from implicitnets.parametrizations.conv import conv_operator_norm, conv_spectral_norm
 
 __all__ = ["ConvCell", "ConvEquilibrium"]
-
-_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
-
-
-class ConvCell(nn.Module):
-    """``Φ(z, x) = act(A ⋆ z + B ⋆ x + b)`` on ``size`` = (H, W) feature maps.
-
-    ``contraction=γ`` bounds ``‖A ⋆ ·‖₂ ≤ γ`` by :func:`conv_spectral_norm`; ``None`` leaves
-    ``A`` free.  Has ``inject``/``step`` so the layer computes ``B ⋆ x + b`` once per solve.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        channels: int,
-        size: tuple[int, int],
-        *,
-        contraction: float | None = 0.9,
-        activation: str = "relu",
-        kernel_size: int = 3,
-    ) -> None:
-        super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"ConvCell: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
-        if kernel_size % 2 != 1:
-            raise ValueError(f"ConvCell: kernel_size must be odd, got {kernel_size!r}")
-        self.channels, self.size, self.contraction, self.activation = channels, tuple(size), contraction, activation
-        pad = kernel_size // 2
-        self.A = nn.Conv2d(channels, channels, kernel_size, padding=pad, bias=False)
-        self.B = nn.Conv2d(in_channels, channels, kernel_size, padding=pad)
-        with torch.no_grad():  # start well inside the contraction region
-            self.A.weight.mul_(0.5)
-        if contraction is not None:
-            conv_spectral_norm(self.A, bound=contraction, input_shape=self.size)
-        self._act = _ACTIVATIONS[activation]
-
-    def inject(self, x: Tensor) -> Tensor:
-        """``u = B ⋆ x + b``, computed once per solve."""
-        return self.B(x)
-
-    def step(self, z: Tensor, u: Tensor) -> Tensor:
-        """One map evaluation ``act(A ⋆ z + u)``."""
-        return self._act(self.A(z) + u)
-
-    def forward(self, z: Tensor, x: Tensor) -> Tensor:
-        return self.step(z, self.inject(x))
-
-    def initial_state(self, x: Tensor) -> Tensor:
-        """``z₀ = 0`` of shape (batch, C, H, W)."""
-        return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
-
-    def lipschitz_bound(self) -> float:
-        """``‖A ⋆ ·‖₂`` on (C, H, W) (power iteration to convergence): bounds Lip(Φ(·, x))."""
-        return conv_operator_norm(self.A, self.size)
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}, size={self.size}, contraction={self.contraction}, activation={self.activation}"
 
 
 class ConvEquilibrium(EquilibriumClassifier):

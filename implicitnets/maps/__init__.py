@@ -1,7 +1,14 @@
-"""Fixed-point maps ``Φ(w, x; θ)``: any callable ``f(w, x) -> w`` works; these are shipped."""
+"""Fixed-point maps ``Φ(w, x; θ)``: any callable ``f(w, x) -> w`` works; these are shipped.
 
+Each shipped map has ``lipschitz_bound()`` (the global Lipschitz constant of Φ(·, x) its
+parametrization implies, ``None`` when it implies none) and ``jacobian(w, u, out)`` (the
+closed-form ``J = ∂₁Φ`` as a :class:`~implicitnets.LinearOperator`, which AID and the
+diagnostics use in place of autograd products).
+"""
+
+from .conv import ConvCell
 from .gradient_step import GradientStep
 from .graph import GraphMap, normalized_adjacency
 from .tanh import TanhMap
 
-__all__ = ["TanhMap", "GradientStep", "GraphMap", "normalized_adjacency"]
+__all__ = ["TanhMap", "ConvCell", "GradientStep", "GraphMap", "normalized_adjacency"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..operator import LinearOperator
 from ..parametrizations.spectral import spectral_norm
 
 __all__ = ["TanhMap"]
@@ -18,6 +19,8 @@ class TanhMap(nn.Module):
     ``A.weight`` (power iteration, or the exact largest singular value with ``exact=True``).
     ``contraction=None`` leaves ``A`` free (e.g. to project it after each step with
     :func:`~implicitnets.project_spectral_`).  Inputs are ``(batch, in_features)``.
+    :meth:`jacobian` gives AID the closed-form ``J = ∂₁Φ``; :meth:`lipschitz_bound` the
+    global ``‖A‖₂``.
     """
 
     def __init__(
@@ -60,5 +63,43 @@ class TanhMap(nn.Module):
         """``w₀ = 0`` of shape (batch, width)."""
         return x.new_zeros(x.shape[0], self.width)
 
+    def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> LinearOperator:
+        """``J = ∂₁Φ(w)`` in closed form from ``out = Φ(w, u)``: with ``D = 1 − out²``,
+        ``J y = D ⊙ (y Aᵀ)`` and ``Jᵀ v = (D ⊙ v) A`` (rows are samples).  The effective
+        weight is captured, detached, when this is called (inside the solve's
+        parametrization cache), so later products need no cache."""
+        out = out.detach()
+        return _TanhJacobian(self.A.weight.detach(), 1 - out * out)
+
+    def lipschitz_bound(self) -> float:
+        """``‖A‖₂`` of the effective weight (exact largest singular value) times Lip(tanh) = 1:
+        a global bound of Lip(Φ(·, x)), valid at every ``w`` and ``x``."""
+        with torch.no_grad():
+            return float(torch.linalg.matrix_norm(self.A.weight.detach(), ord=2))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, width={self.width}, contraction={self.contraction}"
+
+
+class _TanhJacobian(LinearOperator):
+    """``J y = D ⊙ (y Aᵀ)``, ``Jᵀ v = (D ⊙ v) A``; products run in the argument's dtype."""
+
+    def __init__(self, weight: Tensor, slope: Tensor) -> None:
+        self.weight, self.slope = weight, slope
+
+    @property
+    def like(self) -> Tensor:
+        return self.slope
+
+    def _cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if self.weight.dtype != dtype or self.slope.dtype != dtype:
+            self.weight, self.slope = self.weight.to(dtype), self.slope.to(dtype)
+        return self.weight, self.slope
+
+    def mv(self, x: Tensor) -> Tensor:
+        weight, slope = self._cast(x.dtype)
+        return slope * (x @ weight.t())
+
+    def rmv(self, y: Tensor) -> Tensor:
+        weight, slope = self._cast(y.dtype)
+        return (slope * y) @ weight

@@ -1,0 +1,99 @@
+"""The weight-tied convolutional cell ``z = act(A ⋆ z + B ⋆ x + b)``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..operator import LinearOperator
+from ..parametrizations.conv import conv_operator_norm, conv_spectral_norm
+
+__all__ = ["ConvCell"]
+
+_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+
+
+class ConvCell(nn.Module):
+    """``Φ(z, x) = act(A ⋆ z + B ⋆ x + b)`` on ``size`` = (H, W) feature maps.
+
+    ``act`` (ReLU or tanh) is 1-Lipschitz, so Φ(·, x) is a γ-contraction when the operator
+    norm of ``z ↦ A ⋆ z`` on (C, H, W) images is ≤ γ; ``contraction=γ`` enforces that by
+    :func:`~implicitnets.conv_spectral_norm`, ``None`` leaves ``A`` free.  Has
+    ``inject``/``step`` so the layer computes ``B ⋆ x + b`` once per solve, and the
+    closed-form :meth:`jacobian` that AID's adjoint solve uses.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        size: tuple[int, int],
+        *,
+        contraction: float | None = 0.9,
+        activation: str = "relu",
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"ConvCell: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size % 2 != 1:
+            raise ValueError(f"ConvCell: kernel_size must be an odd int, got {kernel_size!r}")
+        self.channels, self.size, self.contraction, self.activation = channels, tuple(size), contraction, activation
+        self.padding = kernel_size // 2
+        self.A = nn.Conv2d(channels, channels, kernel_size, padding=self.padding, bias=False)
+        self.B = nn.Conv2d(in_channels, channels, kernel_size, padding=self.padding)
+        with torch.no_grad():  # start well inside the contraction region
+            self.A.weight.mul_(0.5)
+        if contraction is not None:
+            conv_spectral_norm(self.A, bound=contraction, input_shape=self.size)
+        self._act = _ACTIVATIONS[activation]
+
+    def inject(self, x: Tensor) -> Tensor:
+        """``u = B ⋆ x + b``, computed once per solve."""
+        return self.B(x)
+
+    def step(self, z: Tensor, u: Tensor) -> Tensor:
+        """One map evaluation ``act(A ⋆ z + u)``."""
+        return self._act(self.A(z) + u)
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:
+        return self.step(z, self.inject(x))
+
+    def initial_state(self, x: Tensor) -> Tensor:
+        """``z₀ = 0`` of shape (batch, C, H, W)."""
+        return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
+
+    def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> LinearOperator:
+        """``J = ∂₁Φ(w)`` in closed form from ``out = Φ(w, u)``: with ``D = act'`` at ``w``
+        (ReLU: ``out > 0``; tanh: ``1 − out²``), ``J y = D ⊙ (A ⋆ y)`` and
+        ``Jᵀ v = Aᵀ ⋆ (D ⊙ v)`` (a transposed convolution).  The effective weight is
+        captured, detached, when this is called (inside the solve's parametrization cache)."""
+        out = out.detach()
+        slope = (out > 0).to(out.dtype) if self.activation == "relu" else 1 - out * out
+        return _ConvJacobian(self.A.weight.detach(), slope, self.padding)
+
+    def lipschitz_bound(self) -> float:
+        """``‖A ⋆ ·‖₂`` on (C, H, W) (power iteration to convergence) times Lip(act) = 1: a
+        global bound of Lip(Φ(·, x)) for every ``x`` (approached from below by the estimate)."""
+        return conv_operator_norm(self.A, self.size)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, size={self.size}, contraction={self.contraction}, activation={self.activation}"
+
+
+class _ConvJacobian(LinearOperator):
+    """``J y = D ⊙ (A ⋆ y)``, ``Jᵀ v = Aᵀ ⋆ (D ⊙ v)`` for a stride-1, same-size convolution."""
+
+    def __init__(self, weight: Tensor, slope: Tensor, padding: int) -> None:
+        self.weight, self.slope, self.padding = weight, slope, padding
+
+    @property
+    def like(self) -> Tensor:
+        return self.slope
+
+    def mv(self, x: Tensor) -> Tensor:
+        return self.slope.to(x.dtype) * F.conv2d(x, self.weight.to(x.dtype), None, 1, self.padding)
+
+    def rmv(self, y: Tensor) -> Tensor:
+        return F.conv_transpose2d(self.slope.to(y.dtype) * y, self.weight.to(y.dtype), None, 1, self.padding)
