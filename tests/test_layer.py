@@ -31,8 +31,8 @@ def make_layer(backward=None, solver=None, contraction=0.9):
 def test_sequential_state_dict_and_dtype_round_trip():
     model = nn.Sequential(make_layer(), nn.Linear(8, 3))
     x = torch.randn(5, 4)
-    model(x)  # a training-mode call advances the power iteration: it is part of the state
-    model.eval()  # eval mode: the parametrization uses the stored vectors without advancing them
+    model(x)  # the first call runs the power iteration: its vectors are part of the state
+    model.eval()
     out = model(x)
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -275,17 +275,23 @@ def test_power_iteration_tracks_a_fast_moving_weight_in_eval_mode_too():
     assert worst <= 0.9 * (1 + 1e-4), worst
 
 
-def test_spectral_norm_leaves_small_weights_alone_and_eval_does_not_iterate():
+def test_spectral_norm_leaves_small_weights_alone_and_iterates_only_when_the_weight_changes():
     linear_module = nn.Linear(5, 5)
     with torch.no_grad():
         linear_module.weight.mul_(0.01)
     before = linear_module.weight.detach().clone()
     inn.spectral_norm(linear_module, bound=0.9)
     assert torch.allclose(linear_module.weight, before, rtol=1e-12, atol=0)
-    linear_module.eval()
-    u = linear_module.parametrizations.weight[0]._u.clone()
-    linear_module.weight
-    assert torch.equal(u, linear_module.parametrizations.weight[0]._u)
+    bound = linear_module.parametrizations.weight[0]
+    with torch.no_grad():  # make the stored vectors stale, so that a power iteration would show
+        bound._u.mul_(-1.0)
+    u = bound._u.clone()
+    linear_module.weight  # same weight as at the last read: no iteration, in train mode too
+    assert linear_module.training and torch.equal(u, bound._u)
+    with torch.no_grad():
+        linear_module.parametrizations.weight.original.add_(0.01 * torch.randn(5, 5))
+    linear_module.weight  # the weight changed: the power iteration runs again
+    assert not torch.equal(u, bound._u)
 
 
 def test_project_spectral_clips_singular_values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -99,7 +100,6 @@ def test_tensor_shaped_b(solver):
 def test_cg_warns_on_nonsymmetric():
     with pytest.warns(NonSymmetricWarning):
         _solve(CG(max_iter=5), _nonsym(), _rhs((N,)))
-    assert issubclass(NonSymmetricWarning, UserWarning)
 
 
 def test_cg_no_warning_on_symmetric_or_when_disabled():
@@ -266,7 +266,7 @@ def test_invalid_options_raise(make):
 
 
 def test_solvers_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         GMRES().restart = 3  # type: ignore[misc]
 
 
