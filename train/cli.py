@@ -11,13 +11,17 @@ changed in this file and nowhere else.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 import implicitnets as inn
 from implicitnets import hypergrad as hg
 from implicitnets import linear
 
 __all__ = [
     "SOLVERS", "LINEAR_SOLVERS", "BACKWARDS", "HYPERGRADIENTS",
-    "make_solver", "make_linear_solver", "make_backward", "make_hypergradient",
+    "run", "make_solver", "make_linear_solver", "make_backward", "make_hypergradient",
 ]
 
 SOLVERS = ("fp", "anderson")
@@ -82,3 +86,11 @@ def make_hypergradient(spec: str, steps: int) -> hg.ReverseITD | hg.ForwardITD |
     if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
         return hg.AID(make_linear_solver(spec[4:], steps))
     raise ValueError(f"unknown --method {spec!r}; choose one of {', '.join(HYPERGRADIENTS)}")
+
+
+def run(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:
+    """A script's entry point: ``main(parse_args())``, a bad option reported in one line."""
+    try:
+        main(parse_args())
+    except ValueError as err:
+        sys.exit(f"error: {err}")

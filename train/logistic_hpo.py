@@ -13,7 +13,6 @@ at w_T with k = T), and λ is updated by Adam, projected onto λ ≥ 0.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from implicitnets import hypergrad as hg
 from train.atomic import pyplot, write_csv, write_png
-from train.cli import make_hypergradient
+from train.cli import make_hypergradient, run
 from train.config import parse_config
 
 
@@ -124,7 +123,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ValueError as err:  # a bad option: one clear line
-        sys.exit(f"error: {err}")
+    run(main, parse_args)

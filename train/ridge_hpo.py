@@ -15,7 +15,6 @@ the best single λ from a validation grid.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ import torch
 
 from implicitnets import hypergrad as hg
 from train.atomic import pyplot, write_csv, write_png
-from train.cli import make_linear_solver
+from train.cli import make_linear_solver, run
 from train.config import parse_config
 
 
@@ -135,7 +134,4 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except ValueError as err:  # a bad option: one clear line
-        sys.exit(f"error: {err}")
+    run(main, parse_args)
