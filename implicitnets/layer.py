@@ -7,7 +7,7 @@ respect to ``x`` and θ by the chosen backward mode (:class:`ITD`, :class:`AID`,
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +33,8 @@ def _check_options(solver: object, backward: object) -> None:
         if type(backward).__module__.startswith("implicitnets.linear"):
             hint = f"; to use a linear solver write backward=AID({backward!r})"
         raise ValueError(
-            f"backward must be an implicitnets.BackwardMode (e.g. ITD(), AID(...), JacobianFree()), got {backward!r}{hint}"
+            "backward must be an implicitnets.BackwardMode (e.g. ITD(), AID(...), JacobianFree()), "
+            f"got {backward!r}{hint}"
         )
 
 

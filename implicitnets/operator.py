@@ -15,7 +15,7 @@ which :func:`state_jacobian` prefers.
 from __future__ import annotations
 
 import abc
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -158,7 +158,9 @@ class GraphJacobian(LinearOperator):
         return out.detach().to(dtype)
 
     @staticmethod
-    def _grad(outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False) -> tuple[Tensor, ...]:
+    def _grad(
+        outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False
+    ) -> tuple[Tensor, ...]:
         pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
         if not pairs:  # the output does not depend on w at all: J = 0
             return tuple(torch.zeros_like(z) for z in inputs)

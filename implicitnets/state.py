@@ -8,14 +8,14 @@ their edge; everything else works part by part with :func:`parts` and :func:`pac
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["State", "parts", "pack", "map_parts", "Flattener"]
 
-State = Union[Tensor, tuple[Tensor, ...]]
+State = Tensor | tuple[Tensor, ...]
 
 
 def parts(state: State) -> tuple[Tensor, ...]:

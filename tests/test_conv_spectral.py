@@ -109,12 +109,15 @@ def test_gradients_flow_through_the_parametrization():
     "make_bad, message",
     [
         (lambda: conv_spectral_norm(nn.Linear(3, 3), bound=0.5, input_shape=SIZE), "expected an nn.Conv2d"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), bound=0.5, input_shape=SIZE), "padding_mode"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.0, input_shape=SIZE), "bound must be a finite number > 0"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3, padding=1, padding_mode="circular"), bound=0.5,
+                                    input_shape=SIZE), "padding_mode"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.0, input_shape=SIZE),
+         "bound must be a finite number > 0"),
         (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.5, input_shape=(3, 7, 6)), "input_shape"),
         (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.5, input_shape=SIZE, max_iter=0), "max_iter"),
         (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 3), bound=0.5, input_shape=SIZE, tol=1.5), "tol must be"),
-        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 2, padding="same"), bound=0.5, input_shape=SIZE), "odd effective kernel"),
+        (lambda: conv_spectral_norm(nn.Conv2d(2, 2, 2, padding="same"), bound=0.5, input_shape=SIZE),
+         "odd effective kernel"),
     ],
 )
 def test_bad_arguments_raise(make_bad, message):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import implicitnets as inn
-from implicitnets.operator import linearize
 from implicitnets.diagnostics import (
     detect_divergence,
     hypergradient_error,
@@ -17,8 +16,7 @@ from implicitnets.diagnostics import (
     jacobian_spectral_radius,
     lipschitz_bound,
 )
-
-
+from implicitnets.operator import linearize
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -55,7 +53,7 @@ def test_linearization_matches_jacobian():
     z, x = torch.randn(3, 5, generator=_gen(2)), torch.randn(3, 5, generator=_gen(3))
     lin = linearize(f, z, x)
     v = torch.randn(3, 5, generator=_gen(4))
-    J = torch.stack([torch.func.jacrev(lambda w: f(w, x[b]))(z[b]) for b in range(3)])
+    J = torch.stack([torch.func.jacrev(lambda w, b=b: f(w, x[b]))(z[b]) for b in range(3)])
     torch.testing.assert_close(lin.mv(v), torch.einsum("bij,bj->bi", J, v), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lin.rmv(v), torch.einsum("bji,bj->bi", J, v), rtol=1e-12, atol=1e-12)
 
@@ -95,7 +93,7 @@ def test_spectral_radius_of_tanh_map_at_fixed_point():
         f.A.weight.mul_(2.0)
     x = torch.randn(4, 7, generator=_gen(7))
     z = torch.randn(4, 12, generator=_gen(8))
-    J = torch.stack([torch.func.jacrev(lambda w: f(w[None], x[b : b + 1])[0])(z[b]) for b in range(4)])
+    J = torch.stack([torch.func.jacrev(lambda w, b=b: f(w[None], x[b : b + 1])[0])(z[b]) for b in range(4)])
     est = jacobian_spectral_radius(f, z, x, krylov_dim=12, generator=_gen(9))
     torch.testing.assert_close(est.per_sample, torch.linalg.eigvals(J).abs().max(1).values, rtol=1e-8, atol=0)
     whole = jacobian_spectral_radius(f, z, x, krylov_dim=48, per_sample=False, generator=_gen(9))
@@ -130,7 +128,7 @@ def test_spectral_norm_of_tanh_map_bounded_by_lipschitz_bound():
     x = torch.randn(6, 5, generator=_gen(16))
     z = torch.randn(6, 9, generator=_gen(17))
     est = jacobian_spectral_norm(f, z, x, max_iter=3000, tol=1e-14, generator=_gen(18))
-    J = torch.stack([torch.func.jacrev(lambda w: f(w[None], x[b : b + 1])[0])(z[b]) for b in range(6)])
+    J = torch.stack([torch.func.jacrev(lambda w, b=b: f(w[None], x[b : b + 1])[0])(z[b]) for b in range(6)])
     torch.testing.assert_close(est.per_sample, torch.linalg.matrix_norm(J, ord=2), rtol=1e-8, atol=0)
     bound = lipschitz_bound(f)
     assert bound == pytest.approx(0.7, rel=1e-10)

@@ -83,7 +83,8 @@ def test_setup_is_expansive_where_the_adjoint_is_solved(solver):
 def test_raise_raises_a_clear_error(solver):
     f = _expansive_map()
     x, y = _data()
-    with pytest.raises(inn.ConvergenceError, match=r"Neumann solve of \(I - J\^T\) v = g did not converge.*contraction"):
+    message = r"Neumann solve of \(I - J\^T\) v = g did not converge.*contraction"
+    with pytest.raises(inn.ConvergenceError, match=message):
         _grads(f, inn.AID(DIVERGING, on_failure=inn.Raise()), x, y, solver=solver)
 
 

@@ -8,8 +8,6 @@ import torch
 import implicitnets as inn
 from implicitnets import linear
 
-
-
 pytestmark = pytest.mark.usefixtures("float64")
 
 

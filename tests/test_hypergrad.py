@@ -14,7 +14,6 @@ import implicitnets as inn
 from implicitnets import hypergrad as hg
 from implicitnets import linear
 
-
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
@@ -178,7 +177,9 @@ def test_truncated_reverse_itd_equals_aid_fp_logistic(logistic: Logistic) -> Non
 # ----------------------------------------------------------------- non-symmetric maps, API behaviour
 
 
-@pytest.mark.parametrize("solver", [linear.GMRES(max_iter=60, tol=1e-13), linear.NormalCG(max_iter=200, tol=1e-13)], ids=repr)
+@pytest.mark.parametrize(
+    "solver", [linear.GMRES(max_iter=60, tol=1e-13), linear.NormalCG(max_iter=200, tol=1e-13)], ids=repr
+)
 def test_aid_on_heavy_ball_state_matches_dense(logistic: Logistic, solver) -> None:
     """Heavy-ball's state map has a non-symmetric Jacobian: GMRES / NormalCG, not CG."""
     opt = hg.HeavyBall(lr=0.5, momentum=0.5)
@@ -210,7 +211,9 @@ def test_no_grad_mutation_and_inputs_untouched(ridge: Ridge) -> None:
 
 def test_unused_hyperparameter_gets_zero_gradient(ridge: Ridge) -> None:
     unused = torch.ones(3)
-    for method, w in ((hg.ReverseITD(3), ridge.w0), (hg.ForwardITD(3), ridge.w0), (hg.AID(linear.CG(max_iter=3, tol=0.0)), ridge.w_star)):
+    methods = ((hg.ReverseITD(3), ridge.w0), (hg.ForwardITD(3), ridge.w0),
+               (hg.AID(linear.CG(max_iter=3, tol=0.0)), ridge.w_star))
+    for method, w in methods:
         grads = method(ridge.phi, ridge.E, w, (ridge.lam, unused))
         assert torch.equal(grads[1], torch.zeros(3))
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from implicitnets import hypergrad as hg
 from implicitnets import linear
 
-
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
@@ -59,7 +58,7 @@ def test_heavy_ball_lr_and_momentum_hypergradients_match_finite_differences() ->
         return outer(hg.unroll(opt, inner, w0, h, T), h)
 
     for i in range(3):
-        fd = fd4(lambda x: f(*(x if j == i else hp[j] for j in range(3))), hp[i])
+        fd = fd4(lambda x, i=i: f(*(x if j == i else hp[j] for j in range(3))), hp[i])
         assert torch.allclose(grads[i], fd, rtol=1e-8, atol=0), (i, grads[i], fd)
 
 
@@ -142,7 +141,7 @@ def test_sid_converges_toward_exact_with_decreasing_steps() -> None:
         errs = []
         for seed in range(2):
             gen = torch.Generator().manual_seed(100 + seed)
-            sample = lambda: torch.randint(0, X.shape[0], (10,), generator=gen)  # noqa: E731
+            sample = lambda gen=gen: torch.randint(0, X.shape[0], (10,), generator=gen)
             (g,) = hg.SID(T, T, schedule, schedule)(phi, E, torch.zeros(10), lam, sample)
             errs.append(float((g - exact).norm() / exact.norm()))
         return sum(errs) / len(errs)

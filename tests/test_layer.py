@@ -13,7 +13,6 @@ from torch import nn
 import implicitnets as inn
 from implicitnets import linear
 
-
 pytestmark = pytest.mark.usefixtures("float64")
 
 
@@ -155,7 +154,8 @@ def test_nan_in_input_raises():
 def test_nan_from_the_map_raises():
     f = lambda w, x: w * math.inf + x  # noqa: E731
     with pytest.raises(inn.NonFiniteError, match="NaN/Inf"):
-        inn.fixed_point(f, torch.ones(3), solver=inn.FixedPointIteration(10, 1e-6), backward=inn.ITD(), z0=torch.ones(3))
+        inn.fixed_point(f, torch.ones(3), solver=inn.FixedPointIteration(10, 1e-6), backward=inn.ITD(),
+                        z0=torch.ones(3))
     with pytest.raises(inn.NonFiniteError, match="NaN/Inf"):
         inn.fixed_point(f, torch.ones(3), solver=inn.FixedPointIteration(10, 0.0), backward=inn.ITD(), z0=torch.ones(3))
 
@@ -270,7 +270,7 @@ def test_power_iteration_tracks_a_fast_moving_weight_in_eval_mode_too():
         layer.eval() if step % 2 else layer.train()
         worst = max(worst, float(torch.linalg.matrix_norm(cell.A.weight.detach(), 2)))
         assert bound.last_iterations > 0
-        cell.A.weight
+        _ = cell.A.weight
         assert bound.last_iterations == 0
     assert worst <= 0.9 * (1 + 1e-4), worst
 
@@ -286,11 +286,11 @@ def test_spectral_norm_leaves_small_weights_alone_and_iterates_only_when_the_wei
     with torch.no_grad():  # make the stored vectors stale, so that a power iteration would show
         bound._u.mul_(-1.0)
     u = bound._u.clone()
-    linear_module.weight  # same weight as at the last read: no iteration, in train mode too
+    _ = linear_module.weight  # same weight as at the last read: no iteration, in train mode too
     assert linear_module.training and torch.equal(u, bound._u)
     with torch.no_grad():
         linear_module.parametrizations.weight.original.add_(0.01 * torch.randn(5, 5))
-    linear_module.weight  # the weight changed: the power iteration runs again
+    _ = linear_module.weight  # the weight changed: the power iteration runs again
     assert not torch.equal(u, bound._u)
 
 
@@ -330,4 +330,4 @@ def test_nan_in_a_spectrally_bounded_weight_raises():
     with torch.no_grad():
         linear_module.parametrizations.weight.original[0, 0] = math.nan
     with pytest.raises(inn.NonFiniteError, match="weight contains NaN"):
-        linear_module.weight
+        _ = linear_module.weight

@@ -29,8 +29,9 @@ def test_gradients_match_the_exact_implicit_gradient(model_cls, kwargs):
     torch.manual_seed(0)
     x = torch.randn(3, 1, 6, 6) if model_cls is FCEquilibrium else torch.randn(3, 1, 8, 8)
     grads = {}
-    for name, backward in [("exact", inn.AID(linear.Exact())), ("gmres", inn.AID(linear.GMRES(max_iter=200, tol=1e-14))),
-                           ("itd", inn.ITD())]:
+    modes = [("exact", inn.AID(linear.Exact())), ("gmres", inn.AID(linear.GMRES(max_iter=200, tol=1e-14))),
+             ("itd", inn.ITD())]
+    for name, backward in modes:
         torch.manual_seed(1)
         model = model_cls(**kwargs, contraction=0.7, **_tight(backward)).double().eval()
         model.zero_grad()

@@ -133,11 +133,11 @@ class Halving(inn.ForwardSolver):
     tol: float = 1e-15
 
     def solve(self, g, z0):
-        z = z0
-        for k in range(1, self.max_iter + 1):
+        z, k = z0, 0
+        while k < self.max_iter:
             z_new = 0.5 * (z + g(z))
             change = float((z_new - z).detach().abs().max())
-            z = z_new
+            z, k = z_new, k + 1
             if self.tol > 0 and change <= self.tol:
                 break
         return z, inn.SolverStats(iterations=k, residual=change, converged=change <= self.tol)
@@ -250,7 +250,8 @@ def test_options_are_checked_by_base_class():
 
 def test_aid_warm_start_reuses_previous_adjoint():
     cell, x, R, ref = _tanh_problem()
-    layer = inn.FixedPointLayer(cell, solver=TIGHT, backward=inn.AID(linear.GMRES(max_iter=60, tol=1e-12), warm_start=True))
+    backward = inn.AID(linear.GMRES(max_iter=60, tol=1e-12), warm_start=True)
+    layer = inn.FixedPointLayer(cell, solver=TIGHT, backward=backward)
     iterations = []
     for _ in range(2):
         cell.zero_grad()

@@ -73,7 +73,8 @@ def test_baseline_trained_in_the_same_run(tmp_path):
 def test_resume_ends_with_the_same_weights(tmp_path):
     common = ["--epochs", "2", "--width", "32", "--batch-size", "500", "--augment", "1"]
     run(tmp_path / "straight", *common)
-    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["train_loss"] for line in lines]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
     first = run(tmp_path / "split", *common, "--stop-after", "1")
     assert first["epochs_completed"] == 1
@@ -183,7 +184,7 @@ def test_two_process_ddp_gradients_equal_single_process(tmp_path):
     single = run(tmp_path / "single", *args)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "train.mnist",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "train.mnist",
            *SMALL, "--out", str(tmp_path / "ddp"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

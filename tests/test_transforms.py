@@ -71,7 +71,8 @@ def test_anderson_bookkeeping_is_float32_under_autocast():
     cell = _cell()
     x = torch.randn(4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
-        w, stats = inn.fixed_point(cell, x, solver=inn.Anderson(max_iter=40, tol=1e-2), backward=inn.AID(linear.GMRES()))
+        w, stats = inn.fixed_point(cell, x, solver=inn.Anderson(max_iter=40, tol=1e-2),
+                                   backward=inn.AID(linear.GMRES()))
     assert w.dtype == torch.bfloat16 and stats.converged and stats.residual <= 1e-2
 
 
@@ -97,7 +98,8 @@ def test_torch_func_grad_and_vjp(backward):
 
 
 def test_torch_func_refuses_aid_clearly():
-    layer = inn.FixedPointLayer(inn.maps.TanhMap(6, 5), solver=inn.FixedPointIteration(), backward=inn.AID(linear.GMRES()))
+    layer = inn.FixedPointLayer(inn.maps.TanhMap(6, 5), solver=inn.FixedPointIteration(),
+                                backward=inn.AID(linear.GMRES()))
     with pytest.raises(NotImplementedError, match="torch.func.*ITD\\(\\) or JacobianFree\\(\\)"):
         torch.func.grad(lambda xi: layer(xi).sum())(torch.randn(3, 6))
 

@@ -76,13 +76,15 @@ def make_chains(cfg: Config, length: int, generator: torch.Generator) -> dict[st
     position = torch.arange(length)
     node = (start[:, None] + position[None, :]).reshape(-1)
     labels = torch.arange(chains).div(cfg.chains_per_class, rounding_mode="floor").repeat_interleave(length)
-    edges = torch.stack([node.reshape(chains, length)[:, :-1].reshape(-1), node.reshape(chains, length)[:, 1:].reshape(-1)])
+    grid = node.reshape(chains, length)
+    edges = torch.stack([grid[:, :-1].reshape(-1), grid[:, 1:].reshape(-1)])
     features = torch.zeros(1, cfg.classes, n)
     features[0, labels[start], start] = 1.0
     train = torch.zeros(n, dtype=torch.bool)
     for c in range(cfg.classes):
         members = (labels == c).nonzero().squeeze(1)
-        pick = members[torch.randperm(len(members), generator=generator)[: max(1, round(cfg.train_fraction * len(members)))]]
+        count = max(1, round(cfg.train_fraction * len(members)))
+        pick = members[torch.randperm(len(members), generator=generator)[:count]]
         train[pick] = True
     return {"edges": edges, "features": features, "labels": labels, "train": train,
             "distance": position.repeat(chains), "n": torch.tensor(n)}
@@ -159,7 +161,8 @@ def train_one(model: nn.Module, data: dict[str, Tensor], cfg: Config) -> dict[st
     far = test & (data["distance"] > cfg.depth)  # beyond the GCN's receptive field
     return {"train_loss": losses[-1], "test_acc": float(correct[test].float().mean()),
             "far_acc": float(correct[far].float().mean()) if far.any() else float("nan"),
-            "seconds": seconds, "parameters": parameters(model), "finite": all(map(torch.isfinite, map(torch.tensor, losses)))}
+            "seconds": seconds, "parameters": parameters(model),
+            "finite": all(map(torch.isfinite, map(torch.tensor, losses)))}
 
 
 def plot(rows: list[dict], cfg: Config, path: str) -> None:
@@ -217,7 +220,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(os.path.join(cfg.out, "chains.csv"), buf.getvalue().encode())
-    write_atomic(os.path.join(cfg.out, "summary.json"), json.dumps({"config": asdict(cfg), "rows": rows}, indent=1).encode())
+    summary = json.dumps({"config": asdict(cfg), "rows": rows}, indent=1)
+    write_atomic(os.path.join(cfg.out, "summary.json"), summary.encode())
     plot(rows, cfg, os.path.join(cfg.out, "chains.png"))
     return rows
 

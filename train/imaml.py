@@ -36,8 +36,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -234,7 +234,8 @@ def load_pools(cfg: Config) -> tuple[list[Tensor], list[Tensor]]:
 
 def write_results(cfg: Config, results: list[dict]) -> None:
     os.makedirs(cfg.out, exist_ok=True)
-    lines = ["| shots | method | meta-test accuracy (%) | ± 95% | time per meta-step (ms) | final meta-train query loss |",
+    lines = ["| shots | method | meta-test accuracy (%) | ± 95% | time per meta-step (ms) "
+             "| final meta-train query loss |",
              "|---:|---|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r['shots']} | {r['method']} | {100 * r['acc']:.2f} | {100 * r['ci95']:.2f} | "
@@ -246,7 +247,8 @@ def write_results(cfg: Config, results: list[dict]) -> None:
         csv.write(f"{r['shots']},{r['method']},{r['acc']:.6f},{r['ci95']:.6f},{r['ms_per_step']:.3f},{r['final_loss']:.6f}\n")
     write_atomic(os.path.join(cfg.out, "imaml.csv"), csv.getvalue().encode())
     slim = [{k: v for k, v in r.items() if k != "losses"} for r in results]
-    write_atomic(os.path.join(cfg.out, "summary.json"), json.dumps({"config": asdict(cfg), "results": slim}, indent=1).encode())
+    summary = json.dumps({"config": asdict(cfg), "results": slim}, indent=1)
+    write_atomic(os.path.join(cfg.out, "summary.json"), summary.encode())
     curves = {f"{r['shots']}-shot {r['method']}": r["losses"] for r in results if r["losses"]}
     write_atomic(os.path.join(cfg.out, "losses.json"), json.dumps(curves).encode())
 

@@ -9,10 +9,9 @@ stalled trace (residual flat above tolerance) is *not* divergence: that is
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
-import torch
 from torch import Tensor
 
 __all__ = ["DivergenceReport", "detect_divergence"]

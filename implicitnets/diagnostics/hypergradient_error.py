@@ -13,8 +13,8 @@ meaningful where the reference itself is: when ``I − ∂₁Φ`` is near-singul
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

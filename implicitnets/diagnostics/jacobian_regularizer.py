@@ -13,7 +13,7 @@ Passing all scaled basis vectors ``√d·e_i`` as probes makes the estimate exac
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

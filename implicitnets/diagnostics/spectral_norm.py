@@ -12,14 +12,14 @@ symmetric ``JᵀJ``, so it is always a *lower* bound of ‖J‖₂ and its error
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._flat import flat_operators, random_rows
 from ..errors import NonFiniteError
 from ..operator import linearize
+from ._flat import flat_operators, random_rows
 from .spectral_estimate import SpectralEstimate
 
 __all__ = ["jacobian_spectral_norm"]
@@ -52,7 +52,7 @@ def jacobian_spectral_norm(
     sigma = torch.full((n,), float("nan"), dtype=z.dtype, device=z.device)
     converged = False
     iterations = 0
-    for iterations in range(1, max_iter + 1):
+    for iterations in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
         JV = matvec(V)
         new = torch.linalg.vector_norm(JV, dim=1)
         if not torch.isfinite(new).all():

@@ -17,14 +17,14 @@ spectrum); use ``krylov_dim`` large enough and check ``converged``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ._flat import flat_operators, random_rows
 from ..errors import NonFiniteError
 from ..operator import linearize
+from ._flat import flat_operators, random_rows
 from .spectral_estimate import SpectralEstimate
 
 __all__ = ["jacobian_spectral_radius"]

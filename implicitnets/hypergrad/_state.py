@@ -7,7 +7,7 @@ one gradient per hyperparameter, shaped like it (zeros where ``λ_i`` is unused)
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from ..errors import NonFiniteError
 
 __all__ = ["State", "Hparams", "InnerMap", "OuterLoss"]
 
-State = Union[Tensor, tuple[Tensor, ...]]
+State = Tensor | tuple[Tensor, ...]
 Hparams = tuple[Tensor, ...]
 InnerMap = Callable[[State, Hparams], State]
 """``Φ(w, λ) -> w``: one step of the inner dynamics (a contraction for AID)."""

@@ -14,8 +14,8 @@ or ``linear.Exact``.  Memory O(d), independent of the inner iteration count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -90,7 +90,12 @@ class AID:
         return AIDResult(grads, v, info)
 
     def __call__(
-        self, phi: InnerMap, outer_loss: OuterLoss, w: Tensor, hparams: Tensor | Sequence[Tensor], v0: Tensor | None = None
+        self,
+        phi: InnerMap,
+        outer_loss: OuterLoss,
+        w: Tensor,
+        hparams: Tensor | Sequence[Tensor],
+        v0: Tensor | None = None,
     ) -> tuple[Tensor, ...]:
         """``∇₂E(w, λ) + ∂₂Φ(w, λ)ᵀ v``, one tensor per hyperparameter."""
         return self.solve(phi, outer_loss, w, hparams, v0).grads

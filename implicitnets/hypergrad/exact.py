@@ -12,7 +12,7 @@ The dense reference solves the implicit equation with full Jacobians (small prob
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

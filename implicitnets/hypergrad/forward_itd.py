@@ -13,8 +13,8 @@ be written with ``torch.func``-compatible operations (e.g. :class:`GradientStep`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -80,7 +80,9 @@ def tangent_step(
     return new_state, tuple(z.detach() for z in Z_new)
 
 
-def contract(Z: Tangents, grads_w: tuple[Tensor, ...], grads_h: tuple[Tensor, ...], hparams: Hparams) -> tuple[Tensor, ...]:
+def contract(
+    Z: Tangents, grads_w: tuple[Tensor, ...], grads_h: tuple[Tensor, ...], hparams: Hparams
+) -> tuple[Tensor, ...]:
     """``∇₂E + Zᵀ ∇₁E``, split back into one tensor per hyperparameter."""
     total = sum((z.reshape(z.shape[0], -1) @ g.reshape(-1)) for z, g in zip(Z, grads_w))
     out, start = [], 0

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 import torch
 from torch import Tensor
@@ -12,7 +12,7 @@ from ._state import Hparams
 
 __all__ = ["GradientStep"]
 
-StepSize = Union[float, Callable[[Hparams], Tensor]]
+StepSize = float | Callable[[Hparams], Tensor]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class GradientStep:
         if not callable(self.inner_loss):
             raise ValueError("GradientStep: inner_loss must be callable (w, hparams) -> scalar")
         if not callable(self.step_size):
-            if isinstance(self.step_size, bool) or not isinstance(self.step_size, (int, float)) or not self.step_size > 0:
+            size = self.step_size
+            if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
                 raise ValueError(f"GradientStep: step_size must be > 0 or a callable, got {self.step_size!r}")
 
     def eta(self, hparams: Hparams) -> Tensor | float:

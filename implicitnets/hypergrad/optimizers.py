@@ -14,18 +14,18 @@ its hypergradient comes out of any method like the others.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from ._state import Hparams, InnerMap, OuterLoss, State, as_hparams, check_steps, detach, leaves
+from ._state import Hparams, InnerMap, OuterLoss, State, as_hparams, check_steps
 from .gradient_step import GradientStep
 
 __all__ = ["GradientDescent", "HeavyBall", "OnParams", "unroll"]
 
-Scalar = Union[float, Callable[[Hparams], Tensor]]
+Scalar = float | Callable[[Hparams], Tensor]
 InnerLoss = Callable[[Tensor, Hparams], Tensor]
 
 
@@ -72,7 +72,7 @@ class GradientDescent:
 
 @dataclass(frozen=True)
 class _HeavyBallMap:
-    opt: "HeavyBall"
+    opt: HeavyBall
     inner_loss: InnerLoss
 
     def __call__(self, state: State, hparams: Hparams) -> State:

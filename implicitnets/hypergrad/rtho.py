@@ -12,8 +12,8 @@ O(m·d); the whole optimisation costs about one inner run.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor

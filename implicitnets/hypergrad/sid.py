@@ -15,8 +15,9 @@ With full batches and unit steps, SID is AID-FP at ``w_t`` exactly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
 import torch
 from torch import Tensor

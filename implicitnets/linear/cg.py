@@ -1,4 +1,5 @@
-"""Conjugate gradients: :class:`CG` (symmetric positive definite ``A``) and :class:`NormalCG` (CG on ``Aᵀ A x = Aᵀ b``, any non-singular ``A``)."""
+"""Conjugate gradients: :class:`CG` (symmetric positive definite ``A``) and :class:`NormalCG`
+(CG on ``Aᵀ A x = Aᵀ b``, any non-singular ``A``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,19 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
-from .base import LinearInfo, LinearSolver, MatVec, Problem, check_options, dot, flat_mv, norm, restarted, safe_div, stop
+from .base import (
+    LinearInfo,
+    LinearSolver,
+    MatVec,
+    Problem,
+    check_options,
+    dot,
+    flat_mv,
+    norm,
+    restarted,
+    safe_div,
+    stop,
+)
 
 
 class NonSymmetricWarning(UserWarning):

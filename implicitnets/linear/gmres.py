@@ -8,7 +8,19 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
-from .base import LinearInfo, LinearSolver, MatVec, Problem, check_options, dot, flat_mv, norm, restarted, safe_div, stop
+from .base import (
+    LinearInfo,
+    LinearSolver,
+    MatVec,
+    Problem,
+    check_options,
+    dot,
+    flat_mv,
+    norm,
+    restarted,
+    safe_div,
+    stop,
+)
 
 __all__ = ['GMRES']
 

@@ -79,7 +79,8 @@ class ConvCell(nn.Module):
         return conv_operator_norm(self.A, self.size)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, size={self.size}, contraction={self.contraction}, activation={self.activation}"
+        return (f"channels={self.channels}, size={self.size}, contraction={self.contraction}, "
+                f"activation={self.activation}")
 
 
 class _ConvJacobian(LinearOperator):

@@ -88,7 +88,8 @@ class ConvOperatorBound(PowerIterationBound):
         check_power_options("conv_spectral_norm", tol, max_iter)
         if weight.dim() != 4:
             raise ValueError(f"conv_spectral_norm: expected a 4-d Conv2d kernel, got shape {tuple(weight.shape)}")
-        self.geometry = _ConvGeometry(input_shape, (weight.shape[2], weight.shape[3]), stride, padding, dilation, groups)
+        kernel = (weight.shape[2], weight.shape[3])
+        self.geometry = _ConvGeometry(input_shape, kernel, stride, padding, dilation, groups)
         generator = torch.Generator(device="cpu").manual_seed(0)
         v0 = torch.randn((1, *input_shape), generator=generator, dtype=weight.dtype)
         super().__init__(weight, bound, v0, tol=tol, max_iter=max_iter)
