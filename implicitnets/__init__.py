@@ -10,6 +10,7 @@ linear solvers, backward modes and failure policies are open: subclass
 
 from . import diagnostics, hypergrad, linear, maps, parametrizations
 from .backward import AID, ITD, BackwardMode, JacobianFree, Problem
+from .bound_map import BoundMap
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .failure import AdjointFailure, FailurePolicy, FallbackITD, FallbackJacobianFree, Raise, Resolution, Warn
 from .layer import FixedPointLayer, fixed_point
@@ -21,6 +22,7 @@ __all__ = [
     "fixed_point",
     "FixedPointLayer",
     "ForwardSolver",
+    "BoundMap",
     "FixedPointIteration",
     "Anderson",
     "SolverStats",

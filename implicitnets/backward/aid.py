@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from ..bound_map import BoundMap
 from ..failure import AdjointFailure, FailurePolicy, Warn
 from ..linear import LinearSolver
 from ..operator import LinearOperator, state_jacobian
@@ -103,7 +104,7 @@ class _Node:
         p = self.problem
         u = p.u.detach().requires_grad_()  # the path through u continues in the outer graph
         with torch.enable_grad(), parametrize.cached():
-            z, _ = p.solver.solve(lambda w: p.step(w, u), p.z0)
+            z, _ = p.solver.solve(BoundMap(p.step, u, p.map().map), p.z0)
             fz = parts(p.step(z, u))  # AID's output is one step past the solve: Φ(w_t)
             return torch.autograd.grad(fz, (u, *p.params), self.unflatten(g, like), allow_unused=True)
 

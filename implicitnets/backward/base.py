@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..bound_map import BoundMap
 from ..solvers import ForwardSolver, SolverStats
 from ..state import State
 
@@ -33,9 +34,9 @@ class Problem:
     module: torch.nn.Module | None = None
     adjoint_x0: Tensor | None = None
 
-    def map(self) -> Callable[[State], State]:
-        """``z ↦ step(z, u)``."""
-        return lambda z: self.step(z, self.u)
+    def map(self) -> BoundMap:
+        """``z ↦ step(z, u)``, as the forward solver receives it."""
+        return BoundMap(self.step, self.u, getattr(self.step, "__self__", self.step))
 
 
 class BackwardMode(abc.ABC):

@@ -42,6 +42,10 @@ class SolverStats:
 class ForwardSolver(abc.ABC):
     """Solves ``z = g(z)`` from ``z0``; subclass it to plug in your own solver.
 
+    ``g`` is any callable state -> state; the layer passes a
+    :class:`~implicitnets.BoundMap` (``g.map`` the map object, ``g.u`` the injected input,
+    ``g.rows(index)`` the map on some samples), which a structure-aware solver may use.
+
     ``solve`` must return the last iterate (a state of ``z0``'s structure; computed from
     ``g``'s outputs so that ITD can differentiate through it) and a :class:`SolverStats`.
     Under ``torch.no_grad`` (AID, JacobianFree) it may work in place.  ``max_iter`` and
