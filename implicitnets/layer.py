@@ -20,7 +20,7 @@ from .state import State, parts
 
 __all__ = ["fixed_point", "FixedPointLayer"]
 
-Map = Callable[[State, Tensor], State]
+Map = Callable[[State, State], State]
 
 
 def _check_options(solver: object, backward: object) -> None:
@@ -51,41 +51,48 @@ def _touch_parametrizations(module: nn.Module) -> None:
                 getattr(sub, name)
 
 
-def _check_input(x: object, module: nn.Module | None) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"x must be a tensor, got {type(x).__name__}")
-    if not (x.is_floating_point() or x.is_complex()):
-        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype} (convert it, e.g. x.float())")
-    if module is not None:
-        weight = next((p for p in module.parameters() if p.is_floating_point()), None)
-        if weight is not None and weight.device != x.device:
-            raise ValueError(f"x is on {x.device} but the map's parameters are on {weight.device}")
-        if weight is not None and weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+def _as_state(value: object, name: str) -> State:
+    """``value`` as a tensor or a tuple of tensors (a list becomes a tuple)."""
+    if isinstance(value, list):
+        value = tuple(value)
+    tensors = isinstance(value, (Tensor, tuple)) and all(isinstance(t, Tensor) for t in parts(value))
+    if not tensors or not parts(value):
+        raise ValueError(f"{name} must be a tensor or a tuple/list of tensors, got {type(value).__name__}")
+    return value
+
+
+def _check_input(x: State, module: nn.Module | None) -> None:
+    weight = None if module is None else next((p for p in module.parameters() if p.is_floating_point()), None)
+    for t in parts(x):
+        if not (t.is_floating_point() or t.is_complex()):
+            raise ValueError(f"x must be a floating-point tensor, got dtype {t.dtype} (convert it, e.g. x.float())")
+        if weight is not None and weight.device != t.device:
+            raise ValueError(f"x is on {t.device} but the map's parameters are on {weight.device}")
+        if weight is not None and weight.dtype != t.dtype and not torch.is_autocast_enabled(t.device.type):
             raise ValueError(
-                f"x has dtype {x.dtype} but the map's parameters have dtype {weight.dtype}; "
+                f"x has dtype {t.dtype} but the map's parameters have dtype {weight.dtype}; "
                 f"convert one of them (e.g. x.to({weight.dtype}))"
             )
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(f"the input x (shape {tuple(x.shape)}) contains NaN or Inf")
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(f"the input x (shape {tuple(t.shape)}) contains NaN or Inf")
 
 
-def _initial_state(f: Map, x: Tensor, z0: State | None) -> State:
+def _initial_state(f: Map, x: State, z0: State | None) -> State:
     init = getattr(f, "initial_state", None)
-    if isinstance(z0, list):
-        z0 = tuple(z0)
-    if z0 is not None and (
-        not isinstance(z0, (Tensor, tuple)) or not parts(z0) or not all(isinstance(t, Tensor) for t in parts(z0))
-    ):
-        raise ValueError(f"z0 must be a tensor or a tuple/list of tensors, got {type(z0).__name__}")
+    if z0 is not None:
+        z0 = _as_state(z0, "z0")
     if z0 is None:
+        if not callable(init) and not isinstance(x, Tensor):
+            raise ValueError("pass z0: with a tuple input x there is no default initial state")
         z0 = init(x) if callable(init) else torch.zeros_like(x)
     elif callable(init):
         want, got = [tuple(t.shape) for t in parts(init(x))], [tuple(t.shape) for t in parts(z0)]
         if want != got:
             raise ValueError(f"z0 has shape {got} but the map's state for this x has shape {want}")
+    first = parts(x)[0]
     for t in parts(z0):
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"z0 has dtype {t.dtype} on {t.device} but x has dtype {x.dtype} on {x.device}")
+        if t.dtype != first.dtype or t.device != first.device:
+            raise ValueError(f"z0 has dtype {t.dtype} on {t.device} but x has dtype {first.dtype} on {first.device}")
         if not torch.isfinite(t).all():
             raise NonFiniteError("z0 contains NaN or Inf")
     return tuple(t.detach() for t in z0) if isinstance(z0, tuple) else z0.detach()
@@ -93,7 +100,7 @@ def _initial_state(f: Map, x: Tensor, z0: State | None) -> State:
 
 def fixed_point(
     f: Map,
-    x: Tensor,
+    x: State,
     *,
     solver: ForwardSolver,
     backward: BackwardMode,
@@ -103,15 +110,17 @@ def fixed_point(
     """Solve ``w = f(w, x)`` and return ``(w*, stats)``, ``w*`` differentiable by ``backward``.
 
     ``f`` is any callable ``f(w, x) -> w``; the state ``w`` is a tensor or a tuple of
-    tensors (e.g. one per resolution).  If ``f`` has ``inject(x) -> u`` and
+    tensors (e.g. one per resolution), and so is the input ``x`` (e.g. the tuple of
+    hyperparameters of a bilevel problem, :mod:`implicitnets.hypergrad`).  If ``f`` has ``inject(x) -> u`` and
     ``step(w, u) -> w`` (like :class:`~implicitnets.maps.TanhMap`), the input term is
     computed once per solve.  ``z0`` defaults to ``f.initial_state(x)`` if ``f`` has one,
-    else ``zeros_like(x)``.  ``adjoint_x0`` warm-starts an AID adjoint solve.
+    else ``zeros_like(x)`` (a tuple ``x`` needs one of the two).  ``adjoint_x0`` warm-starts an AID adjoint solve.
     Parametrized weights of an ``nn.Module`` map are evaluated once per solve
     (``parametrize.cached``), so forward and backward see the same weights.
     """
     _check_options(solver, backward)
     module = f if isinstance(f, nn.Module) else None
+    x = _as_state(x, "x")
     _check_input(x, module)
     with parametrize.cached():
         if module is not None:
@@ -123,7 +132,7 @@ def fixed_point(
             u, step = x, f
         params = tuple(p for p in module.parameters() if p.requires_grad) if module is not None else ()
         needs_grad = torch.is_grad_enabled() and (
-            module is None or x.requires_grad or u.requires_grad or bool(params)
+            module is None or any(t.requires_grad for t in (*parts(x), *parts(u))) or bool(params)
         )
         problem = Problem(step, u, _initial_state(f, x, z0), solver, params, needs_grad, module, adjoint_x0)
         return backward.run(problem)
@@ -146,7 +155,7 @@ class FixedPointLayer(nn.Module):
         self.backward = backward
         self.stats: SolverStats | None = None
 
-    def forward(self, x: Tensor, z0: State | None = None) -> State:
+    def forward(self, x: State, z0: State | None = None) -> State:
         warm = isinstance(self.backward, AID) and self.backward.warm_start and self.stats is not None
         adjoint_x0 = self.stats.adjoint if warm else None
         z, self.stats = fixed_point(

@@ -1,11 +1,14 @@
 """Approximate implicit differentiation (AID) as an ``autograd.Function``.
 
 The forward pass solves ``w* = Φ(w*, x)`` without autograd, then takes one differentiable
-step ``fz = Φ(w*.detach(), x)``; the returned tensor is an identity on ``fz`` whose
-backward maps the incoming gradient ``g`` to ``v = (I − Jᵀ)⁻¹ g`` with ``J = ∂₁Φ(w*)``
-(an operator built once, from the map's closed form or from that step's graph), and lets
-autograd carry ``v`` through ``fz``'s graph: ``∂₂Φᵀ v``.  The backward therefore sees
-exactly the forward's weights and dropout masks.  No tensor hooks.
+step ``fz = Φ(w*.detach(), x)``.  The returned tensor has the value of the solver's ``w*``
+(so the forward value does not depend on the backward mode: ITD returns the same) and is
+attached to ``fz``'s graph by an ``autograd.Function`` whose backward maps the incoming
+gradient ``g`` to ``v = (I − Jᵀ)⁻¹ g`` with ``J = ∂₁Φ(w*)`` (an operator built once, from the
+map's closed form or from that step's graph), and lets autograd carry ``v`` through
+``fz``'s graph: ``∂₂Φᵀ v``.  This is the paper's AID at ``w_t``: ``∇₁E`` and ``∂Φ`` both at
+the solver's last iterate.  The backward sees exactly the forward's weights and dropout
+masks.  No tensor hooks.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ class AID(BackwardMode):
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         if self.on_failure.needs_itd and problem.module is None:
             raise ValueError(f"AID(on_failure={self.on_failure!r}) needs the map to be an nn.Module")
-        if problem.needs_grad and any(transforms_active(t) for t in (problem.u, *parts(problem.z0))):
+        if problem.needs_grad and any(transforms_active(t) for t in (*parts(problem.u), *parts(problem.z0))):
             raise NotImplementedError(
                 "AID cannot run inside a torch.func transform (grad/vjp/jacrev/vmap): its backward solves "
                 "the adjoint system with autograd calls on the stored map step, which functorch does not "
@@ -75,18 +78,20 @@ class AID(BackwardMode):
         with torch.enable_grad():
             z_leaf = map_parts(lambda t: t.detach().requires_grad_(), z)
             fz = problem.step(z_leaf, problem.u)
-        node = _Node(self, problem, stats, state_jacobian(problem.step, z_leaf, problem.u, fz), fz)
-        extra = (problem.u, *problem.params) if self.on_failure.needs_itd else ()
+        node = _Node(self, problem, stats, state_jacobian(problem.step, z_leaf, problem.u, fz), z, fz)
+        extra = (*parts(problem.u), *problem.params) if self.on_failure.needs_itd else ()
         n = len(parts(fz))
         out = _AIDFunction.apply(node, n, *parts(fz), *extra)
         return pack(fz, out if isinstance(out, tuple) else (out,)), stats
 
 
 class _Node:
-    """What AID's backward needs: the mode, the problem, the operator ``J`` and ``fz``."""
+    """What AID's backward needs: the mode, the problem, the operator ``J``, the solution
+    ``z`` (the output's value) and the differentiable step ``fz``."""
 
-    def __init__(self, mode: AID, problem: Problem, stats: SolverStats, J: LinearOperator, fz: State):
+    def __init__(self, mode: AID, problem: Problem, stats: SolverStats, J: LinearOperator, z: State, fz: State):
         self.mode, self.problem, self.stats, self.J, self.fz = mode, problem, stats, J, fz
+        self.z = tuple(t.detach() for t in parts(z))
         self.shapes = [t.shape for t in parts(fz)]
         self.single = isinstance(fz, Tensor)
 
@@ -100,21 +105,20 @@ class _Node:
         return tuple(c.reshape(t.shape).to(t.dtype) for c, t in zip(chunks, like))
 
     def itd_gradients(self, g: Tensor, like: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
-        """Gradients w.r.t. ``(u, *params)`` of the solver's unrolled iterations."""
+        """Gradients w.r.t. ``(*parts(u), *params)`` of the solver's unrolled iterations."""
         p = self.problem
-        u = p.u.detach().requires_grad_()  # the path through u continues in the outer graph
+        u = map_parts(lambda t: t.detach().requires_grad_(), p.u)  # the path through u continues outside
         with torch.enable_grad(), parametrize.cached():
             z, _ = p.solver.solve(BoundMap(p.step, u, p.map().map), p.z0)
-            fz = parts(p.step(z, u))  # AID's output is one step past the solve: Φ(w_t)
-            return torch.autograd.grad(fz, (u, *p.params), self.unflatten(g, like), allow_unused=True)
+            return torch.autograd.grad(parts(z), (*parts(u), *p.params), self.unflatten(g, like), allow_unused=True)
 
 
 class _AIDFunction(torch.autograd.Function):
-    """Identity on the parts of ``fz = Φ(w*, x)``; backward maps ``g`` to ``(I − Jᵀ)⁻¹ g``."""
+    """The value of ``w*`` on the graph of ``fz = Φ(w*, x)``; backward maps ``g`` to ``(I − Jᵀ)⁻¹ g``."""
 
     @staticmethod
     def forward(node: _Node, n: int, *tensors: Tensor) -> Any:
-        outs = tuple(t.clone() for t in tensors[:n])
+        outs = tuple(z.to(t.dtype, copy=True) for z, t in zip(node.z, tensors[:n]))
         return outs[0] if n == 1 else outs
 
     @staticmethod

@@ -20,13 +20,13 @@ __all__ = ["BackwardMode", "Problem", "transforms_active"]
 class Problem:
     """One fixed-point problem ``z = step(z, u)`` as handed to a backward mode.
 
-    ``u`` is the (differentiable) injected input, ``z0`` the detached start, ``params`` the
+    ``u`` is the (differentiable) injected input (a tensor or a tuple), ``z0`` the detached start, ``params`` the
     map's trainable tensors, ``needs_grad`` whether any gradient is wanted, ``module`` the
     map when it is an ``nn.Module``, ``adjoint_x0`` a warm start for an adjoint solve.
     """
 
-    step: Callable[[State, Tensor], State]
-    u: Tensor
+    step: Callable[[State, State], State]
+    u: State
     z0: State
     solver: ForwardSolver
     params: tuple[Tensor, ...]
