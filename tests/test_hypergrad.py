@@ -17,6 +17,20 @@ from implicitnets import linear
 pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
+def steps(t: int) -> inn.FixedPointIteration:
+    """Exactly t steps of the inner map."""
+    return inn.FixedPointIteration(max_iter=t, tol=0.0)
+
+
+def aid(problem: hg.Bilevel, hparams, w, solver, t: int = 1) -> tuple[torch.Tensor, ...]:
+    """AID with ``solver`` at w_t, t inner steps from w (t = 1 from a fixed point: AID at w*)."""
+    return hg.Backprop(steps(t), inn.AID(solver)).hypergradient(problem, hparams, w).grads
+
+
+def reverse_itd(problem: hg.Bilevel, hparams, w0, t: int, truncate: int | None = None) -> tuple[torch.Tensor, ...]:
+    return hg.Backprop(steps(t), inn.ITD(truncate)).hypergradient(problem, hparams, w0).grads
+
+
 class Ridge:
     def __init__(self, n: int = 500, p: int = 100, lam: float = 0.1, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -28,8 +42,9 @@ class Ridge:
         self.lam = torch.full((p,), lam, dtype=torch.float64)
         self.L = hg.ridge_lipschitz(self.X, self.lam)
         X, y, Xv, yv = self.X, self.y, self.Xv, self.yv
-        self.phi = hg.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 1.0 / self.L)
+        self.phi = inn.maps.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 1.0 / self.L)
         self.E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)
+        self.problem = hg.Bilevel(self.phi, self.E)
         self.w_star = hg.ridge_solution(X, y, self.lam)
         self.g_true = hg.ridge_hypergradient(X, y, Xv, yv, self.lam)
         self.w0 = torch.zeros(p, dtype=torch.float64)
@@ -71,7 +86,7 @@ def logistic() -> Logistic:
 
 
 def test_closed_form_ridge_matches_dense_reference(ridge: Ridge) -> None:
-    (dense,) = hg.dense_hypergradient(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,))
+    (dense,) = hg.dense_hypergradient(ridge.problem, (ridge.lam,), ridge.w_star)
     assert torch.allclose(dense, ridge.g_true, rtol=1e-10, atol=0)
     # and the fixed point is the ridge solution
     assert float((ridge.phi(ridge.w_star, (ridge.lam,)) - ridge.w_star).norm()) < 1e-13
@@ -104,15 +119,15 @@ def test_closed_form_ridge_matches_finite_differences() -> None:
     ids=repr,
 )
 def test_aid_at_exact_w_converges_to_exact(ridge: Ridge, solver) -> None:
-    grads = hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), solver)
+    grads = aid(ridge.problem, (ridge.lam,), ridge.w_star, solver)
     assert ridge.rel(grads) < 1e-10
 
 
 def test_aid_cg_reaches_1e8_at_k20_and_beats_fp_for_k_ge_5(ridge: Ridge) -> None:
     errors = {}
     for k in range(1, 41):
-        cg = ridge.rel(hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), linear.CG(max_iter=k, tol=0.0)))
-        fp = ridge.rel(hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), linear.Neumann(max_iter=k, tol=0.0)))
+        cg = ridge.rel(aid(ridge.problem, (ridge.lam,), ridge.w_star, linear.CG(max_iter=k, tol=0.0)))
+        fp = ridge.rel(aid(ridge.problem, (ridge.lam,), ridge.w_star, linear.Neumann(max_iter=k, tol=0.0)))
         errors[k] = (cg, fp)
     assert errors[20][0] <= 1e-8
     for k in range(5, 41):
@@ -123,10 +138,9 @@ def test_all_methods_converge_linearly_in_t_equals_k(ridge: Ridge) -> None:
     ts = [20, 40, 60, 80]
     curves: dict[str, list[float]] = {"ITD": [], "FP": [], "CG": [], "GMRES": []}
     for t in ts:
-        w_t = hg.iterate(ridge.phi, ridge.w0, (ridge.lam,), t)
-        curves["ITD"].append(ridge.rel(hg.reverse_itd(ridge.phi, ridge.E, ridge.w0, (ridge.lam,), t)))
+        curves["ITD"].append(ridge.rel(reverse_itd(ridge.problem, (ridge.lam,), ridge.w0, t)))
         for name, cls in (("FP", linear.Neumann), ("CG", linear.CG), ("GMRES", linear.GMRES)):
-            curves[name].append(ridge.rel(hg.aid(ridge.phi, ridge.E, w_t, (ridge.lam,), cls(max_iter=t, tol=0.0))))
+            curves[name].append(ridge.rel(aid(ridge.problem, (ridge.lam,), ridge.w0, cls(max_iter=t, tol=0.0), t)))
     for name, errs in curves.items():
         # geometric decay: every +20 steps divides the error by >= 5 (a sublinear rate would not)
         ratios = [b / a for a, b in zip(errs, errs[1:])]
@@ -138,8 +152,8 @@ def test_all_methods_converge_linearly_in_t_equals_k(ridge: Ridge) -> None:
 
 
 def test_forward_itd_equals_reverse_itd_ridge(ridge: Ridge) -> None:
-    fwd = hg.forward_itd(ridge.phi, ridge.E, ridge.w0, (ridge.lam,), 30)
-    rev = hg.reverse_itd(ridge.phi, ridge.E, ridge.w0, (ridge.lam,), 30)
+    fwd = hg.ForwardITD(30).hypergradient(ridge.problem, (ridge.lam,), ridge.w0).grads
+    rev = reverse_itd(ridge.problem, (ridge.lam,), ridge.w0, 30)
     assert float((fwd[0] - rev[0]).norm() / rev[0].norm()) < 1e-10
 
 
@@ -147,11 +161,11 @@ def test_forward_itd_equals_reverse_itd_ridge(ridge: Ridge) -> None:
 def test_forward_itd_equals_reverse_itd_heavy_ball_with_lr_and_momentum(logistic: Logistic, vectorize: bool) -> None:
     # hyperparameters: per-feature L2 weights, log learning rate, logit momentum
     opt = hg.HeavyBall(lr=lambda hp: hp[1].exp(), momentum=lambda hp: torch.sigmoid(hp[2]))
-    phi, E = opt.map(logistic.inner), opt.outer(logistic.outer)
+    problem = hg.Bilevel(opt.map(logistic.inner), opt.outer(logistic.outer))
     hp = (logistic.lam, torch.tensor(-1.0), torch.tensor(0.3))
     state0 = opt.init(logistic.w0)
-    fwd = hg.ForwardITD(15, vectorize=vectorize)(phi, E, state0, hp)
-    rev = hg.ReverseITD(15)(phi, E, state0, hp)
+    fwd = hg.ForwardITD(15, vectorize=vectorize).hypergradient(problem, hp, state0).grads
+    rev = reverse_itd(problem, hp, state0, 15)
     for a, b in zip(fwd, rev):
         assert a.shape == b.shape
         assert float((a - b).norm()) <= 1e-10 * float(b.norm())
@@ -159,93 +173,115 @@ def test_forward_itd_equals_reverse_itd_heavy_ball_with_lr_and_momentum(logistic
 
 @pytest.mark.parametrize("K", [1, 5, 20])
 def test_truncated_reverse_itd_from_fixed_point_equals_aid_fp(ridge: Ridge, K: int) -> None:
-    itd = hg.reverse_itd(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), steps=50, truncate=K)
-    fp = hg.aid(ridge.phi, ridge.E, ridge.w_star, (ridge.lam,), linear.Neumann(max_iter=K, tol=0.0))
+    itd = reverse_itd(ridge.problem, (ridge.lam,), ridge.w_star, 50, truncate=K)
+    fp = aid(ridge.problem, (ridge.lam,), ridge.w_star, linear.Neumann(max_iter=K, tol=0.0))
     assert float((itd[0] - fp[0]).norm() / fp[0].norm()) < 1e-10
 
 
 def test_truncated_reverse_itd_equals_aid_fp_logistic(logistic: Logistic) -> None:
-    phi = hg.GradientStep(logistic.inner, 1.0)
-    w_star = hg.iterate(phi, logistic.w0, (logistic.lam,), 300)
+    phi = inn.maps.GradientStep(logistic.inner, 1.0)
+    problem = hg.Bilevel(phi, logistic.outer)
+    w_star, _ = steps(300).solve(lambda w: phi(w, (logistic.lam,)), logistic.w0)
     assert float((phi(w_star, (logistic.lam,)) - w_star).norm()) < 1e-14
     for K in (1, 3, 10):
-        itd = hg.reverse_itd(phi, logistic.outer, w_star, (logistic.lam,), steps=40, truncate=K)
-        fp = hg.aid(phi, logistic.outer, w_star, (logistic.lam,), linear.Neumann(max_iter=K, tol=0.0))
+        itd = reverse_itd(problem, (logistic.lam,), w_star, 40, truncate=K)
+        fp = aid(problem, (logistic.lam,), w_star, linear.Neumann(max_iter=K, tol=0.0))
         assert float((itd[0] - fp[0]).norm() / fp[0].norm()) < 1e-10
 
 
-# ----------------------------------------------------------------- non-symmetric maps, API behaviour
+# ----------------------------------------------------------------- tuple states, API behaviour
 
 
 @pytest.mark.parametrize(
     "solver", [linear.GMRES(max_iter=60, tol=1e-13), linear.NormalCG(max_iter=200, tol=1e-13)], ids=repr
 )
-def test_aid_on_heavy_ball_state_matches_dense(logistic: Logistic, solver) -> None:
-    """Heavy-ball's state map has a non-symmetric Jacobian: GMRES / NormalCG, not CG."""
+def test_aid_on_heavy_ball_tuple_state_matches_dense(logistic: Logistic, solver) -> None:
+    """Heavy-ball's state is the tuple (w, w_prev) and its Jacobian is not symmetric:
+    AID with GMRES / NormalCG on the tuple state, against the dense implicit gradient."""
     opt = hg.HeavyBall(lr=0.5, momentum=0.5)
-    phi_pair = opt.map(logistic.inner)
-    d = logistic.w0.numel()
-
-    def phi(z: torch.Tensor, hp: tuple[torch.Tensor, ...]) -> torch.Tensor:  # stacked (w, w_prev)
-        return torch.cat(phi_pair((z[:d], z[d:]), hp))
-
-    E = lambda z, hp: logistic.outer(z[:d], hp)  # noqa: E731
-    z_star = hg.iterate(phi, logistic.w0.repeat(2), (logistic.lam,), 400)
-    (dense,) = hg.dense_hypergradient(phi, E, z_star, (logistic.lam,))
-    (got,) = hg.AID(solver)(phi, E, z_star, (logistic.lam,))
+    problem = hg.Bilevel(opt.map(logistic.inner), opt.outer(logistic.outer))
+    z_star, _ = steps(400).solve(lambda z: problem.inner(z, (logistic.lam,)), opt.init(logistic.w0))
+    assert isinstance(z_star, tuple) and len(z_star) == 2
+    (dense,) = hg.dense_hypergradient(problem, (logistic.lam,), z_star)
+    (got,) = aid(problem, (logistic.lam,), z_star, solver)
     assert float((got - dense).norm() / dense.norm()) < 1e-9
+    # ITD far enough through the same tuple-state iteration agrees with both
+    (itd,) = reverse_itd(problem, (logistic.lam,), opt.init(logistic.w0), 400)
+    assert float((itd - dense).norm() / dense.norm()) < 1e-9
+
+
+def test_every_method_has_one_verb_and_one_result_type(ridge: Ridge) -> None:
+    methods = [
+        hg.Backprop(steps(5), inn.ITD()),
+        hg.Backprop(steps(5), inn.AID(linear.CG(max_iter=5, tol=0.0))),
+        hg.Backprop(steps(5), inn.JacobianFree()),
+        hg.ForwardITD(5),
+        hg.RTHO(5),
+        hg.HOAG(linear.CG(max_iter=5)),
+    ]
+    for method in methods:
+        assert isinstance(method, hg.HypergradientMethod)
+        result = method.hypergradient(ridge.problem, ridge.lam, ridge.w0)
+        assert isinstance(result, hg.Hypergradient) and result.grads[0].shape == ridge.lam.shape
+        again = method.hypergradient(ridge.problem, ridge.lam, result)  # warm start from the result
+        assert isinstance(again, hg.Hypergradient)
 
 
 def test_no_grad_mutation_and_inputs_untouched(ridge: Ridge) -> None:
     lam = ridge.lam.clone().requires_grad_()
     before = lam.detach().clone()
     for method, w in (
-        (hg.ReverseITD(5), ridge.w0),
+        (hg.Backprop(steps(5), inn.ITD()), ridge.w0),
         (hg.ForwardITD(2), ridge.w0),
-        (hg.AID(linear.CG(max_iter=5, tol=0.0)), ridge.w_star),
+        (hg.Backprop(steps(1), inn.AID(linear.CG(max_iter=5, tol=0.0))), ridge.w_star),
     ):
-        grads = method(ridge.phi, ridge.E, w, lam)
+        grads = method.hypergradient(ridge.problem, lam, w).grads
         assert isinstance(grads, tuple) and grads[0].shape == lam.shape and not grads[0].requires_grad
     assert lam.grad is None and torch.equal(lam.detach(), before)
 
 
 def test_unused_hyperparameter_gets_zero_gradient(ridge: Ridge) -> None:
     unused = torch.ones(3)
-    methods = ((hg.ReverseITD(3), ridge.w0), (hg.ForwardITD(3), ridge.w0),
-               (hg.AID(linear.CG(max_iter=3, tol=0.0)), ridge.w_star))
+    methods = ((hg.Backprop(steps(3), inn.ITD()), ridge.w0), (hg.ForwardITD(3), ridge.w0),
+               (hg.Backprop(steps(1), inn.AID(linear.CG(max_iter=3, tol=0.0))), ridge.w_star))
     for method, w in methods:
-        grads = method(ridge.phi, ridge.E, w, (ridge.lam, unused))
+        grads = method.hypergradient(ridge.problem, (ridge.lam, unused), w).grads
         assert torch.equal(grads[1], torch.zeros(3))
 
 
 def test_aid_reports_non_convergence(ridge: Ridge) -> None:
-    from implicitnets.errors import ConvergenceError, ConvergenceWarning
-
     solver = linear.Neumann(max_iter=2, tol=1e-12)
-    with pytest.warns(ConvergenceWarning):
-        hg.AID(solver)(ridge.phi, ridge.E, ridge.w_star, ridge.lam)
-    with pytest.raises(ConvergenceError):
-        hg.AID(solver, on_failure=inn.Raise())(ridge.phi, ridge.E, ridge.w_star, ridge.lam)
+    with pytest.warns(inn.ConvergenceWarning):
+        result = aid(ridge.problem, ridge.lam, ridge.w_star, solver)
+    assert torch.isfinite(result[0]).all()
+    method = hg.Backprop(steps(1), inn.AID(solver, on_failure=inn.Raise()))
+    with pytest.raises(inn.ConvergenceError):
+        method.hypergradient(ridge.problem, ridge.lam, ridge.w_star)
 
 
-def test_aid_warm_start_returns_adjoint(ridge: Ridge) -> None:
-    exact = hg.AID(linear.CG(max_iter=200, tol=1e-13)).solve(ridge.phi, ridge.E, ridge.w_star, ridge.lam)
-    warm = hg.AID(linear.CG(max_iter=1, tol=0.0)).solve(ridge.phi, ridge.E, ridge.w_star, ridge.lam, v0=exact.v)
+def test_aid_warm_start_returns_and_reuses_the_adjoint(ridge: Ridge) -> None:
+    exact = hg.Backprop(steps(1), inn.AID(linear.CG(max_iter=200, tol=1e-13))).hypergradient(
+        ridge.problem, ridge.lam, ridge.w_star)
+    assert exact.v is not None and exact.stats.backward_converged
+    one_step = inn.AID(linear.CG(max_iter=1, tol=0.0), warm_start=True)
+    warm = hg.Backprop(steps(1), one_step).hypergradient(ridge.problem, ridge.lam, exact)
     assert ridge.rel(warm.grads) < 1e-10
+    cold = hg.Backprop(steps(1), one_step).hypergradient(ridge.problem, ridge.lam, ridge.w_star)
+    assert ridge.rel(cold.grads) > 1e-3  # one CG step from zero is far off: the warm start did the work
 
 
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: hg.ReverseITD(-1),
-        lambda: hg.ReverseITD(10, truncate=0),
-        lambda: hg.ReverseITD(1.5),
-        lambda: hg.ForwardITD(True),
-        lambda: hg.AID("cg"),
-        lambda: hg.AID(linear.CG(), on_failure="raise"),
-        lambda: hg.RTHO(10, hyper_lr=0.0),
-        lambda: hg.RTHO(10, hyper_lr=0.1, period=0),
-        lambda: hg.GradientStep(lambda w, hp: w.sum(), -0.1),
+        lambda: hg.Backprop(inn.ITD(), inn.FixedPointIteration()),
+        lambda: hg.Backprop(steps(3), linear.CG()),
+        lambda: hg.ForwardITD(0),
+        lambda: hg.ForwardITD(1.5),
+        lambda: hg.ForwardITD(3, vectorize=1),
+        lambda: hg.RTHO(0),
+        lambda: hg.Bilevel("phi", lambda w, hp: w.sum()),
+        lambda: hg.Bilevel(lambda w, hp: w, None),
+        lambda: inn.maps.GradientStep(lambda w, hp: w.sum(), -0.1),
         lambda: hg.GradientDescent(lr=0),
         lambda: hg.HeavyBall(lr=0.1, momentum=1.0),
         lambda: hg.SID(-1, 10),
@@ -253,10 +289,21 @@ def test_aid_warm_start_returns_adjoint(ridge: Ridge) -> None:
         lambda: hg.DecayingStep(initial=2.0),
         lambda: hg.PowerSchedule(power=1.0),
         lambda: hg.GeometricSchedule(rate=1.0),
-        lambda: hg.HOAG(10, lr=0.1, linear_solver="cg"),
-        lambda: hg.HOAG(10, lr=-1.0, linear_solver=linear.CG()),
+        lambda: hg.HOAG("cg"),
+        lambda: hg.HOAG(linear.CG(), max_inner=0),
     ],
 )
 def test_bad_options_raise_value_error(build) -> None:
     with pytest.raises(ValueError):
         build()
+
+
+def test_bad_start_and_outer_loss_raise_value_error(ridge: Ridge) -> None:
+    method = hg.Backprop(steps(3), inn.ITD())
+    with pytest.raises(ValueError, match="start must be"):
+        method.hypergradient(ridge.problem, ridge.lam, "w0")
+    vector_loss = hg.Bilevel(ridge.phi, lambda w, hp: w)
+    with pytest.raises(ValueError, match="scalar"):
+        method.hypergradient(vector_loss, ridge.lam, ridge.w0)
+    with pytest.raises(ValueError, match="sample"):
+        hg.SID(2, 2).hypergradient(ridge.problem, ridge.lam, ridge.w0)

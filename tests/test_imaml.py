@@ -51,7 +51,7 @@ def test_meta_gradient_equals_the_dense_implicit_gradient(name, k):
     g, w = imaml.meta_gradient(imaml.Method(name, k, 1), phi, query, theta, STEPS)
     assert rel(w, w_star) < 1e-12
     assert rel(g, grad) < 1e-10
-    (dense,) = hg.dense_hypergradient(phi, lambda w_, hp: query(w_), w, (theta,))
+    (dense,) = hg.dense_hypergradient(hg.Bilevel(phi, lambda w_, hp: query(w_)), (theta,), w)
     assert rel(dense, grad) < 1e-10
 
 

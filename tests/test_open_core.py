@@ -296,3 +296,47 @@ def test_truncated_itd_reports_whole_solve():
         _, ok = inn.fixed_point(inn.maps.TanhMap(5, 6), x, solver=inn.FixedPointIteration(max_iter=200, tol=1e-8),
                                 backward=inn.ITD(truncate=5))
     assert ok.converged
+
+
+def test_tuple_input_matches_dense_implicit_gradient_in_every_mode():
+    """An input made of two tensors (x, s): w = tanh(A w + U x + s); gradients w.r.t. both
+    parts and the parameters against the implicit function theorem."""
+    g = torch.Generator().manual_seed(3)
+    A = 0.4 * torch.randn(5, 5, generator=g) / 5**0.5
+    U = torch.randn(5, 4, generator=g)
+    f = lambda w, xs: torch.tanh(w @ A.T + xs[0] @ U.T + xs[1])  # noqa: E731
+    x, s = torch.randn(3, 4, generator=g), torch.randn(3, 5, generator=g)
+    R = torch.randn(3, 5, generator=g)
+    with torch.no_grad():
+        w, _ = TIGHT.solve(lambda z: f(z, (x, s)), torch.zeros(3, 5))
+    J = torch.func.jacrev(lambda v: f(v.reshape(3, 5), (x, s)).reshape(-1))(w.reshape(-1))
+    v = torch.linalg.solve((torch.eye(15) - J).T, R.reshape(-1))
+    xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+    want = torch.autograd.grad((v * f(w, (xr, sr)).reshape(-1)).sum(), (xr, sr))
+    for backward in (inn.ITD(), inn.AID(linear.GMRES(max_iter=60, tol=1e-13)), inn.AID(linear.Exact())):
+        xr, sr = x.clone().requires_grad_(), s.clone().requires_grad_()
+        out, _ = inn.fixed_point(f, [xr, sr], solver=TIGHT, backward=backward, z0=torch.zeros(3, 5))
+        got = torch.autograd.grad((R * out).sum(), (xr, sr))
+        for a, b in zip(got, want):
+            assert _rel(a, b) < 1e-9, backward
+    with pytest.raises(ValueError, match="pass z0"):
+        inn.fixed_point(f, (x, s), solver=TIGHT, backward=inn.ITD())
+    with pytest.raises(ValueError, match="floating-point"):
+        inn.fixed_point(f, (x, s.long()), solver=TIGHT, backward=inn.ITD(), z0=torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("solver", [inn.FixedPointIteration(max_iter=7, tol=0.0), inn.Anderson(max_iter=7, tol=0.0)],
+                         ids=lambda s: type(s).__name__)
+def test_forward_value_does_not_depend_on_the_backward_mode(solver):
+    """Unconverged on purpose (7 steps): every mode returns the same w_t, the solver's.
+    (Truncated ITD splits the solve in two, which restarts Anderson's history: it is the
+    same computation only for the memoryless fixed-point iteration.)"""
+    cell, x, _, _ = _tanh_problem()
+    with torch.no_grad():
+        want, _ = solver.solve(lambda z: cell.step(z, cell.inject(x)), cell.initial_state(x))
+    modes = [inn.ITD(), inn.AID(linear.GMRES()), inn.JacobianFree()]
+    if isinstance(solver, inn.FixedPointIteration):
+        modes.append(inn.ITD(truncate=3))
+    for backward in modes:
+        out, _ = inn.fixed_point(cell, x.clone().requires_grad_(), solver=solver, backward=backward)
+        assert torch.allclose(out, want, rtol=0, atol=1e-15), backward

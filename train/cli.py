@@ -27,7 +27,7 @@ __all__ = [
 SOLVERS = ("fp", "anderson")
 LINEAR_SOLVERS = ("fp", "cg", "normalcg", "gmres", "exact")
 BACKWARDS = ("itd", "itd:K", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb")
-HYPERGRADIENTS = ("itd", "forward-itd", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres")
+HYPERGRADIENTS = ("itd", "itd:K", "forward-itd", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "aid-exact", "jfb")
 
 def make_solver(name: str, max_iter: int, tol: float, *, memory: int = 5) -> inn.ForwardSolver:
     """``fp``: fixed-point iteration ``w ← Φ(w)``; ``anderson``: Anderson acceleration with
@@ -57,10 +57,10 @@ def make_linear_solver(name: str, max_iter: int, tol: float = 0.0) -> linear.Lin
     raise ValueError(f"unknown linear solver {name!r}; choose one of {', '.join(LINEAR_SOLVERS)}")
 
 
-def make_backward(spec: str, k: int, tol: float = 0.0) -> inn.BackwardMode:
+def make_backward(spec: str, k: int, tol: float = 0.0, *, warm_start: bool = False) -> inn.BackwardMode:
     """``itd`` (reverse mode through every forward step), ``itd:K`` (the last K steps),
-    ``aid-<linear solver>`` (k iterations of that solver, see :func:`make_linear_solver`),
-    ``jfb`` (Jacobian-free: ``v = ∇E``)."""
+    ``aid-<linear solver>`` (k iterations of that solver, see :func:`make_linear_solver`;
+    ``warm_start``: from the previous adjoint solution), ``jfb`` (Jacobian-free: ``v = ∇E``)."""
     if spec == "itd":
         return inn.ITD()
     if spec.startswith("itd:"):
@@ -71,21 +71,24 @@ def make_backward(spec: str, k: int, tol: float = 0.0) -> inn.BackwardMode:
     if spec == "jfb":
         return inn.JacobianFree()
     if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
-        return inn.AID(make_linear_solver(spec[4:], k, tol))
+        return inn.AID(make_linear_solver(spec[4:], k, tol), warm_start=warm_start)
     raise ValueError(f"unknown --backward {spec!r}; choose one of {', '.join(BACKWARDS)}")
 
 
-def make_hypergradient(spec: str, steps: int) -> hg.ReverseITD | hg.ForwardITD | hg.AID:
-    """A bilevel hypergradient method: ``itd`` (reverse mode through ``steps`` inner steps),
-    ``forward-itd`` (forward mode through them), ``aid-<linear solver>`` (``steps`` iterations
-    of that solver at the last inner iterate)."""
-    if spec == "itd":
-        return hg.ReverseITD(steps)
+def make_hypergradient(spec: str, steps: int, k: int | None = None, *, warm_start: bool = False
+                       ) -> hg.HypergradientMethod:
+    """A bilevel hypergradient method over ``steps`` inner steps ``w ← Φ(w, λ)``: ``forward-itd``
+    (forward mode through them) or any backward mode of :func:`make_backward` (``itd``,
+    ``itd:K``, ``aid-<linear solver>`` with ``k`` iterations at the last inner iterate, default
+    ``k = steps``, warm-started from the previous result's adjoint with ``warm_start``, ``jfb``)
+    through the core's fixed-point machinery."""
     if spec == "forward-itd":
         return hg.ForwardITD(steps)
-    if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
-        return hg.AID(make_linear_solver(spec[4:], steps))
-    raise ValueError(f"unknown --method {spec!r}; choose one of {', '.join(HYPERGRADIENTS)}")
+    try:
+        backward = make_backward(spec, steps if k is None else k, warm_start=warm_start)
+    except ValueError as err:
+        raise ValueError(f"unknown --method {spec!r}; choose one of {', '.join(HYPERGRADIENTS)}") from err
+    return hg.Backprop(inn.FixedPointIteration(max_iter=steps, tol=0.0), backward)
 
 
 def run(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import implicitnets as inn
 from implicitnets import hypergrad as hg
 from train.atomic import pyplot, write_csv, write_png
-from train.cli import make_linear_solver
+from train.cli import make_hypergradient
 from train.config import parse_config
 
 
@@ -50,9 +51,9 @@ def ridge_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):
     w_true = torch.randn(cfg.p, generator=g)
     X, Xv = torch.randn(cfg.n, cfg.p, generator=g), torch.randn(cfg.n, cfg.p, generator=g)
     y, yv = X @ w_true + torch.randn(cfg.n, generator=g), Xv @ w_true + torch.randn(cfg.n, generator=g)
-    phi = hg.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 1.0 / hg.ridge_lipschitz(X, lam))
-    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)
-    return phi, E, hg.ridge_solution(X, y, lam), hg.ridge_hypergradient(X, y, Xv, yv, lam)
+    phi = inn.maps.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 1.0 / hg.ridge_lipschitz(X, lam))
+    problem = hg.Bilevel(phi, lambda w, hp: hg.ridge_outer_loss(Xv, yv, w))
+    return problem, hg.ridge_solution(X, y, lam), hg.ridge_hypergradient(X, y, Xv, yv, lam)
 
 
 def logistic_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):
@@ -63,8 +64,8 @@ def logistic_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):
     yv = ((Xv @ w_o + 0.1 * torch.randn(cfg.n, generator=g)) > 0).double()
     inner = lambda w, hp: F.binary_cross_entropy_with_logits(X @ w, y) + 0.5 * (hp[0] * w * w).sum()
     L = 0.25 * float(torch.linalg.eigvalsh(X.T @ X / cfg.n).max()) + float(lam.max())
-    phi = hg.GradientStep(inner, 1.0 / L)
-    E = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)
+    problem = hg.Bilevel(inn.maps.GradientStep(inner, 1.0 / L),
+                         lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv))
     w = torch.zeros(cfg.p)
     for _ in range(50):  # Newton on the strongly convex inner loss
         s = torch.sigmoid(X @ w)
@@ -73,11 +74,11 @@ def logistic_problem(cfg: Config, lam: torch.Tensor, g: torch.Generator):
         w = w - torch.linalg.solve(H, grad)
         if float(grad.norm()) < 1e-14:
             break
-    (exact,) = hg.dense_hypergradient(phi, E, w, (lam,))
-    return phi, E, w, exact
+    (exact,) = hg.dense_hypergradient(problem, (lam,), w)
+    return problem, w, exact
 
 
-METHODS = {"AID-FP": "fp", "AID-CG": "cg", "AID-GMRES": "gmres"}  # name in the figure → linear solver
+METHODS = {"AID-FP": "aid-fp", "AID-CG": "aid-cg", "AID-GMRES": "aid-gmres"}  # name in the figure → method
 
 
 def main(cfg: Config) -> list[dict]:
@@ -90,19 +91,21 @@ def main(cfg: Config) -> list[dict]:
         for r in range(cfg.n_lambda):
             g = torch.Generator().manual_seed(cfg.seed + 1000 * r)
             lam = 10 ** (torch.rand(cfg.p, generator=g) * 2 - 2)  # log-uniform in [0.01, 1]
-            phi, E, w_star, exact = build(cfg, lam, g)
-            rel = lambda grads, exact=exact: float((grads[0] - exact).norm() / exact.norm())
+            bilevel, w_star, exact = build(cfg, lam, g)
+
+            def rel(method: hg.HypergradientMethod, start: torch.Tensor, exact: torch.Tensor = exact) -> float:
+                (grad,) = method.hypergradient(bilevel, (lam,), start).grads  # noqa: B023 (called in this iteration)
+                return float((grad - exact).norm() / exact.norm())
+
             w0 = torch.zeros(cfg.p)
-            for k in ks:
-                w_t = hg.iterate(phi, w0, (lam,), k)
+            for k in ks:  # t = k inner steps from 0; "exact inner": one step from w* (a fixed point)
                 rows.append(dict(problem=problem, setting="t=k", method="ITD", k=k, draw=r,
-                                 rel_error=rel(hg.reverse_itd(phi, E, w0, (lam,), k))))
-                for name, solver_name in METHODS.items():
-                    solver = make_linear_solver(solver_name, k)
+                                 rel_error=rel(make_hypergradient("itd", k), w0)))
+                for name, spec in METHODS.items():
                     rows.append(dict(problem=problem, setting="t=k", method=name, k=k, draw=r,
-                                     rel_error=rel(hg.aid(phi, E, w_t, (lam,), solver))))
+                                     rel_error=rel(make_hypergradient(spec, k), w0)))
                     rows.append(dict(problem=problem, setting="exact inner", method=name, k=k, draw=r,
-                                     rel_error=rel(hg.aid(phi, E, w_star, (lam,), solver))))
+                                     rel_error=rel(make_hypergradient(spec, 1, k), w_star)))
         print(f"{problem}: done ({time.perf_counter() - start:.1f}s)")
 
     write_csv(os.path.join(cfg.out, "hypergrad_error.csv"), rows)

@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import implicitnets as inn
 from implicitnets import hypergrad as hg
-from implicitnets import linear
 from train.atomic import write_atomic
+from train.cli import make_linear_solver
 from train.config import parse_config
 from train.data import DataError, load
 
@@ -123,33 +124,37 @@ class Method:
     truncate: int
 
 
-def inner_map(support_loss: Callable[[Tensor], Tensor], lam: float, inner_lr: float) -> hg.GradientStep:
+def inner_map(support_loss: Callable[[Tensor], Tensor], lam: float, inner_lr: float) -> inn.maps.GradientStep:
     """``Φ(w, θ) = w − α ∇_w [L_task(w) + (λ/2)‖w − θ‖²]``."""
-    return hg.GradientStep(lambda w, hp: support_loss(w) + 0.5 * lam * ((w - hp[0]) ** 2).sum(), inner_lr)
+    return inn.maps.GradientStep(lambda w, hp: support_loss(w) + 0.5 * lam * ((w - hp[0]) ** 2).sum(), inner_lr)
 
 
-def adapt(phi: hg.GradientStep, theta: Tensor, steps: int) -> Tensor:
+def adapt(phi: inn.maps.GradientStep, theta: Tensor, steps: int) -> Tensor:
     """``w_T``: T inner steps from ``w₀ = θ`` (no graph kept)."""
-    return hg.iterate(phi, theta, (theta,), steps)
+    with torch.no_grad():
+        w, _ = inn.FixedPointIteration(max_iter=steps, tol=0.0).solve(lambda w: phi(w, (theta,)), theta)
+    return w
 
 
-def meta_gradient(method: Method, phi: hg.GradientStep, query_loss: Callable[[Tensor], Tensor], theta: Tensor,
+def meta_gradient(method: Method, phi: inn.maps.GradientStep, query_loss: Callable[[Tensor], Tensor], theta: Tensor,
                   steps: int) -> tuple[Tensor, Tensor]:
-    """``(∇θ, w_T)`` for one task.  Every call into :mod:`implicitnets.hypergrad` is here."""
-    outer = lambda w, hp: query_loss(w)  # noqa: E731
-    if method.name == "itd":
-        w = adapt(phi, theta, steps)  # the same w_T (the reverse pass recomputes the tail)
-        (g,) = hg.ReverseITD(steps, truncate=method.truncate)(phi, outer, theta, (theta,))
-        return g, w
-    w = adapt(phi, theta, steps)
+    """``(∇θ, w_T)`` for one task.  Every call into :mod:`implicitnets.hypergrad` is here: the
+    implicit methods are AID at ``w_T`` (T inner steps from ``θ``), ITD differentiates the
+    last K of those steps; first-order MAML takes the query gradient at ``w_T``."""
     if method.name == "fomaml":
+        w = adapt(phi, theta, steps)
         with torch.enable_grad():
             wl = w.detach().requires_grad_()
             (g,) = torch.autograd.grad(query_loss(wl), wl)
         return g, w
-    solver = {"imaml-cg": linear.CG, "imaml-fp": linear.Neumann}[method.name](max_iter=method.linear_steps, tol=0.0)
-    (g,) = hg.AID(solver)(phi, outer, w, (theta,))
-    return g, w
+    inner_steps = inn.FixedPointIteration(max_iter=steps, tol=0.0)
+    if method.name == "itd":
+        backward: inn.BackwardMode = inn.ITD(truncate=method.truncate)
+    else:
+        backward = inn.AID(make_linear_solver(method.name.removeprefix("imaml-"), method.linear_steps))
+    problem = hg.Bilevel(phi, lambda w, hp: query_loss(w))
+    result = hg.Backprop(inner_steps, backward).hypergradient(problem, (theta,), theta)
+    return result.grads[0], result.w
 
 
 # --- tasks -----------------------------------------------------------------------------------

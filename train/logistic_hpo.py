@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import implicitnets as inn
 from implicitnets import hypergrad as hg
 from train.atomic import pyplot, write_csv, write_png
 from train.cli import make_hypergradient, run
@@ -71,7 +72,7 @@ def main(cfg: Config) -> dict[str, float]:
     def outer_loss(w: torch.Tensor, hp: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(Xv @ w, yv)
 
-    phi = hg.GradientStep(inner_loss, cfg.inner_lr)
+    problem = hg.Bilevel(inn.maps.GradientStep(inner_loss, cfg.inner_lr), outer_loss)
     method = make_hypergradient(cfg.method, cfg.inner_steps)
     lam = torch.ones(cfg.d, dtype=dtype, requires_grad=True)
     if cfg.outer_optimizer not in ("sgd", "adam"):
@@ -82,7 +83,8 @@ def main(cfg: Config) -> dict[str, float]:
 
     rows, reached, start = [], None, time.perf_counter()
     for step in range(cfg.outer_steps + 1):
-        w_T = hg.iterate(phi, w0, (lam,), cfg.inner_steps)
+        result = method.hypergradient(problem, (lam,), w0)  # T inner steps from w0, then ∇f(λ)
+        w_T = result.w
         with torch.no_grad():
             val = float(outer_loss(w_T, (lam,)))
             acc = float(((Xv @ w_T > 0).to(dtype) == yv).to(dtype).mean())
@@ -95,10 +97,8 @@ def main(cfg: Config) -> dict[str, float]:
                   f"λ∈[{rows[-1]['lam_min']:.3f}, {rows[-1]['lam_max']:.3f}]")
         if step == cfg.outer_steps:
             break
-        w_arg = w0 if isinstance(method, (hg.ReverseITD, hg.ForwardITD)) else w_T
-        (g,) = method(phi, outer_loss, w_arg, (lam,))
         opt.zero_grad(set_to_none=True)
-        lam.grad = g  # the training loop, not the library, owns .grad
+        (lam.grad,) = result.grads  # the training loop, not the library, owns .grad
         opt.step()
         if cfg.nonnegative:
             with torch.no_grad():

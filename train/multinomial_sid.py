@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import implicitnets as inn
 from implicitnets import hypergrad as hg
 from train import data
 from train.atomic import pyplot, write_csv, write_png
-from train.cli import make_linear_solver
+from train.cli import make_hypergradient
 from train.config import parse_config
 
 
@@ -112,7 +113,11 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         theta = torch.full((d - 1,), float(torch.log(torch.tensor(cfg.init_lambda))), dtype=dtype, requires_grad=True)
         opt = torch.optim.Adam([theta], lr=cfg.outer_lr)
-        W, v, epochs, step = torch.zeros(d, C, dtype=dtype), None, 0.0, 0
+        W, epochs, step = torch.zeros(d, C, dtype=dtype), 0.0, 0
+        previous: hg.Hypergradient | torch.Tensor = W  # each call warm-starts w (and v) from the last
+        aid = make_hypergradient("aid-cg", cfg.aid_inner, cfg.aid_linear, warm_start=True)
+        step_size = hg.DecayingStep(cfg.sid_step)
+        sid = hg.SID(cfg.sid_inner, cfg.sid_linear, step_size, step_size)
         start = time.perf_counter()
         while True:
             val, test, acc = evaluate(W)
@@ -122,22 +127,18 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
                 break
             alpha = 1.0 / (0.5 * xtx_max + float(theta.detach().exp().max()))  # 1 / Lipschitz(∇L)
             if method == "AID":
-                phi = hg.GradientStep(inner_loss, alpha)
-                W = hg.iterate(phi, W, theta, cfg.aid_inner)
-                res = hg.AID(make_linear_solver("cg", cfg.aid_linear)).solve(phi, outer_loss, W, theta, v0=v)
-                (g,), v = res.grads, res.v
+                problem = hg.Bilevel(inn.maps.GradientStep(inner_loss, alpha), outer_loss)
+                previous = aid.hypergradient(problem, theta, previous)
                 epochs += cfg.aid_inner + cfg.aid_linear
             else:
                 def phi_batch(W_: torch.Tensor, hp: tuple[torch.Tensor, ...], idx: torch.Tensor,
                               alpha: float = alpha) -> torch.Tensor:
-                    return hg.GradientStep(lambda w, h: inner_loss(w, h, idx), alpha)(W_, hp)
+                    return inn.maps.GradientStep(lambda w, h: inner_loss(w, h, idx), alpha)(W_, hp)
 
                 sample = lambda gen=gen: torch.randint(0, n, (cfg.batch_size,), generator=gen)
-                step_size = hg.DecayingStep(cfg.sid_step)
-                res = hg.SID(cfg.sid_inner, cfg.sid_linear, step_size, step_size).run(
-                    phi_batch, outer_loss, W, theta, sample, v0=v)
-                (g,), W, v = res.grads, res.w, res.v
+                previous = sid.hypergradient(hg.Bilevel(phi_batch, outer_loss, sample), theta, previous)
                 epochs += (cfg.sid_inner + cfg.sid_linear + 1) * cfg.batch_size / n
+            (g,), W = previous.grads, previous.w
             opt.zero_grad(set_to_none=True)
             theta.grad = g  # the training loop, not the library, owns .grad
             opt.step()

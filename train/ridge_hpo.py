@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+import implicitnets as inn
 from implicitnets import hypergrad as hg
 from train.atomic import pyplot, write_csv, write_png
-from train.cli import make_linear_solver, run
+from train.cli import make_hypergradient, make_linear_solver, run
 from train.config import parse_config
 
 
@@ -78,32 +79,26 @@ def main(cfg: Config) -> dict[str, dict[str, float]]:
     for method in cfg.methods.split(","):
         theta = torch.full((cfg.p,), float(torch.log(torch.tensor(cfg.init_lambda))), requires_grad=True)
         opt = torch.optim.Adam([theta], lr=cfg.outer_lr)
-        w, v = torch.zeros(cfg.p), None
+        if method == "hoag":  # inner and CG solves to ε_k = 0.01 / (k+1)^1.5, warm-started
+            hyper = hg.HOAG(make_linear_solver("cg", 200, 1e-10), tolerance=hg.PowerSchedule(1e-2, 1.5))
+        elif method in ("itd",) or method.startswith("aid-"):  # t inner steps from the last w, k linear steps
+            hyper = make_hypergradient(method, t, k, warm_start=True)
+        elif method != "exact":
+            raise ValueError(f"--methods: unknown method {method!r}; choose from exact, itd, hoag, aid-fp, aid-cg, "
+                             "aid-normalcg, aid-gmres")
+        previous: hg.Hypergradient | torch.Tensor = torch.zeros(cfg.p)  # each call warm-starts from the last
         start = time.perf_counter()
-        hoag = hg.HOAG(cfg.outer_steps, 1.0, make_linear_solver("cg", 200, 1e-10),
-                       tolerance=hg.PowerSchedule(1e-2, 1.5))
         for step in range(cfg.outer_steps + 1):
             lam = theta.detach().exp()
             rows.append(dict(method=method, step=step, val=val_loss(lam), test=test_loss(lam)))
             if step == cfg.outer_steps:
                 break
-            phi = hg.GradientStep(inner, 1.0 / hg.ridge_lipschitz(Xt, lam))
             if method == "exact":
                 g = hg.ridge_hypergradient(Xt, yt, Xv, yv, lam) * lam  # chain rule through λ = exp θ
-            elif method == "itd":
-                (g,) = hg.reverse_itd(phi, E, w, theta, t)
-                w = hg.iterate(phi, w, theta, t)
-            elif method == "hoag":  # inner and CG solves to ε_k = 0.01 / (k+1)^1.5, warm-started
-                st = hoag.hypergradient(step, phi, E, w, theta, v)
-                (g,), w, v = st.grads, st.w, st.v
-            elif method.startswith("aid-"):
-                solver = make_linear_solver(method[4:], k)
-                w = hg.iterate(phi, w, theta, t)
-                res = hg.AID(solver).solve(phi, E, w, theta, v0=v)
-                g, v = res.grads[0], res.v
             else:
-                raise ValueError(f"--methods: unknown method {method!r}; choose from exact, itd, hoag, aid-fp, aid-cg, "
-                                 "aid-normalcg, aid-gmres")
+                problem = hg.Bilevel(inn.maps.GradientStep(inner, 1.0 / hg.ridge_lipschitz(Xt, lam)), E)
+                previous = hyper.hypergradient(problem, theta, previous)
+                (g,) = previous.grads
             opt.zero_grad(set_to_none=True)
             theta.grad = g  # the training loop, not the library, owns .grad
             opt.step()

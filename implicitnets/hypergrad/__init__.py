@@ -1,26 +1,31 @@
 """Bilevel hypergradients: ``min_λ f(λ) = E(w(λ), λ)``, ``w(λ) = Φ(w(λ), λ)``.
 
-Every method takes the inner map ``phi(w, λ)`` (e.g. :class:`GradientStep` of an inner
-loss), the outer objective ``outer_loss(w, λ)``, an inner iterate and the hyperparameters
-(a tensor or a tuple of tensors), and returns ``∇f(λ)`` as a tuple of tensors shaped like
-the hyperparameters.  Nothing is written to ``.grad``.
+A :class:`Bilevel` problem holds the inner map Φ (e.g. :class:`~implicitnets.maps.GradientStep`
+of an inner loss) and the outer objective E; the hyperparameters λ are a tuple of tensors,
+the inner state a tensor or a tuple of tensors.  Every method is a
+:class:`HypergradientMethod` with one verb, ``method.hypergradient(problem, λ, start)``,
+returning a :class:`Hypergradient` (the gradient, the inner state reached, the adjoint and
+what the next call can warm-start from — pass the result back as ``start``):
 
-* :class:`ReverseITD` / :func:`reverse_itd` — reverse mode through t inner steps (optionally
-  truncated to the last K).
-* :class:`ForwardITD` / :func:`forward_itd` — forward mode, ``Z_t = A_t Z_{t−1} + B_t``
-  (Franceschi et al. 2017), memory independent of t.
-* :class:`RTHO` — real-time HO: hyper-steps during one inner run.
-* :class:`AID` / :func:`aid` — implicit differentiation with an :mod:`implicitnets.linear`
-  solver: ``(I − ∂₁Φᵀ) v = ∇₁E``, ``∇f = ∇₂E + ∂₂Φᵀ v``.
+* :class:`Backprop` ``(solver, backward)`` — reverse mode through the core's fixed-point
+  machinery: ``backward=ITD()`` (reverse ITD through the t solver steps; ``truncate=K``),
+  ``AID(linear_solver)`` (AID-FP / CG / NormalCG / GMRES / Exact at ``w_t``) or
+  ``JacobianFree()``.  The same ``ITD``, ``AID`` and forward solvers as the layers.
+* :class:`ForwardITD` — forward mode, ``Z_t = A_t Z_{t−1} + B_t`` (Franceschi et al. 2017),
+  memory independent of t.
+* :class:`RTHO` — real-time HO: the forward-mode run continues across calls.
 * :class:`SID` — stochastic AID with minibatch inner and linear solves (Grazzi et al. 2021).
-* :class:`HOAG` — outer loop with summable inner/linear tolerances (Pedregosa 2016).
-* :class:`GradientDescent`, :class:`HeavyBall` — differentiable inner optimisers whose lr and
-  momentum may be hyperparameters; :func:`unroll` keeps their graph.
-* :func:`ridge_hypergradient`, :func:`dense_hypergradient` — exact references.
+* :class:`HOAG` — AID with summable inner/linear tolerances and warm starts (Pedregosa 2016).
+
+:func:`optimize` runs hypergradient descent with any method.  :class:`GradientDescent`,
+:class:`HeavyBall` turn an inner loss into an inner map whose lr and momentum may be
+hyperparameters.  :func:`ridge_hypergradient`, :func:`dense_hypergradient` are exact
+references.  Nothing is written to ``.grad``.
 """
 
-from ._state import Hparams, InnerMap, OuterLoss, State
-from .aid import AID, AIDResult, aid
+from ._state import Hparams, InnerMap, OuterLoss
+from .backprop import Backprop
+from .base import Bilevel, Hypergradient, HypergradientMethod
 from .exact import (
     dense_hypergradient,
     ridge_hypergradient,
@@ -29,45 +34,33 @@ from .exact import (
     ridge_outer_loss,
     ridge_solution,
 )
-from .forward_itd import ForwardITD, forward_itd
-from .gradient_step import GradientStep
-from .hoag import HOAG, GeometricSchedule, HOAGResult, HOAGStep, PowerSchedule
-from .inner import iterate
-from .itd import ReverseITD, reverse_itd
-from .optimizers import GradientDescent, HeavyBall, OnParams, unroll
-from .rtho import RTHO, RTHOResult, rtho
-from .sid import SID, DecayingStep, SIDResult, StochasticMap
+from .forward_itd import ForwardITD
+from .hoag import HOAG, GeometricSchedule, PowerSchedule
+from .optimize import Trajectory, optimize
+from .optimizers import GradientDescent, HeavyBall, OnParams
+from .rtho import RTHO
+from .sid import SID, DecayingStep
 
 __all__ = [
-    "State",
+    "Bilevel",
+    "Hypergradient",
+    "HypergradientMethod",
     "Hparams",
     "InnerMap",
     "OuterLoss",
-    "GradientStep",
-    "iterate",
-    "ReverseITD",
-    "reverse_itd",
+    "Backprop",
     "ForwardITD",
-    "forward_itd",
     "RTHO",
-    "RTHOResult",
-    "rtho",
-    "AID",
-    "AIDResult",
-    "aid",
     "SID",
-    "SIDResult",
     "DecayingStep",
-    "StochasticMap",
     "HOAG",
-    "HOAGResult",
-    "HOAGStep",
     "PowerSchedule",
     "GeometricSchedule",
+    "optimize",
+    "Trajectory",
     "GradientDescent",
     "HeavyBall",
     "OnParams",
-    "unroll",
     "ridge_inner_loss",
     "ridge_outer_loss",
     "ridge_solution",

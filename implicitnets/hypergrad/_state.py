@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
+from ..state import State, map_parts, pack, parts
 
-__all__ = ["State", "Hparams", "InnerMap", "OuterLoss"]
+__all__ = ["Hparams", "InnerMap", "OuterLoss"]
 
-State = Tensor | tuple[Tensor, ...]
 Hparams = tuple[Tensor, ...]
 InnerMap = Callable[[State, Hparams], State]
 """``Φ(w, λ) -> w``: one step of the inner dynamics (a contraction for AID)."""
@@ -39,22 +39,27 @@ def leaves(xs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return tuple(x.detach().requires_grad_() for x in xs)
 
 
-def as_tuple(state: State) -> tuple[Tensor, ...]:
-    return state if isinstance(state, tuple) else (state,)
-
-
-def like(state: State, parts: Sequence[Tensor]) -> State:
-    """Pack ``parts`` in the structure of ``state`` (tensor or tuple)."""
-    return tuple(parts) if isinstance(state, tuple) else parts[0]
-
-
 def detach(state: State) -> State:
-    return like(state, [s.detach() for s in as_tuple(state)])
+    return map_parts(torch.Tensor.detach, state)
 
 
 def fill_none(grads: Sequence[Tensor | None], refs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """Replace ``None`` gradients (unused inputs) by zeros shaped like ``refs``."""
     return tuple(torch.zeros_like(r) if g is None else g for g, r in zip(grads, refs))
+
+
+def flat(tensors: Sequence[Tensor]) -> Tensor:
+    """The parts of a state as one vector (the operator's vectors for a tuple state)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflat(v: Tensor, like: State) -> State:
+    """Inverse of :func:`flat` for a state shaped like ``like``."""
+    ts = parts(like)
+    if len(ts) == 1:
+        return pack(like, [v.reshape(ts[0].shape)])
+    chunks = torch.split(v.reshape(-1), [t.numel() for t in ts])
+    return pack(like, [c.reshape(t.shape) for c, t in zip(chunks, ts)])
 
 
 def check_finite(name: str, tensors: Sequence[Tensor]) -> None:
@@ -69,10 +74,10 @@ def check_steps(name: str, field: str, value: object, minimum: int = 0) -> None:
 
 def outer_grads(outer_loss: OuterLoss, state: State, hparams: Hparams) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """``(∇₁E(w, λ), ∇₂E(w, λ))`` at detached copies of ``w`` and ``λ``."""
-    w_leaves = leaves(as_tuple(state))
+    w_leaves = leaves(parts(state))
     h_leaves = leaves(hparams)
     with torch.enable_grad():
-        loss = outer_loss(like(state, w_leaves), h_leaves)
+        loss = outer_loss(pack(state, w_leaves), h_leaves)
         grads = torch.autograd.grad(loss, (*w_leaves, *h_leaves), allow_unused=True)
     n = len(w_leaves)
     return fill_none(grads[:n], w_leaves), fill_none(grads[n:], h_leaves)

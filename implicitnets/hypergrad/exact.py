@@ -7,7 +7,7 @@ Ridge regression with one L2 weight per feature (the inner loss of the examples)
     ∇f(λ) = −w(λ) ⊙ H⁻¹ ∇E(w(λ)),   ∇E(w) = X_valᵀ (X_val w − y_val) / n_val.
 
 The dense reference solves the implicit equation with full Jacobians (small problems only):
-``v = (I − ∂₁Φᵀ)⁻¹ ∇₁E``, ``∇f = ∇₂E + ∂₂Φᵀ v`` at the given ``w``.
+``v = (I − ∂₁Φᵀ)⁻¹ ∇₁E``, ``∇f = ∇₂E + ∂₂Φᵀ v`` at the given ``w`` (a tensor or a tuple).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._state import InnerMap, OuterLoss, as_hparams, outer_grads
+from ..state import State, parts
+from ._state import as_hparams, flat, outer_grads, unflat
+from .base import Bilevel
 
 __all__ = [
     "ridge_inner_loss",
@@ -65,17 +67,20 @@ def ridge_hypergradient(X: Tensor, y: Tensor, X_val: Tensor, y_val: Tensor, lam:
     return out.sum().reshape(lam.shape) if lam.numel() == 1 and X.shape[1] != 1 else out
 
 
-def dense_hypergradient(
-    phi: InnerMap, outer_loss: OuterLoss, w: Tensor, hparams: Tensor | Sequence[Tensor]
-) -> tuple[Tensor, ...]:
+def dense_hypergradient(problem: Bilevel, hparams: Tensor | Sequence[Tensor], w: State) -> tuple[Tensor, ...]:
     """Reference ``∇₂E + ∂₂Φᵀ (I − ∂₁Φᵀ)⁻¹ ∇₁E`` at ``w`` with dense Jacobians
     (``torch.autograd.functional.jacobian``) and ``torch.linalg.solve``."""
     hp = tuple(h.detach() for h in as_hparams(hparams))
-    w = w.detach()
-    jac = torch.autograd.functional.jacobian(lambda w_, *h: phi(w_, tuple(h)), (w, *hp))
-    d = w.numel()
+    w = tuple(t.detach() for t in parts(w)) if isinstance(w, (tuple, list)) else w.detach()
+    w_flat = flat(parts(w)).reshape(-1)
+
+    def phi_flat(v: Tensor, *h: Tensor) -> Tensor:
+        return flat(parts(problem.inner(unflat(v, w), tuple(h)))).reshape(-1)
+
+    jac = torch.autograd.functional.jacobian(phi_flat, (w_flat, *hp))
+    d = w_flat.numel()
     A = jac[0].reshape(d, d)
-    gw, gh = outer_grads(outer_loss, w, hp)
-    eye = torch.eye(d, dtype=w.dtype, device=w.device)
-    v = torch.linalg.solve((eye - A).T, gw[0].reshape(d))
+    gw, gh = outer_grads(problem.outer, w, hp)
+    eye = torch.eye(d, dtype=w_flat.dtype, device=w_flat.device)
+    v = torch.linalg.solve((eye - A).T, flat(gw).reshape(d))
     return tuple(g + (jac[1 + i].reshape(d, -1).T @ v).reshape(h.shape) for i, (g, h) in enumerate(zip(gh, hp)))

@@ -5,38 +5,28 @@ Propagate the total derivative ``Z_t = dw_t/dλ`` alongside the inner iterates,
     Z_t = A_t Z_{t−1} + B_t,   A_t = ∂₁Φ(w_{t−1}, λ),   B_t = ∂₂Φ(w_{t−1}, λ),   Z₀ = 0,
 
 and return ``∇f_t(λ) = ∇₂E(w_t, λ) + Z_tᵀ ∇₁E(w_t, λ)``, the same number as reverse-mode
-ITD.  Each step costs one Jacobian-vector product per hyperparameter entry (``m`` of them,
-batched with :func:`torch.func.vmap`); memory is O(m·d), independent of ``t``.  Good when
-there are few hyperparameters (learning rate, momentum, a handful of weights); the map must
-be written with ``torch.func``-compatible operations (e.g. :class:`GradientStep`).
+ITD.  The pair ``(w, Z)`` is itself iterated by the core's
+:class:`~implicitnets.FixedPointIteration` (a tuple state), each step costing one
+Jacobian-vector product per hyperparameter entry (``m`` of them, batched with
+:func:`torch.func.vmap`); memory O(m·d), independent of ``t``.  Good when there are few
+hyperparameters (learning rate, momentum, a handful of weights); Φ must be written with
+``torch.func``-compatible operations (e.g. :class:`~implicitnets.maps.GradientStep`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._state import (
-    Hparams,
-    InnerMap,
-    OuterLoss,
-    State,
-    as_hparams,
-    as_tuple,
-    check_finite,
-    check_steps,
-    detach,
-    like,
-    outer_grads,
-)
+from ..solvers import FixedPointIteration
+from ..state import State, pack, parts
+from ._state import Hparams, InnerMap, as_hparams, check_finite, check_steps, detach, outer_grads
+from .base import Bilevel, Hypergradient, HypergradientMethod, Start, split_start
 
-__all__ = ["ForwardITD", "forward_itd", "Tangents", "tangent_basis", "zero_tangents", "tangent_step", "contract"]
-
-Tangents = tuple[Tensor, ...]
-"""``Z`` for each part of the state: shape ``(m, *part.shape)``, m = total hyperparameter size."""
+__all__ = ["ForwardITD"]
 
 
 def tangent_basis(hparams: Hparams) -> tuple[Tensor, ...]:
@@ -50,39 +40,55 @@ def tangent_basis(hparams: Hparams) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def zero_tangents(state: State, hparams: Hparams) -> Tangents:
-    """``Z₀ = 0``: an initial state that does not depend on λ."""
+def zero_tangents(state: State, hparams: Hparams) -> tuple[Tensor, ...]:
+    """``Z₀ = 0`` (a start that does not depend on λ): one ``(m, *part.shape)`` per part."""
     m = sum(h.numel() for h in hparams)
-    return tuple(s.new_zeros((m, *s.shape)) for s in as_tuple(state))
+    return tuple(s.new_zeros((m, *s.shape)) for s in parts(state))
 
 
-def tangent_step(
-    phi: InnerMap, state: State, hparams: Hparams, Z: Tangents, basis: tuple[Tensor, ...], vectorize: bool = True
-) -> tuple[State, Tangents]:
-    """One step ``(w_t, Z_t) = (Φ(w_{t−1}, λ), A_t Z_{t−1} + B_t)`` by forward-mode AD."""
-    parts = as_tuple(state)
-    n = len(parts)
-    primals = (*parts, *hparams)
+def tangent_map(phi: InnerMap, like: State, hparams: Hparams, vectorize: bool) -> Callable[[State], State]:
+    """``(w, Z) ↦ (Φ(w, λ), A Z + B)`` on the tuple ``(*parts(w), *Z)`` (forward-mode AD)."""
+    n = len(parts(like))
+    basis = tangent_basis(hparams)
 
-    def flat(*args: Tensor) -> tuple[Tensor, ...]:
-        return as_tuple(phi(like(state, args[:n]), tuple(args[n:])))
+    def step(state: State) -> State:
+        ws, Z = state[:n], state[n:]
 
-    def column(*tangents: Tensor) -> tuple[Tensor, ...]:
-        return torch.func.jvp(flat, primals, tangents)[1]
+        def flat(*args: Tensor) -> tuple[Tensor, ...]:
+            return parts(phi(pack(like, args[:n]), tuple(args[n:])))
 
-    if vectorize:
-        Z_new = torch.func.vmap(column)(*Z, *basis)
-    else:
-        cols = [column(*(z[j] for z in Z), *(b[j] for b in basis)) for j in range(basis[0].shape[0])]
-        Z_new = tuple(torch.stack([c[i] for c in cols]) for i in range(n))
-    with torch.enable_grad():
-        new_state = detach(phi(state, hparams))
-    return new_state, tuple(z.detach() for z in Z_new)
+        def column(*tangents: Tensor) -> tuple[Tensor, ...]:
+            return torch.func.jvp(flat, (*ws, *hparams), tangents)[1]
+
+        if vectorize:
+            Z_new = torch.func.vmap(column)(*Z, *basis)
+        else:
+            cols = [column(*(z[j] for z in Z), *(b[j] for b in basis)) for j in range(basis[0].shape[0])]
+            Z_new = tuple(torch.stack([c[i] for c in cols]) for i in range(n))
+        return (*(t.detach() for t in flat(*ws, *hparams)), *(z.detach() for z in Z_new))
+
+    return step
 
 
-def contract(
-    Z: Tangents, grads_w: tuple[Tensor, ...], grads_h: tuple[Tensor, ...], hparams: Hparams
-) -> tuple[Tensor, ...]:
+def forward_mode(problem: Bilevel, hparams: Hparams, w: State, Z: tuple[Tensor, ...] | None, steps: int,
+                 vectorize: bool, name: str) -> Hypergradient:
+    """``steps`` iterations of :func:`tangent_map` from ``(w, Z)`` (``Z = None``: zero) by the
+    core's fixed-point iteration, then ``∇₂E + Zᵀ∇₁E``; the result carries ``Z``."""
+    w = detach(w)
+    Z = zero_tangents(w, hparams) if Z is None else Z
+    n = len(parts(w))
+    state, stats = FixedPointIteration(max_iter=steps, tol=0.0).solve(
+        tangent_map(problem.inner, w, hparams, vectorize), (*parts(w), *Z)
+    )
+    w, Z = pack(w, state[:n]), tuple(state[n:])
+    gw, gh = outer_grads(problem.outer, w, hparams)
+    grads = contract(Z, gw, gh, hparams)
+    check_finite(name, grads)
+    return Hypergradient(grads, w, None, stats, carry=Z)
+
+
+def contract(Z: tuple[Tensor, ...], grads_w: tuple[Tensor, ...], grads_h: tuple[Tensor, ...],
+             hparams: Hparams) -> tuple[Tensor, ...]:
     """``∇₂E + Zᵀ ∇₁E``, split back into one tensor per hyperparameter."""
     total = sum((z.reshape(z.shape[0], -1) @ g.reshape(-1)) for z, g in zip(Z, grads_w))
     out, start = [], 0
@@ -93,38 +99,24 @@ def contract(
 
 
 @dataclass(frozen=True)
-class ForwardITD:
-    """Forward-mode ITD through ``steps`` applications of Φ from ``w₀`` (memory O(m·d)).
+class ForwardITD(HypergradientMethod):
+    """Forward-mode ITD through ``steps`` applications of Φ from the start (memory O(m·d)).
 
     ``vectorize=False`` loops over the m tangent directions instead of using ``vmap``
-    (for maps with operations ``vmap`` does not support).
+    (for maps with operations ``vmap`` does not support).  Each call restarts the tangents
+    at ``Z = 0`` (:class:`RTHO` continues them).
     """
 
     steps: int
     vectorize: bool = True
 
     def __post_init__(self) -> None:
-        check_steps("ForwardITD", "steps", self.steps)
+        check_steps("ForwardITD", "steps", self.steps, minimum=1)
         if not isinstance(self.vectorize, bool):
             raise ValueError(f"ForwardITD: vectorize must be a bool, got {self.vectorize!r}")
 
-    def __call__(
-        self, phi: InnerMap, outer_loss: OuterLoss, w0: State, hparams: Tensor | Sequence[Tensor]
-    ) -> tuple[Tensor, ...]:
-        """Return ``∇f_t(λ) = ∇₂E(w_t, λ) + Z_tᵀ ∇₁E(w_t, λ)``, one tensor per hyperparameter."""
+    def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
+        """``∇f_t(λ) = ∇₂E(w_t, λ) + Z_tᵀ ∇₁E(w_t, λ)``, one tensor per hyperparameter."""
+        w0, _ = split_start(start)
         hp = tuple(h.detach() for h in as_hparams(hparams))
-        w, basis = detach(w0), tangent_basis(hp)
-        Z = zero_tangents(w, hp)
-        for _ in range(self.steps):
-            w, Z = tangent_step(phi, w, hp, Z, basis, self.vectorize)
-        gw, gh = outer_grads(outer_loss, w, hp)
-        grads = contract(Z, gw, gh, hp)
-        check_finite("ForwardITD", grads)
-        return grads
-
-
-def forward_itd(
-    phi: InnerMap, outer_loss: OuterLoss, w0: State, hparams: Tensor | Sequence[Tensor], steps: int
-) -> tuple[Tensor, ...]:
-    """Functional form of :class:`ForwardITD`."""
-    return ForwardITD(steps)(phi, outer_loss, w0, hparams)
+        return forward_mode(problem, hp, w0, None, self.steps, self.vectorize, "ForwardITD")

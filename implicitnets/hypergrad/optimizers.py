@@ -1,7 +1,8 @@
 """Differentiable inner optimisers whose learning rate and momentum can be hyperparameters.
 
 Each optimiser turns an inner loss ``L(w, λ)`` into an inner map on its state, usable with
-every method here (reverse/forward ITD, RTHO; AID when the map contracts):
+every method here (reverse/forward ITD, RTHO; AID when the map contracts; unrolled, with
+the graph kept, by ``fixed_point(..., backward=ITD())``):
 
 * :class:`GradientDescent`: state ``w``;  ``w_{t+1} = w_t − α ∇₁L(w_t, λ)``.
 * :class:`HeavyBall`: state ``(w_t, w_{t−1})``;
@@ -14,16 +15,17 @@ its hypergradient comes out of any method like the others.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ._state import Hparams, InnerMap, OuterLoss, State, as_hparams, check_steps
-from .gradient_step import GradientStep
+from ..maps import GradientStep
+from ..state import State
+from ._state import Hparams, InnerMap, OuterLoss
 
-__all__ = ["GradientDescent", "HeavyBall", "OnParams", "unroll"]
+__all__ = ["GradientDescent", "HeavyBall", "OnParams"]
 
 Scalar = float | Callable[[Hparams], Tensor]
 InnerLoss = Callable[[Tensor, Hparams], Tensor]
@@ -102,23 +104,3 @@ class HeavyBall:
 
     def outer(self, outer_loss: OuterLoss) -> OuterLoss:
         return OnParams(outer_loss)
-
-
-def unroll(
-    optimizer: GradientDescent | HeavyBall,
-    inner_loss: InnerLoss,
-    w0: Tensor,
-    hparams: Tensor | Sequence[Tensor],
-    steps: int,
-) -> Tensor:
-    """``w_t`` after ``steps`` optimiser steps, *with* the autograd graph to ``hparams`` kept
-    (hypertorch-style unrolling: call ``torch.autograd.grad`` on any function of it).
-    Memory O(t·d); ``w₀`` is detached."""
-    check_steps("unroll", "steps", steps)
-    hp = as_hparams(hparams)
-    phi = optimizer.map(inner_loss)
-    state = optimizer.init(w0.detach())
-    with torch.enable_grad():
-        for _ in range(steps):
-            state = phi(state, hp)
-    return state[0] if isinstance(state, tuple) else state

@@ -5,29 +5,29 @@ For a stochastic inner map ``Φ(w, λ; ξ)`` with ``E_ξ Φ(w, λ; ξ) = Φ(w, �
 1. inner solve, ``t`` minibatch steps ``w_{s+1} = (1 − η_s) w_s + η_s Φ(w_s, λ; ξ_s)``
    (for a gradient-step map this is SGD with step ``η_s α``);
 2. linear system, ``k`` stochastic fixed-point steps
-   ``v_{j+1} = (1 − γ_j) v_j + γ_j (∂₁Φ(w_t, λ; ζ_j)ᵀ v_j + ∇₁E(w_t, λ))``;
+   ``v_{j+1} = (1 − γ_j) v_j + γ_j (∂₁Φ(w_t, λ; ζ_j)ᵀ v_j + ∇₁E(w_t, λ))``, each product
+   ``∂₁Φᵀv`` taken by the core's :class:`~implicitnets.GraphJacobian` on one minibatch step;
 3. ``ĝ = ∇₂E(w_t, λ) + ∂₂Φ(w_t, λ; ζ)ᵀ v_k``.
 
 Decreasing steps (``η_s, γ_j → 0``, e.g. :class:`DecayingStep`) make ``ĝ → ∇f`` in mean
-square as ``t, k → ∞``; ``w₀`` and ``v₀`` from the previous outer step are warm starts.
-With full batches and unit steps, SID is AID-FP at ``w_t`` exactly.
+square as ``t, k → ∞``; the previous result's ``w`` and ``v`` are the warm starts.  With
+full batches and unit steps, SID is AID-FP at ``w_t`` exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._state import Hparams, OuterLoss, as_hparams, check_finite, check_steps, fill_none, leaves, outer_grads
+from ..operator import GraphJacobian
+from ..state import map_parts, parts
+from ._state import as_hparams, check_finite, check_steps, detach, fill_none, flat, leaves, outer_grads, unflat
+from .base import Bilevel, Hypergradient, HypergradientMethod, Start, split_start
 
-__all__ = ["SID", "SIDResult", "DecayingStep", "StochasticMap"]
-
-StochasticMap = Callable[[Tensor, Hparams, Any], Tensor]
-"""``Φ(w, λ; batch) -> w``: the inner map evaluated on one minibatch."""
+__all__ = ["SID", "DecayingStep"]
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,11 @@ class DecayingStep:
 
 
 @dataclass(frozen=True)
-class SIDResult:
-    """Hypergradient estimate and the final ``w_t``, ``v_k`` (warm starts for the next call)."""
+class SID(HypergradientMethod):
+    """SID with ``inner_steps`` = t, ``linear_steps`` = k and step-size schedules.
 
-    grads: tuple[Tensor, ...]
-    w: Tensor
-    v: Tensor
-
-
-@dataclass(frozen=True)
-class SID:
-    """SID with ``inner_steps`` = t, ``linear_steps`` = k and step-size schedules."""
+    Needs a :class:`Bilevel` with ``sample``; ``inner(w, λ, batch)`` is the minibatch map.
+    """
 
     inner_steps: int
     linear_steps: int
@@ -75,49 +69,30 @@ class SID:
             if not isinstance(getattr(self, name), DecayingStep):
                 raise ValueError(f"SID: {name} must be a DecayingStep, got {getattr(self, name)!r}")
 
-    def run(
-        self,
-        phi: StochasticMap,
-        outer_loss: OuterLoss,
-        w0: Tensor,
-        hparams: Tensor | Sequence[Tensor],
-        sample: Callable[[], Any],
-        v0: Tensor | None = None,
-    ) -> SIDResult:
-        """Run SID from the warm starts ``w0`` (and ``v0``, default zero); ``sample()``
-        returns a fresh minibatch each call."""
-        if not callable(sample):
-            raise ValueError("SID: sample must be a callable returning a minibatch")
+    def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
+        """Run SID from ``start`` (a previous result warm-starts both ``w`` and ``v``)."""
+        if problem.sample is None:
+            raise ValueError("SID: the Bilevel problem needs sample() (a fresh minibatch per call)")
+        w, previous = split_start(start)
+        phi, sample = problem.inner, problem.sample
         hp = leaves(as_hparams(hparams))
         hp_const = tuple(h.detach() for h in hp)
-        w = w0.detach()
+        w = detach(w)
         with torch.enable_grad():
             for s in range(self.inner_steps):
                 eta = self.inner_step_size(s)
-                w = ((1.0 - eta) * w + eta * phi(w, hp_const, sample())).detach()
-        grads_w, grads_h = outer_grads(outer_loss, w, hp)
-        b = grads_w[0]
-        v = torch.zeros_like(w) if v0 is None else v0.detach().clone()
-        w_leaf = w.detach().requires_grad_()
+                w = detach(map_parts(lambda a, b, eta=eta: (1.0 - eta) * a + eta * b, w, phi(w, hp_const, sample())))
+        grads_w, grads_h = outer_grads(problem.outer, w, hp)
+        b = flat(grads_w)
+        v = torch.zeros_like(b) if previous is None or previous.v is None else previous.v.detach().to(b).clone()
+        w_leaf = map_parts(lambda t: t.detach().requires_grad_(), w)
         with torch.enable_grad():
             for j in range(self.linear_steps):
                 gamma = self.linear_step_size(j)
-                fw = phi(w_leaf, hp_const, sample())
-                (jtv,) = fill_none(torch.autograd.grad(fw, w_leaf, v, allow_unused=True), (w_leaf,))
+                jtv = GraphJacobian(phi(w_leaf, hp_const, sample()), w_leaf).rmv(v.reshape(b.shape))
                 v = ((1.0 - gamma) * v + gamma * (jtv + b)).detach()
             fw = phi(w_leaf, hp, sample())
-            cross = fill_none(torch.autograd.grad(fw, hp, v, allow_unused=True), hp)
+            cross = fill_none(torch.autograd.grad(parts(fw), hp, parts(unflat(v, fw)), allow_unused=True), hp)
         grads = tuple(g + c for g, c in zip(grads_h, cross))
         check_finite("SID", grads)
-        return SIDResult(grads, w, v)
-
-    def __call__(
-        self,
-        phi: StochasticMap,
-        outer_loss: OuterLoss,
-        w0: Tensor,
-        hparams: Tensor | Sequence[Tensor],
-        sample: Callable[[], Any],
-        v0: Tensor | None = None,
-    ) -> tuple[Tensor, ...]:
-        return self.run(phi, outer_loss, w0, hparams, sample, v0).grads
+        return Hypergradient(grads, w, v)
