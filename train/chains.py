@@ -58,8 +58,8 @@ class Config:
     quick: bool = False
 
 
-QUICK = {"lengths": "4,12", "chains_per_class": 3, "epochs": 30, "width": 8, "forward_iters": 200,
-         "backward_iters": 200, "out": "runs/chains-quick"}
+QUICK = {"lengths": "12", "chains_per_class": 3, "epochs": 100, "width": 8, "forward_iters": 200,
+         "backward_iters": 200, "backward_tol": 1e-5, "out": "runs/chains-quick"}
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
