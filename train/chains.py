@@ -58,7 +58,7 @@ class Config:
     quick: bool = False
 
 
-QUICK = {"lengths": "12", "chains_per_class": 3, "epochs": 100, "width": 8, "forward_iters": 200,
+QUICK = {"lengths": "12", "chains_per_class": 3, "epochs": 100, "width": 8, "forward_iters": 200, "forward_tol": 1e-6,
          "backward_iters": 200, "backward_tol": 1e-5, "out": "runs/chains-quick"}
 
 
