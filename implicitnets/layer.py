@@ -7,6 +7,7 @@ respect to ``x`` and θ by the chosen backward mode (:class:`ITD`, :class:`AID`,
 
 from __future__ import annotations
 
+import cmath
 from collections.abc import Callable
 
 import torch
@@ -65,8 +66,26 @@ def _check_input(x: object, module: nn.Module | None) -> None:
                 f"x has dtype {x.dtype} but the map's parameters have dtype {weight.dtype}; "
                 f"convert one of them (e.g. x.to({weight.dtype}))"
             )
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(f"the input x (shape {tuple(x.shape)}) contains NaN or Inf")
+
+
+class _FiniteInputs:
+    """The NaN/Inf check of ``x`` and a given ``z0``, without a host sync of its own.
+
+    One sum per tensor is queued before the solve and read after it (the solve's
+    statistics synchronise anyway); a non-finite sum is confirmed element-wise (a finite
+    tensor whose sum overflows is not an error).
+    """
+
+    def __init__(self, named: list[tuple[str, Tensor]]) -> None:
+        self.named = named
+        self.sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for _, t in named]
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteError` naming the first input that holds NaN or Inf."""
+        values = torch.stack(self.sums).tolist() if len(self.sums) > 1 else [self.sums[0].item()]
+        for (name, t), value in zip(self.named, values):
+            if not cmath.isfinite(value) and not torch.isfinite(t).all():
+                raise NonFiniteError(f"{name} (shape {tuple(t.shape)}) contains NaN or Inf")
 
 
 def _initial_state(f: Map, x: Tensor, z0: State | None) -> State:
@@ -86,8 +105,6 @@ def _initial_state(f: Map, x: Tensor, z0: State | None) -> State:
     for t in parts(z0):
         if t.dtype != x.dtype or t.device != x.device:
             raise ValueError(f"z0 has dtype {t.dtype} on {t.device} but x has dtype {x.dtype} on {x.device}")
-        if not torch.isfinite(t).all():
-            raise NonFiniteError("z0 contains NaN or Inf")
     return tuple(t.detach() for t in z0) if isinstance(z0, tuple) else z0.detach()
 
 
@@ -113,6 +130,22 @@ def fixed_point(
     _check_options(solver, backward)
     module = f if isinstance(f, nn.Module) else None
     _check_input(x, module)
+    start = _initial_state(f, x, z0)
+    given = [] if z0 is None else [("z0", t) for t in parts(start)]
+    finite = _FiniteInputs([("the input x", x), *given])
+    try:
+        result = _solve(f, x, solver, backward, module, start, adjoint_x0)
+    except Exception:
+        finite.check()  # NaN/Inf inputs make any solve fail: name them
+        raise
+    finite.check()
+    return result
+
+
+def _solve(
+    f: Map, x: Tensor, solver: ForwardSolver, backward: BackwardMode, module: nn.Module | None,
+    z0: State, adjoint_x0: Tensor | None,
+) -> tuple[State, SolverStats]:
     with parametrize.cached():
         if module is not None:
             _touch_parametrizations(module)
@@ -125,7 +158,7 @@ def fixed_point(
         needs_grad = torch.is_grad_enabled() and (
             module is None or x.requires_grad or u.requires_grad or bool(params)
         )
-        problem = Problem(step, u, _initial_state(f, x, z0), solver, params, needs_grad, module, adjoint_x0)
+        problem = Problem(step, u, z0, solver, params, needs_grad, module, adjoint_x0)
         return backward.run(problem)
 
 

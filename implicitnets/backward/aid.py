@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from ..bound_map import BoundMap
 from ..failure import AdjointFailure, FailurePolicy, Warn
 from ..linear import LinearSolver
-from ..operator import LinearOperator, state_jacobian
+from ..operator import GraphJacobian, LinearOperator, closed_form
 from ..solvers import SolverStats
 from ..state import State, map_parts, pack, parts
 from .adjoint import adjoint_message, solve_adjoint
@@ -72,10 +72,13 @@ class AID(BackwardMode):
             z, stats = problem.solver.solve(problem.map(), problem.z0)
         if not problem.needs_grad:
             return z, stats
+        closed = closed_form(problem.step)
         with torch.enable_grad():
-            z_leaf = map_parts(lambda t: t.detach().requires_grad_(), z)
-            fz = problem.step(z_leaf, problem.u)
-        node = _Node(self, problem, stats, state_jacobian(problem.step, z_leaf, problem.u, fz), fz)
+            # with a closed-form J the step needs no graph through w (nor its w-gradient)
+            z_in = map_parts(lambda t: t.detach().requires_grad_(closed is None), z)
+            fz = problem.step(z_in, problem.u)
+        J = closed(z_in, problem.u, fz) if closed is not None else GraphJacobian(fz, z_in)
+        node = _Node(self, problem, stats, J, fz)
         extra = (problem.u, *problem.params) if self.on_failure.needs_itd else ()
         n = len(parts(fz))
         out = _AIDFunction.apply(node, n, *parts(fz), *extra)
@@ -113,14 +116,11 @@ class _AIDFunction(torch.autograd.Function):
     """Identity on the parts of ``fz = Φ(w*, x)``; backward maps ``g`` to ``(I − Jᵀ)⁻¹ g``."""
 
     @staticmethod
-    def forward(node: _Node, n: int, *tensors: Tensor) -> Any:
-        outs = tuple(t.clone() for t in tensors[:n])
+    def forward(ctx: Any, node: _Node, n: int, *tensors: Tensor) -> Any:
+        # (the combined forward(ctx, ...) form: a separate setup_context costs a signature bind per call)
+        ctx.node, ctx.n, ctx.n_extra = node, n, len(tensors) - n
+        outs = tuple(t.clone() for t in tensors[:n])  # a copy: the caller may modify it in place
         return outs[0] if n == 1 else outs
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.node, ctx.n = inputs[0], inputs[1]
-        ctx.n_extra = len(inputs) - 2 - inputs[1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
