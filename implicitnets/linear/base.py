@@ -96,7 +96,7 @@ class flat_mv:  # noqa: N801 (used like a function: ``mv = flat_mv(op, p)``)
 
 
 class Problem:
-    """Flattened ``b``, the start ``x``, and the bookkeeping shared by all solvers.
+    """Flattened ``b``, the start ``x0`` (``None``: zero), and the bookkeeping shared by all solvers.
 
     The norm of ``b`` is read before the loop (one host synchronisation; a stopping
     threshold needs it) unless ``defer`` (for ``tol = 0``): then nothing is read until
@@ -108,7 +108,7 @@ class Problem:
             raise ValueError(f"{name}: x0 has shape {tuple(x0.shape)}, b has shape {tuple(b.shape)}")
         self.shape = b.shape
         self.b = b.reshape(-1)
-        self.x = torch.zeros_like(self.b) if x0 is None else x0.detach().to(b).reshape(-1).clone()
+        self.x0 = None if x0 is None else x0.detach().to(b).reshape(-1).clone()
         self.warm = x0 is not None
         self.bnorm = None if defer else float(norm(self.b))  # the one host sync before the loop
 
@@ -167,8 +167,9 @@ def restarted(inner: Inner, mv: MatVec, p: Problem, max_iter: int, tol: float) -
     true residual is the one reported, so ``max_iter`` iterations cost ``max_iter + 1``
     matvecs (``+ 1`` more with a warm start).
     """
-    x, used, limit = p.x, 0, threshold(p, tol)
-    r = p.b - mv(x) if p.warm else p.b.clone()
+    x = torch.zeros_like(p.b) if p.x0 is None else p.x0
+    used, limit = 0, threshold(p, tol)
+    r = p.b - mv(x) if p.warm else p.b  # never modified in place
     while used < max_iter:
         if tol > 0 and stop(norm(r), limit, r):
             break

@@ -16,17 +16,31 @@ __all__ = ['GMRES']
 
 class _HessenbergLeastSquares:
     """``min ‖β e₁ − H y‖`` for an upper Hessenberg ``H`` given column by column, by Givens
-    rotations on the host (float64; ``H`` is at most ``restart + 1`` by ``restart``)."""
+    rotations on the host (float64; ``H`` is at most ``restart + 1`` by ``restart``).
 
-    def __init__(self, beta: float) -> None:
+    A column is given as the Gram–Schmidt coefficients of ``A v_j`` (two passes, ``h`` and
+    ``h'``, summed here) and the norm of what is left.  That norm below ``(j + 1)·eps`` of
+    ``‖A v_j‖`` (``‖A v_j‖² = ‖h + h'‖² + rest²``) is a happy breakdown: the Krylov space
+    is invariant, the least-squares residual is zero, and later columns are ignored.
+    """
+
+    def __init__(self, beta: float, eps: float) -> None:
         self.R: list[list[float]] = []  # the rotated columns: upper triangular
         self.cs: list[float] = []
         self.sn: list[float] = []
         self.g = [beta]
+        self.eps = eps
+        self.broken = False
 
-    def add(self, column: list[float]) -> float:
-        """Append column ``j`` (its ``j + 2`` entries); returns the least-squares residual."""
-        j, col = len(self.R), list(column)
+    def add(self, first: list[float], second: list[float], rest: float) -> float:
+        """Append column ``j``; returns the least-squares residual."""
+        if self.broken:
+            return 0.0
+        j = len(self.R)
+        col = [a + b for a, b in zip(first, second)]
+        if not rest > (j + 1) * self.eps * math.sqrt(math.fsum(c * c for c in col) + rest * rest):
+            rest, self.broken = (0.0, True) if math.isfinite(rest) else (rest, False)
+        col.append(rest)
         for i in range(j):
             c, s = self.cs[i], self.sn[i]
             col[i], col[i + 1] = c * col[i] + s * col[i + 1], -s * col[i] + c * col[i + 1]
@@ -40,7 +54,7 @@ class _HessenbergLeastSquares:
         return abs(self.g[j + 1])
 
     def solve(self) -> list[float]:
-        """``y`` by back substitution; a zero pivot (only after a breakdown) gives ``y_i = 0``."""
+        """``y`` by back substitution (a zero pivot gives ``y_i = 0``)."""
         k = len(self.R)
         y = [0.0] * k
         for i in range(k - 1, -1, -1):
@@ -55,42 +69,40 @@ def _gmres_cycle(mv: MatVec, x: Tensor, r: Tensor, m: int, threshold: float) -> 
 
     Each step orthogonalises ``A v_j`` against the basis by classical Gram–Schmidt run
     twice (two matrix–vector products with the basis instead of ``j`` dot products; as
-    accurate as modified Gram–Schmidt).  A new vector whose norm falls below
-    ``(j + 1)·eps`` of ``‖A v_j‖`` is a happy breakdown: it is set to zero, as are the
-    steps after it.  The small least-squares problem is solved on the host: once at the
-    end when ``threshold = 0`` (one synchronisation per cycle), or step by step to test
-    its residual against ``threshold``.
+    accurate as modified Gram–Schmidt).  The small least-squares problem is solved on the
+    host (:class:`_HessenbergLeastSquares`): once at the end when ``threshold = 0`` (one
+    synchronisation per cycle), or step by step to test its residual against ``threshold``.
+    After a happy breakdown the remaining steps (``threshold = 0``) run on a vector of no
+    consequence: the solution uses the basis up to the breakdown.
     """
-    eps, tiny = torch.finfo(r.dtype).eps, torch.finfo(r.dtype).tiny
+    tiny = torch.finfo(r.dtype).tiny
     V = r.new_empty(m + 1, r.numel())
     beta = norm(r)
-    torch.mul(r, (beta > 0) / beta.clamp_min(tiny), out=V[0])
+    torch.div(r, beta.clamp_min(tiny), out=V[0])
     columns: list[Tensor] = []
-    ls = _HessenbergLeastSquares(float(beta)) if threshold > 0 else None
+    ls = _HessenbergLeastSquares(float(beta), torch.finfo(r.dtype).eps) if threshold > 0 else None
     for j in range(m):
         w = mv(V[j])
-        limit = norm(w) * ((j + 1) * eps)
         basis = V[: j + 1]
         h = basis @ w
         w = torch.addmv(w, basis.T, h, alpha=-1)
         h2 = basis @ w
         w = torch.addmv(w, basis.T, h2, alpha=-1)
-        w_norm = norm(w)
-        keep = w_norm > limit
-        h_next = w_norm * keep
-        torch.mul(w, keep / h_next.clamp_min(tiny), out=V[j + 1])
-        columns.append(torch.cat([h + h2, h_next.view(1)]))
-        if ls is not None and not ls.add(columns[-1].tolist()) > threshold:  # also stops on NaN
-            break
-    k = len(columns)
+        rest = norm(w)
+        torch.div(w, rest.clamp_min(tiny), out=V[j + 1])
+        columns.append(torch.cat([h, h2, rest.view(1)]))
+        if ls is not None:
+            values = columns[-1].tolist()
+            if not ls.add(values[: j + 1], values[j + 1: -1], values[-1]) > threshold:  # also stops on NaN
+                break
     if ls is None:
         flat = torch.cat([beta.view(1), *columns]).tolist()  # the one host sync of the cycle
-        ls, offset = _HessenbergLeastSquares(flat[0]), 1
-        for j in range(k):
-            ls.add(flat[offset: offset + j + 2])
-            offset += j + 2
+        ls, offset = _HessenbergLeastSquares(flat[0], torch.finfo(r.dtype).eps), 1
+        for j in range(len(columns)):
+            ls.add(flat[offset: offset + j + 1], flat[offset + j + 1: offset + 2 * j + 2], flat[offset + 2 * j + 2])
+            offset += 2 * j + 3
     y = torch.tensor(ls.solve(), dtype=r.dtype, device=r.device)
-    return torch.addmv(x, V[:k].T, y), k
+    return torch.addmv(x, V[: len(y)].T, y), len(columns)
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,19 @@ class Neumann(LinearSolver):
 
         def step(x: Tensor) -> Tensor:
             """The next iterate ``(I − A) x + b``; ``step(x) − x`` is x's residual ``b − A x``."""
-            out = M.mv_add(x, b)
+            return M.mv_add(x, b)
+
+        def first_step(x: Tensor) -> Tensor:
+            try:
+                out = step(x)
+            except RuntimeError:
+                check_shape(op.mv(x), shape, "mv")  # name a product of the wrong shape
+                raise
             check_shape(out, shape, "mv")
             return out
 
         # x and its successor y; from x0 = 0 the successor is b itself (no product)
-        x, y = (p.x.view(shape), step(p.x.view(shape))) if p.warm else (None, b)
+        x, y = (p.x0.view(shape), first_step(p.x0.view(shape))) if p.x0 is not None else (None, b)
         used = 0
         while used < self.max_iter:
             if self.tol > 0:
@@ -60,7 +67,7 @@ class Neumann(LinearSolver):
                         x = y
                     break
             x = y
-            y = step(x)
+            y = step(x) if used else first_step(x)
             used += 1
         if x is None:  # stopped before the first iteration (cold start): x = 0, r = b
             return p.finish(torch.zeros_like(b), b, 0, self.tol)
