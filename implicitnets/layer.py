@@ -7,7 +7,6 @@ respect to ``x`` and θ by the chosen backward mode (:class:`ITD`, :class:`AID`,
 
 from __future__ import annotations
 
-import cmath
 from collections.abc import Callable
 
 import torch
@@ -82,9 +81,11 @@ class _FiniteInputs:
 
     def check(self) -> None:
         """Raise :class:`NonFiniteError` naming the first input that holds NaN or Inf."""
-        values = torch.stack(self.sums).tolist() if len(self.sums) > 1 else [self.sums[0].item()]
-        for (name, t), value in zip(self.named, values):
-            if not cmath.isfinite(value) and not torch.isfinite(t).all():
+        sums = self.sums[0] if len(self.sums) == 1 else torch.stack(self.sums)
+        if bool(torch.isfinite(sums).all()):  # the one read
+            return
+        for name, t in self.named:
+            if not torch.isfinite(t).all():
                 raise NonFiniteError(f"{name} (shape {tuple(t.shape)}) contains NaN or Inf")
 
 
