@@ -12,7 +12,9 @@ operations and no autograd, no implicitnets code:
 * AID-FP (``AID(Neumann(k, tol=0))``): one more map evaluation ``w_{t+1}``, then
   ``v ← (v ⊙ D) A + g`` from ``v = 0`` for k steps (``D = 1 − w_{t+1}²``; the first step is
   ``v = g``, so k − 1 products), and the weight gradients from ``δ = v ⊙ D``.  The library
-  spends one product more: the final true residual of the adjoint solve (``layer.stats``);
+  spends one product more: the final true residual of the adjoint solve (``layer.stats``).
+  The head sees the value the layer returns (``w_{t+1}``, or ``w_t`` on the graph of
+  ``w_{t+1}``; the script asks the layer which);
 * AID-GMRES (``AID(GMRES(k, tol=0, restart=k))``): a minimal GMRES on bare products ``(I − Jᵀ) q``
   (k Arnoldi steps, classical Gram–Schmidt, least squares on the small Hessenberg matrix);
 * JacobianFree: one more map evaluation and ``δ = g ⊙ D``;
@@ -206,8 +208,23 @@ def bare_gmres(apply, g: Tensor, k: int) -> Tensor:
     return (y.to(V) @ V[:k]).view(shape)
 
 
+def returns_last_iterate(net: Net, cell_cls, mode: str, t: int, k: int, x: Tensor) -> bool:
+    """Whether our layer's output value (with grad enabled) is ``w_t`` rather than ``w_{t+1}``."""
+    layer = inn.FixedPointLayer(net.cell, solver=inn.FixedPointIteration(max_iter=t, tol=0.0),
+                                backward=backward_mode(mode, k))
+    out = layer(x).detach()
+    cell = cell_cls(net)
+    with torch.no_grad():
+        u = cell.inject(x)
+        w = torch.zeros_like(u)
+        for _ in range(t):
+            w = cell.step(w, u)
+        return bool(torch.linalg.vector_norm(out - w) <= torch.linalg.vector_norm(out - cell.step(w, u)))
+
+
 def bare(net: Net, cell_cls, mode: str, t: int, k: int, x: Tensor, y: Tensor):
     """The same step as :func:`ours` in plain tensor code; returns the gradients."""
+    head_at_last = mode == "ITD" or returns_last_iterate(net, cell_cls, mode, t, k, x)
     cell = cell_cls(net)
     H, h = net.head.weight.detach(), net.head.bias.detach()
     onehot = F.one_hot(y, H.shape[0]).to(x.dtype)
@@ -237,7 +254,7 @@ def bare(net: Net, cell_cls, mode: str, t: int, k: int, x: Tensor, y: Tensor):
             for _ in range(t):
                 w = cell.step(w, u)
             out = cell.step(w, u)
-            g, head = head_grads(out)
+            g, head = head_grads(w if head_at_last else out)
             if mode == "JacobianFree":
                 d = cell.act_back(g, out)
                 return [cell.weight_grad(d, w), *cell.input_grads(d, x), *head]

@@ -131,11 +131,10 @@ def fixed_point(
     _check_options(solver, backward)
     module = f if isinstance(f, nn.Module) else None
     _check_input(x, module)
-    start = _initial_state(f, x, z0)
-    given = [] if z0 is None else [("z0", t) for t in parts(start)]
-    finite = _FiniteInputs([("the input x", x), *given])
+    given = [] if z0 is None else [t for t in (z0 if isinstance(z0, (tuple, list)) else (z0,)) if isinstance(t, Tensor)]
+    finite = _FiniteInputs([("the input x", x), *(("z0", t) for t in given)])
     try:
-        result = _solve(f, x, solver, backward, module, start, adjoint_x0)
+        result = _solve(f, x, solver, backward, module, z0, adjoint_x0)
     except Exception:
         finite.check()  # NaN/Inf inputs make any solve fail: name them
         raise
@@ -145,7 +144,7 @@ def fixed_point(
 
 def _solve(
     f: Map, x: Tensor, solver: ForwardSolver, backward: BackwardMode, module: nn.Module | None,
-    z0: State, adjoint_x0: Tensor | None,
+    z0: State | None, adjoint_x0: Tensor | None,
 ) -> tuple[State, SolverStats]:
     with parametrize.cached():
         if module is not None:
@@ -159,7 +158,7 @@ def _solve(
         needs_grad = torch.is_grad_enabled() and (
             module is None or x.requires_grad or u.requires_grad or bool(params)
         )
-        problem = Problem(step, u, z0, solver, params, needs_grad, module, adjoint_x0)
+        problem = Problem(step, u, _initial_state(f, x, z0), solver, params, needs_grad, module, adjoint_x0)
         return backward.run(problem)
 
 

@@ -12,8 +12,9 @@ Neumann iteration ``v ← Jᵀ v + g``.
 :class:`GraphJacobian` builds ``J`` of a map at a point from one differentiable
 evaluation: ``Jᵀu`` is a vector–Jacobian product on that graph and ``J y`` differentiates
 the linear map ``u ↦ Jᵀu`` once more (built on first use).  A map may instead provide a
-closed form: a method ``jacobian(w, u, out) -> LinearOperator`` (``out = step(w, u)``),
-which :func:`state_jacobian` prefers.
+closed form: a method ``jacobian(w, u, out) -> LinearOperator`` (``out = step(w, u)``
+recorded from leaves ``w``), which :func:`state_jacobian` prefers; a map whose ``jacobian``
+reads only values says so with ``jacobian_needs_graph = False`` (:func:`needs_graph`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "FunctionOperator",
     "GraphJacobian",
     "closed_form",
+    "needs_graph",
     "state_jacobian",
     "linearize",
 ]
@@ -220,9 +222,21 @@ class GraphJacobian(LinearOperator):
 
 def closed_form(step: Callable[[State, Tensor], State]) -> Callable[[State, Tensor, State], LinearOperator] | None:
     """The map's ``jacobian(w, u, out)`` when ``step`` is a bound method of an object that
-    has one, else ``None``.  It needs no graph: ``w`` may be detached."""
+    has one, else ``None``."""
     closed = getattr(getattr(step, "__self__", None), "jacobian", None)
     return closed if callable(closed) else None
+
+
+def needs_graph(step: Callable[[State, Tensor], State]) -> bool:
+    """Whether ``J = ∂₁ step`` needs ``out = step(w, u)`` recorded from leaves ``w``.
+
+    True unless the map has a closed form and declares ``jacobian_needs_graph = False``
+    (its ``jacobian`` reads only the values of ``w``, ``u`` and ``out``); then AID records
+    its differentiable step without a graph through ``w``, and the backward computes no
+    gradient for ``w``.
+    """
+    closed = closed_form(step)
+    return closed is None or bool(getattr(step.__self__, "jacobian_needs_graph", True))
 
 
 def state_jacobian(step: Callable[[State, Tensor], State], w: State, u: Tensor, out: State) -> LinearOperator:

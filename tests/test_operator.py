@@ -11,7 +11,7 @@ import torch
 
 import implicitnets as inn
 from implicitnets import FunctionOperator, GraphJacobian, IdentityMinus, LinearOperator, Transposed, linear
-from implicitnets.operator import closed_form
+from implicitnets.operator import closed_form, needs_graph
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -51,21 +51,20 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("name", MAPS)
-def test_closed_form_jacobian_matches_graph_and_dense(name):
+def test_fused_products_of_the_closed_form(name):
+    """``c + α J x`` and ``c + α Jᵀ x`` (one fused product each) against the dense Jacobian;
+    the graph operator's default forms too.  (mv/rmv themselves: test_closed_form_jacobians.)"""
     cell, w, _, J, G, dense = at_a_point(MAPS[name])
-    assert closed_form(cell.step) is not None
+    assert closed_form(cell.step) is not None and not needs_graph(cell.step)
     gen = torch.Generator().manual_seed(1)
     x, c = (torch.randn(w.shape, generator=gen) for _ in range(2))
-    for product, reference in ((J.mv, dense @ x.reshape(-1)), (J.rmv, dense.T @ x.reshape(-1))):
-        assert product(x).shape == w.shape
-        assert rel(product(x).reshape(-1), reference) <= 1e-13
-    assert rel(J.mv(x), G.mv(x)) <= 1e-13
-    assert rel(J.rmv(x), G.rmv(x)) <= 1e-13
-    # the fused affine forms c + α A x, for both the closed form and the default
     for op in (J, G):
         for alpha in (1.0, -1.0, 0.3):
-            assert rel(op.mv_add(x, c, alpha), c + alpha * op.mv(x)) <= 1e-13
-            assert rel(op.rmv_add(x, c, alpha), c + alpha * op.rmv(x)) <= 1e-13
+            want_mv = c.reshape(-1) + alpha * dense @ x.reshape(-1)
+            want_rmv = c.reshape(-1) + alpha * dense.T @ x.reshape(-1)
+            assert op.mv_add(x, c, alpha).shape == w.shape
+            assert rel(op.mv_add(x, c, alpha).reshape(-1), want_mv) <= 1e-13
+            assert rel(op.rmv_add(x, c, alpha).reshape(-1), want_rmv) <= 1e-13
     c_before = c.clone()
     J.rmv_add(x, c, -1.0)
     J.mv_add(x, c, -1.0)
@@ -149,6 +148,41 @@ def test_aid_gradients_closed_form_equal_graph(name, backward):
     assert s1.backward_residual == pytest.approx(s2.backward_residual, rel=1e-9)
     for a, b in zip(closed, graph):
         assert rel(a, b) <= 1e-12
+
+
+class _GraphBackedTanh(torch.nn.Module):
+    """TanhMap's map with a closed form built on the recorded graph (like a map whose J needs
+    autograd): it does not declare ``jacobian_needs_graph = False``, so AID keeps ``w`` a leaf."""
+
+    def __init__(self, cell: inn.maps.TanhMap):
+        super().__init__()
+        self.cell = cell
+
+    def inject(self, x):
+        return self.cell.inject(x)
+
+    def step(self, w, u):
+        return self.cell.step(w, u)
+
+    def initial_state(self, x):
+        return self.cell.initial_state(x)
+
+    def jacobian(self, w, u, out):
+        assert w.requires_grad  # the documented protocol: out recorded from leaves w
+        return GraphJacobian(out, w)
+
+
+def test_aid_keeps_the_graph_for_a_closed_form_that_needs_it():
+    cell, x = tanh_map(1)
+    other = _GraphBackedTanh(cell)
+    assert closed_form(other.step) is not None and needs_graph(other.step)
+    backward = inn.AID(linear.Neumann(max_iter=12, tol=0.0))
+    solver = inn.FixedPointIteration(max_iter=20, tol=0.0)
+    R = torch.randn(3, 6, generator=torch.Generator().manual_seed(7))
+    grads = [torch.autograd.grad((R * inn.fixed_point(f, x, solver=solver, backward=backward)[0]).sum(),
+                                 list(cell.parameters())) for f in (cell, other)]
+    for a, b in zip(*grads):
+        assert rel(a, b) <= 1e-13
 
 
 class _SyncCounter:

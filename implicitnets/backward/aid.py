@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from ..bound_map import BoundMap
 from ..failure import AdjointFailure, FailurePolicy, Warn
 from ..linear import LinearSolver
-from ..operator import GraphJacobian, LinearOperator, closed_form
+from ..operator import GraphJacobian, LinearOperator, closed_form, needs_graph
 from ..solvers import SolverStats
 from ..state import State, map_parts, pack, parts
 from .adjoint import adjoint_message, solve_adjoint
@@ -72,10 +72,10 @@ class AID(BackwardMode):
             z, stats = problem.solver.solve(problem.map(), problem.z0)
         if not problem.needs_grad:
             return z, stats
-        closed = closed_form(problem.step)
+        closed, graph = closed_form(problem.step), needs_graph(problem.step)
         with torch.enable_grad():
-            # with a closed-form J the step needs no graph through w (nor its w-gradient)
-            z_in = map_parts(lambda t: t.detach().requires_grad_(closed is None), z)
+            # a J that reads only values needs no graph through w (and the backward no w-gradient)
+            z_in = map_parts(lambda t: t.detach().requires_grad_(graph), z)
             fz = problem.step(z_in, problem.u)
         J = closed(z_in, problem.u, fz) if closed is not None else GraphJacobian(fz, z_in)
         node = _Node(self, problem, stats, J, fz)

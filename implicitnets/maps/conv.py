@@ -24,6 +24,9 @@ class ConvCell(nn.Module):
     closed-form :meth:`jacobian` that AID's adjoint solve uses.
     """
 
+    #: :meth:`jacobian` reads only values (no graph through ``w``), see ``operator.needs_graph``
+    jacobian_needs_graph = False
+
     def __init__(
         self,
         in_channels: int,

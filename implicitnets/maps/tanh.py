@@ -23,6 +23,9 @@ class TanhMap(nn.Module):
     global ``‖A‖₂``.
     """
 
+    #: :meth:`jacobian` reads only values (no graph through ``w``), see ``operator.needs_graph``
+    jacobian_needs_graph = False
+
     def __init__(
         self,
         in_features: int,
