@@ -79,11 +79,14 @@ def check_shape(out: Tensor, shape: torch.Size, name: str) -> None:
         raise ValueError(f"op.{name} returned shape {tuple(out.shape)}, expected b's shape {tuple(shape)}")
 
 
-class flat_mv:  # noqa: N801 (used like a function: ``mv = flat_mv(op, p)``)
+def flat_mv(op: LinearOperator, p: Problem, transpose: bool = False) -> MatVec:
     """``A x`` (or ``Aᵀ x``) acting on flat vectors; checks on the first product that it
     preserves ``b``'s shape."""
+    return _FlatProduct(op, p, transpose)
 
-    def __init__(self, op: LinearOperator, p: Problem, transpose: bool = False) -> None:
+
+class _FlatProduct:
+    def __init__(self, op: LinearOperator, p: Problem, transpose: bool) -> None:
         self.product = op.rmv if transpose else op.mv
         self.shape, self.name, self.checked = p.shape, "rmv" if transpose else "mv", False
 
