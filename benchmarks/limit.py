@@ -12,13 +12,14 @@ operations and no autograd, no implicitnets code:
 * AID-FP (``AID(Neumann(k, tol=0))``): one more map evaluation ``w_{t+1}``, then
   ``v ← (v ⊙ D) A + g`` from ``v = 0`` for k steps (``D = 1 − w_{t+1}²``; the first step is
   ``v = g``, so k − 1 products), and the weight gradients from ``δ = v ⊙ D``.  The library
-  spends one product more: the final true residual of the adjoint solve (``layer.stats``).
-  The head sees the value the layer returns (``w_{t+1}``, or ``w_t`` on the graph of
-  ``w_{t+1}``; the script asks the layer which);
+  spends one product more: the final true residual of the adjoint solve (``layer.stats``);
 * AID-GMRES (``AID(GMRES(k, tol=0, restart=k))``): a minimal GMRES on bare products ``(I − Jᵀ) q``
   (k Arnoldi steps, classical Gram–Schmidt, least squares on the small Hessenberg matrix);
 * JacobianFree: one more map evaluation and ``δ = g ⊙ D``;
 * ITD: a manual reverse pass through the stored t steps.
+
+For AID and JacobianFree the head sees the value the layer returns: ``w_{t+1}``, or ``w_t`` on
+the graph of ``w_{t+1}`` (the script asks the layer which).
 
 The FC cell is ``TanhMap(784, width)`` at batch {128, 1000} × width {200, 1000}; the conv cell
 ``ConvCell(4, 48, (14, 14))`` (ReLU, 3×3) at batch 64.  Both use ``contraction=None`` with the
@@ -30,6 +31,7 @@ float64 (relative difference <= 1e-10 for every weight) and, at the timed size, 
 and AID-GMRES (every FC size); <= 1.3 for the conv cell (every mode).
 
     python benchmarks/limit.py [--quick] [--device cpu|cuda] [--threads N] [--repeats N]
+                               [--clock wall|cpu] [--cases 128x200,conv] [--modes AID-FP,ITD]
 """
 
 from __future__ import annotations
