@@ -7,7 +7,9 @@ Every script therefore measures the things it compares *side by side in one run*
   (round r runs A, B, C, ... in a rotated order), each measurement a loop of ``n`` calls
   calibrated to last at least ``min_time`` seconds.  A load spike hits all candidates of a
   round alike, so the *paired* ratio of two candidates within a round is robust; the scripts
-  report the median over rounds of those paired ratios.
+  report the median over rounds of those paired ratios.  ``--clock cpu`` measures the
+  process's CPU time instead of wall time (CPU device, ``--threads 1``): time the process
+  spends waiting for a core that another process holds is not counted.
 * ``peak_memory(fn)`` is the peak of live tensor bytes allocated while ``fn`` runs, above
   what was live before.  On CUDA it is ``torch.cuda.max_memory_allocated`` minus the starting
   allocation.  On CPU it replays the allocator events of ``torch.profiler`` (``profile_memory``;
@@ -64,7 +66,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--min-time", type=float, default=0.0,
                         help="seconds per measurement (0: auto; calibrates the inner loop)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or the process's CPU time (CPU device with --threads 1: robust to "
+                             "other processes sharing the cores)")
     return parser
+
+
+_clock = time.perf_counter
 
 
 def setup(args: argparse.Namespace) -> torch.device:
@@ -79,9 +87,14 @@ def setup(args: argparse.Namespace) -> torch.device:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
+    clock = getattr(args, "clock", "wall")
+    if clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu measures host CPU time; use the wall clock on a GPU")
+    global _clock
+    _clock = time.process_time if clock == "cpu" else time.perf_counter
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# torch {torch.__version__}, device {device} ({name}), threads {torch.get_num_threads()}, "
-          f"rounds {args.repeats}, >= {args.min_time * 1e3:.0f} ms per measurement"
+          f"rounds {args.repeats}, >= {args.min_time * 1e3:.0f} ms per measurement, {clock} clock"
           f"{', quick' if args.quick else ''}")
     return device
 
@@ -94,11 +107,11 @@ def sync(device: torch.device | str) -> None:
 
 def _time_loop(fn: Callable[[], object], n: int, device: torch.device) -> float:
     sync(device)
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(n):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / n
+    return (_clock() - start) / n
 
 
 def compare(

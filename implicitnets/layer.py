@@ -73,8 +73,28 @@ def _check_input(x: State, module: nn.Module | None) -> None:
                 f"x has dtype {t.dtype} but the map's parameters have dtype {weight.dtype}; "
                 f"convert one of them (e.g. x.to({weight.dtype}))"
             )
-        if not torch.isfinite(t).all():
-            raise NonFiniteError(f"the input x (shape {tuple(t.shape)}) contains NaN or Inf")
+
+
+class _FiniteInputs:
+    """The NaN/Inf check of ``x`` and a given ``z0``, without a host sync of its own.
+
+    One sum per tensor is queued before the solve and read after it (the solve's
+    statistics synchronise anyway); a non-finite sum is confirmed element-wise (a finite
+    tensor whose sum overflows is not an error).
+    """
+
+    def __init__(self, named: list[tuple[str, Tensor]]) -> None:
+        self.named = named
+        self.sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for _, t in named]
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteError` naming the first input that holds NaN or Inf."""
+        sums = self.sums[0] if len(self.sums) == 1 else torch.stack(self.sums)
+        if bool(torch.isfinite(sums).all()):  # the one read
+            return
+        for name, t in self.named:
+            if not torch.isfinite(t).all():
+                raise NonFiniteError(f"{name} (shape {tuple(t.shape)}) contains NaN or Inf")
 
 
 def _initial_state(f: Map, x: State, z0: State | None) -> State:
@@ -93,8 +113,6 @@ def _initial_state(f: Map, x: State, z0: State | None) -> State:
     for t in parts(z0):
         if t.dtype != first.dtype or t.device != first.device:
             raise ValueError(f"z0 has dtype {t.dtype} on {t.device} but x has dtype {first.dtype} on {first.device}")
-        if not torch.isfinite(t).all():
-            raise NonFiniteError("z0 contains NaN or Inf")
     return tuple(t.detach() for t in z0) if isinstance(z0, tuple) else z0.detach()
 
 
@@ -111,10 +129,11 @@ def fixed_point(
 
     ``f`` is any callable ``f(w, x) -> w``; the state ``w`` is a tensor or a tuple of
     tensors (e.g. one per resolution), and so is the input ``x`` (e.g. the tuple of
-    hyperparameters of a bilevel problem, :mod:`implicitnets.hypergrad`).  If ``f`` has ``inject(x) -> u`` and
-    ``step(w, u) -> w`` (like :class:`~implicitnets.maps.TanhMap`), the input term is
-    computed once per solve.  ``z0`` defaults to ``f.initial_state(x)`` if ``f`` has one,
-    else ``zeros_like(x)`` (a tuple ``x`` needs one of the two).  ``adjoint_x0`` warm-starts an AID adjoint solve.
+    hyperparameters of a bilevel problem, :mod:`implicitnets.hypergrad`).  If ``f`` has
+    ``inject(x) -> u`` and ``step(w, u) -> w`` (like :class:`~implicitnets.maps.TanhMap`), the
+    input term is computed once per solve.  ``z0`` defaults to ``f.initial_state(x)`` if ``f``
+    has one, else ``zeros_like(x)`` (a tuple ``x`` needs one of the two).  ``adjoint_x0``
+    warm-starts an AID adjoint solve.
     Parametrized weights of an ``nn.Module`` map are evaluated once per solve
     (``parametrize.cached``), so forward and backward see the same weights.
     """
@@ -122,6 +141,21 @@ def fixed_point(
     module = f if isinstance(f, nn.Module) else None
     x = _as_state(x, "x")
     _check_input(x, module)
+    given = [] if z0 is None else [t for t in (z0 if isinstance(z0, (tuple, list)) else (z0,)) if isinstance(t, Tensor)]
+    finite = _FiniteInputs([*(("the input x", t) for t in parts(x)), *(("z0", t) for t in given)])
+    try:
+        result = _solve(f, x, solver, backward, module, z0, adjoint_x0)
+    except Exception:
+        finite.check()  # NaN/Inf inputs make any solve fail: name them
+        raise
+    finite.check()
+    return result
+
+
+def _solve(
+    f: Map, x: State, solver: ForwardSolver, backward: BackwardMode, module: nn.Module | None,
+    z0: State | None, adjoint_x0: Tensor | None,
+) -> tuple[State, SolverStats]:
     with parametrize.cached():
         if module is not None:
             _touch_parametrizations(module)

@@ -1,15 +1,20 @@
 """Linear operators: ``J = ∂₁Φ(w)`` and the adjoint system matrix built from it.
 
 A :class:`LinearOperator` has ``mv(x) = A x`` and ``rmv(y) = Aᵀ y`` acting on tensors of
-one fixed shape (its ``like``).  Every linear solver in :mod:`implicitnets.linear`, the
-diagnostics and the hypergradient methods take such an object; the adjoint system of AID
-is ``(I − J)ᵀ v = g``, i.e. ``IdentityMinus(J).T``.
+one fixed shape (its ``like``), and the affine forms ``mv_add(x, c, α) = c + α A x`` and
+``rmv_add`` that an operator with a closed form evaluates as one fused product.  Every
+linear solver in :mod:`implicitnets.linear`, the diagnostics and the hypergradient methods
+take such an object; the adjoint system of AID is ``(I − J)ᵀ v = g``, i.e.
+``IdentityMinus(J).T``, which is ``I − Jᵀ`` (``IdentityMinus(J.T)``): one product of ``J``
+per matrix–vector product, and ``identity_minus()`` recovers ``Jᵀ`` from it for the
+Neumann iteration ``v ← Jᵀ v + g``.
 
 :class:`GraphJacobian` builds ``J`` of a map at a point from one differentiable
 evaluation: ``Jᵀu`` is a vector–Jacobian product on that graph and ``J y`` differentiates
 the linear map ``u ↦ Jᵀu`` once more (built on first use).  A map may instead provide a
-closed form: a method ``jacobian(w, u, out) -> LinearOperator`` (``out = step(w, u)``),
-which :func:`state_jacobian` prefers.
+closed form: a method ``jacobian(w, u, out) -> LinearOperator`` (``out = step(w, u)``
+recorded from leaves ``w``), which :func:`state_jacobian` prefers; a map whose ``jacobian``
+reads only values says so with ``jacobian_needs_graph = False`` (:func:`needs_graph`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ __all__ = [
     "IdentityMinus",
     "FunctionOperator",
     "GraphJacobian",
+    "closed_form",
+    "needs_graph",
     "state_jacobian",
     "linearize",
 ]
@@ -53,10 +60,22 @@ class LinearOperator(abc.ABC):
     def rmv(self, y: Tensor) -> Tensor:
         """``Aᵀ y``."""
 
+    def mv_add(self, x: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
+        """``c + α A x`` (a new tensor; override it to fuse the sum into the product)."""
+        return torch.add(c, self.mv(x), alpha=alpha)
+
+    def rmv_add(self, y: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
+        """``c + α Aᵀ y`` (a new tensor; override it to fuse the sum into the product)."""
+        return torch.add(c, self.rmv(y), alpha=alpha)
+
     @property
     def T(self) -> LinearOperator:  # noqa: N802 (the usual name of a transpose)
         """The transposed operator ``Aᵀ``."""
         return Transposed(self)
+
+    def identity_minus(self) -> LinearOperator:
+        """The operator ``I − A``."""
+        return IdentityMinus(self)
 
 
 class Transposed(LinearOperator):
@@ -75,13 +94,19 @@ class Transposed(LinearOperator):
     def rmv(self, y: Tensor) -> Tensor:
         return self.op.mv(y)
 
+    def mv_add(self, x: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
+        return self.op.rmv_add(x, c, alpha)
+
+    def rmv_add(self, y: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
+        return self.op.mv_add(y, c, alpha)
+
     @property
     def T(self) -> LinearOperator:  # noqa: N802
         return self.op
 
 
 class IdentityMinus(LinearOperator):
-    """``I − A``."""
+    """``I − A``; each product is one ``A.mv_add`` (``x − A x``)."""
 
     def __init__(self, op: LinearOperator) -> None:
         self.op = op
@@ -91,10 +116,19 @@ class IdentityMinus(LinearOperator):
         return self.op.like
 
     def mv(self, x: Tensor) -> Tensor:
-        return x - self.op.mv(x)
+        return self.op.mv_add(x, x, -1.0)
 
     def rmv(self, y: Tensor) -> Tensor:
-        return y - self.op.rmv(y)
+        return self.op.rmv_add(y, y, -1.0)
+
+    @property
+    def T(self) -> LinearOperator:  # noqa: N802
+        """``(I − A)ᵀ = I − Aᵀ``."""
+        return IdentityMinus(self.op.T)
+
+    def identity_minus(self) -> LinearOperator:
+        """``I − (I − A) = A``."""
+        return self.op
 
 
 class FunctionOperator(LinearOperator):
@@ -186,15 +220,33 @@ class GraphJacobian(LinearOperator):
         return self._join(self._grad(jtu, dummies, self._split(x, self.ws)), x.dtype)
 
 
+def closed_form(step: Callable[[State, Tensor], State]) -> Callable[[State, Tensor, State], LinearOperator] | None:
+    """The map's ``jacobian(w, u, out)`` when ``step`` is a bound method of an object that
+    has one, else ``None``."""
+    closed = getattr(getattr(step, "__self__", None), "jacobian", None)
+    return closed if callable(closed) else None
+
+
+def needs_graph(step: Callable[[State, Tensor], State]) -> bool:
+    """Whether ``J = ∂₁ step`` needs ``out = step(w, u)`` recorded from leaves ``w``.
+
+    True unless the map has a closed form and declares ``jacobian_needs_graph = False``
+    (its ``jacobian`` reads only the values of ``w``, ``u`` and ``out``); then AID records
+    its differentiable step without a graph through ``w``, and the backward computes no
+    gradient for ``w``.
+    """
+    closed = closed_form(step)
+    return closed is None or bool(getattr(step.__self__, "jacobian_needs_graph", True))
+
+
 def state_jacobian(step: Callable[[State, Tensor], State], w: State, u: Tensor, out: State) -> LinearOperator:
     """``J = ∂₁ step(w, u)`` at ``w``, with ``out = step(w, u)`` recorded from leaves ``w``.
 
-    Uses the map's closed form when ``step`` is a bound method of an object that has
-    ``jacobian(w, u, out)``; otherwise the graph of ``out``.
+    Uses the map's closed form (:func:`closed_form`) when it has one; otherwise the graph
+    of ``out``.
     """
-    owner = getattr(step, "__self__", None)
-    closed = getattr(owner, "jacobian", None)
-    if callable(closed):
+    closed = closed_form(step)
+    if closed is not None:
         return closed(w, u, out)
     return GraphJacobian(out, w)
 

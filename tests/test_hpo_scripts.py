@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from train import hypergrad_error, logistic_hpo, multinomial_sid, ridge_hpo
 
@@ -14,6 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMPLICITNETS_DATA_ROOT", ROOT.parent / "shared" / "data"))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype():
+    """The scripts set float64 as the default dtype (their main runs as a program)."""
+    previous = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(previous)
 
 
 def test_hypergrad_error_falls_geometrically_and_cg_is_exact_on_the_exact_inner(tmp_path):

@@ -29,8 +29,13 @@ def solve_adjoint(
     start = x0.detach().to(b) if x0 is not None and x0.shape == b.shape else None
     with torch.no_grad():
         v, info = linear_solver.solve(IdentityMinus(J).T, b, start)
-    finite = math.isfinite(info.residual) and bool(torch.isfinite(v).all())
-    return v, info, finite
+    return v, info, math.isfinite(info.residual) and _all_finite(v)
+
+
+def _all_finite(v: Tensor) -> bool:
+    """Whether ``v`` has no NaN/Inf: one reduction, read once (confirmed element-wise only
+    when the sum is not finite, which a finite ``v`` can reach by overflow)."""
+    return math.isfinite(float(v.sum())) or bool(torch.isfinite(v).all())
 
 
 def adjoint_message(linear_solver: LinearSolver, info: LinearInfo, finite: bool, where: str) -> str:

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from ..bound_map import BoundMap
 from ..failure import AdjointFailure, FailurePolicy, Warn
 from ..linear import LinearSolver
-from ..operator import LinearOperator, state_jacobian
+from ..operator import GraphJacobian, LinearOperator, closed_form, needs_graph
 from ..solvers import SolverStats
 from ..state import State, map_parts, pack, parts
 from .adjoint import adjoint_message, solve_adjoint
@@ -75,10 +75,13 @@ class AID(BackwardMode):
             z, stats = problem.solver.solve(problem.map(), problem.z0)
         if not problem.needs_grad:
             return z, stats
+        closed, graph = closed_form(problem.step), needs_graph(problem.step)
         with torch.enable_grad():
-            z_leaf = map_parts(lambda t: t.detach().requires_grad_(), z)
-            fz = problem.step(z_leaf, problem.u)
-        node = _Node(self, problem, stats, state_jacobian(problem.step, z_leaf, problem.u, fz), z, fz)
+            # a J that reads only values needs no graph through w (and the backward no w-gradient)
+            z_in = map_parts(lambda t: t.detach().requires_grad_(graph), z)
+            fz = problem.step(z_in, problem.u)
+        J = closed(z_in, problem.u, fz) if closed is not None else GraphJacobian(fz, z_in)
+        node = _Node(self, problem, stats, J, z, fz)
         extra = (*parts(problem.u), *problem.params) if self.on_failure.needs_itd else ()
         n = len(parts(fz))
         out = _AIDFunction.apply(node, n, *parts(fz), *extra)
@@ -117,14 +120,11 @@ class _AIDFunction(torch.autograd.Function):
     """The value of ``w*`` on the graph of ``fz = Φ(w*, x)``; backward maps ``g`` to ``(I − Jᵀ)⁻¹ g``."""
 
     @staticmethod
-    def forward(node: _Node, n: int, *tensors: Tensor) -> Any:
-        outs = tuple(z.to(t.dtype, copy=True) for z, t in zip(node.z, tensors[:n]))
+    def forward(ctx: Any, node: _Node, n: int, *tensors: Tensor) -> Any:
+        # (the combined forward(ctx, ...) form: a separate setup_context costs a signature bind per call)
+        ctx.node, ctx.n, ctx.n_extra = node, n, len(tensors) - n
+        outs = tuple(z.to(t.dtype, copy=True) for z, t in zip(node.z, tensors[:n]))  # w*'s value, a copy
         return outs[0] if n == 1 else outs
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.node, ctx.n = inputs[0], inputs[1]
-        ctx.n_extra = len(inputs) - 2 - inputs[1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -2,8 +2,9 @@
 
 Every solver has one call shape, ``x, info = solver.solve(op, b, x0=None)``, with ``op`` a
 :class:`~implicitnets.LinearOperator` (``op.mv``, ``op.rmv``).  ``tol = 0`` runs exactly
-``max_iter`` iterations with no host synchronisation inside the loop; ``tol > 0``
-synchronises once per iteration for the stopping test.
+``max_iter`` iterations with no host synchronisation inside the loop (one read of the
+final residual; GMRES also one per restart cycle, for its small least-squares problem);
+``tol > 0`` synchronises once per iteration for the stopping test.
 
 Which solver when (``J = ∂₁Φ`` at the fixed point):
 

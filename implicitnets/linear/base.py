@@ -73,35 +73,53 @@ def safe_div(num: Tensor, den: Tensor) -> Tensor:
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
+def check_shape(out: Tensor, shape: torch.Size, name: str) -> None:
+    """An operator's product must keep ``b``'s shape."""
+    if out.shape != shape:
+        raise ValueError(f"op.{name} returned shape {tuple(out.shape)}, expected b's shape {tuple(shape)}")
+
+
 def flat_mv(op: LinearOperator, p: Problem, transpose: bool = False) -> MatVec:
-    """``A x`` (or ``Aᵀ x``) acting on flat vectors; checks that it preserves ``b``'s shape."""
-    product = op.rmv if transpose else op.mv
-    shape = p.shape
+    """``A x`` (or ``Aᵀ x``) acting on flat vectors; checks on the first product that it
+    preserves ``b``'s shape."""
+    return _FlatProduct(op, p, transpose)
 
-    def mv(v: Tensor) -> Tensor:
-        out = product(v.view(shape))
-        if out.shape != shape:
-            name = "rmv" if transpose else "mv"
-            raise ValueError(f"op.{name} returned shape {tuple(out.shape)}, expected b's shape {tuple(shape)}")
+
+class _FlatProduct:
+    def __init__(self, op: LinearOperator, p: Problem, transpose: bool) -> None:
+        self.product = op.rmv if transpose else op.mv
+        self.shape, self.name, self.checked = p.shape, "rmv" if transpose else "mv", False
+
+    def __call__(self, v: Tensor) -> Tensor:
+        out = self.product(v.view(self.shape))
+        if not self.checked:
+            check_shape(out, self.shape, self.name)
+            self.checked = True
         return out.reshape(-1)
-
-    return mv
 
 
 class Problem:
-    """Flattened ``b``, the start ``x``, and the bookkeeping shared by all solvers."""
+    """Flattened ``b``, the start ``x0`` (``None``: zero), and the bookkeeping shared by all solvers.
 
-    def __init__(self, name: str, b: Tensor, x0: Tensor | None):
+    The norm of ``b`` is read before the loop (one host synchronisation; a stopping
+    threshold needs it) unless ``defer`` (for ``tol = 0``): then nothing is read until
+    :meth:`finish`, which reads ``‖r‖``, ``‖b‖`` and the finiteness of ``x`` at once.
+    """
+
+    def __init__(self, name: str, b: Tensor, x0: Tensor | None, defer: bool = False):
         if x0 is not None and x0.shape != b.shape:
             raise ValueError(f"{name}: x0 has shape {tuple(x0.shape)}, b has shape {tuple(b.shape)}")
         self.shape = b.shape
         self.b = b.reshape(-1)
-        self.x = torch.zeros_like(self.b) if x0 is None else x0.detach().to(b).reshape(-1).clone()
+        self.x0 = None if x0 is None else x0.detach().to(b).reshape(-1).clone()
         self.warm = x0 is not None
-        self.bnorm = float(norm(self.b))  # the one host sync before the loop
+        self.bnorm = None if defer else float(norm(self.b))  # the one host sync before the loop
 
     def trivial(self) -> tuple[Tensor, LinearInfo] | None:
-        """The answer without iterating when ``b == 0`` (x = 0) or ``b`` is non-finite."""
+        """The answer without iterating when ``b == 0`` (x = 0) or ``b`` is non-finite
+        (known here unless ``defer``; :meth:`finish` handles both cases otherwise)."""
+        if self.bnorm is None:
+            return None
         if self.bnorm == 0.0:
             return torch.zeros_like(self.b).view(self.shape), LinearInfo(0, 0.0, True)
         if not math.isfinite(self.bnorm):
@@ -109,12 +127,22 @@ class Problem:
         return None
 
     def finish(self, x: Tensor, r: Tensor, iterations: int, tol: float) -> tuple[Tensor, LinearInfo]:
-        """Package ``x`` with the true residual ``r = b − A x``."""
-        res = float(norm(r)) / self.bnorm
-        if not math.isfinite(res) or not bool(torch.isfinite(x).all()):
-            return x.view(self.shape), LinearInfo(iterations, math.inf, False)
+        """Package ``x`` (any shape of ``b``'s size) with the true residual ``r = b − A x``."""
+        rnorm, bnorm, total = torch.stack([norm(r), norm(self.b), x.sum()]).tolist()  # the one host sync
+        x = x.view(self.shape)
+        if bnorm == 0.0:  # b = 0: x = 0, whatever the iteration did
+            return torch.zeros_like(x), LinearInfo(iterations, 0.0, True)
+        res = rnorm / bnorm
+        # a finite sum means a finite x; a sum that overflowed is confirmed element-wise
+        if not math.isfinite(res) or not (math.isfinite(total) or bool(torch.isfinite(x).all())):
+            return x, LinearInfo(iterations, math.inf, False)
         converged = res <= tol if tol > 0 else res <= 1.0
-        return x.view(self.shape), LinearInfo(iterations, res, converged)
+        return x, LinearInfo(iterations, res, converged)
+
+
+def threshold(p: Problem, tol: float) -> float:
+    """``tol · ‖b‖``, the stopping threshold on ``‖r‖`` (0 for ``tol = 0``)."""
+    return tol * p.bnorm if tol > 0 and p.bnorm is not None else 0.0
 
 
 def stop(rnorm: Tensor, threshold: float, r: Tensor | None = None) -> bool:
@@ -142,12 +170,13 @@ def restarted(inner: Inner, mv: MatVec, p: Problem, max_iter: int, tol: float) -
     true residual is the one reported, so ``max_iter`` iterations cost ``max_iter + 1``
     matvecs (``+ 1`` more with a warm start).
     """
-    x, used, threshold = p.x, 0, tol * p.bnorm
-    r = p.b - mv(x) if p.warm else p.b.clone()
+    x = torch.zeros_like(p.b) if p.x0 is None else p.x0
+    used, limit = 0, threshold(p, tol)
+    r = p.b - mv(x) if p.warm else p.b  # never modified in place
     while used < max_iter:
-        if tol > 0 and stop(norm(r), threshold, r):
+        if tol > 0 and stop(norm(r), limit, r):
             break
-        x, k = inner(mv, x, r, max_iter - used, threshold)
+        x, k = inner(mv, x, r, max_iter - used, limit)
         used += k
         r = p.b - mv(x)
     return p.finish(x, r, used, tol)

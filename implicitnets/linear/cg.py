@@ -81,7 +81,7 @@ class CG(LinearSolver):
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` (``A`` symmetric positive definite)."""
-        p = Problem("CG", b, x0)
+        p = Problem("CG", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
         mv = flat_mv(op, p)
@@ -116,7 +116,7 @@ class NormalCG(LinearSolver):
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` through ``Aᵀ A x = Aᵀ b`` (uses ``op.rmv``)."""
-        p = Problem("NormalCG", b, x0)
+        p = Problem("NormalCG", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
         rmv = flat_mv(op, p, transpose=True)

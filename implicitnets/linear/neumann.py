@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
-from .base import LinearInfo, LinearSolver, Problem, check_options, flat_mv, norm, stop
+from .base import LinearInfo, LinearSolver, Problem, check_options, check_shape, norm, stop, threshold
 
 __all__ = ['Neumann']
 
@@ -19,7 +20,10 @@ class Neumann(LinearSolver):
     Valid when the spectral radius of ``I − A`` is below 1; the error contracts by about
     ``‖I − A‖`` per iteration.  From ``x0 = 0``, ``k`` iterations give the truncated
     Neumann series ``Σ_{j<k} (Jᵀ)ʲ b`` — the same as ITD truncated to ``k`` steps at ``w*``.
-    ``max_iter`` iterations cost exactly ``max_iter`` matvecs (``+ 1`` with a warm start).
+    Each iteration is one product ``(I − A) x + b`` (``op.identity_minus().mv_add``: for
+    the adjoint operator one fused ``Jᵀ x + b``); the product that gives the last iterate's
+    true residual also gives the next iterate, which is discarded.  ``max_iter`` iterations
+    cost exactly ``max_iter`` products (``+ 1`` with a warm start).
     """
 
     max_iter: int = 50
@@ -31,17 +35,42 @@ class Neumann(LinearSolver):
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
-        """Solve ``A x = b`` with ``matvec(x) = A x``."""
-        p = Problem("Neumann", b, x0)
+        """Solve ``A x = b`` with ``(I − A) x + b = op.identity_minus().mv_add(x, b)``."""
+        p = Problem("Neumann", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
-        mv, x, threshold = flat_mv(op, p), p.x, self.tol * p.bnorm
-        r = p.b - mv(x) if p.warm else p.b.clone()  # always the true residual of x
+        M, shape, limit = op.identity_minus(), p.shape, threshold(p, self.tol)
+        b = p.b.view(shape)
+
+        def step(x: Tensor) -> Tensor:
+            """The next iterate ``(I − A) x + b``; ``step(x) − x`` is x's residual ``b − A x``."""
+            return M.mv_add(x, b)
+
+        def first_step(x: Tensor) -> Tensor:
+            try:
+                out = step(x)
+            except RuntimeError:
+                check_shape(op.mv(x), shape, "mv")  # name a product of the wrong shape
+                raise
+            check_shape(out, shape, "mv")
+            return out
+
+        # x and its successor y; from x0 = 0 the successor is b itself (no product)
+        x, y = (p.x0.view(shape), first_step(p.x0.view(shape))) if p.x0 is not None else (None, b)
         used = 0
         while used < self.max_iter:
-            if self.tol > 0 and stop(norm(r), threshold, r):
-                break
-            x = x + r
-            r = p.b - mv(x)
+            if self.tol > 0:
+                r = y if x is None else y - x
+                rnorm = norm(r)
+                if stop(rnorm, limit, r):
+                    if not float(rnorm) <= limit:  # diverged: hand back the non-finite iterate
+                        x = y
+                    break
+            x = y
+            y = step(x) if used else first_step(x)
             used += 1
-        return p.finish(x, r, used, self.tol)
+        if x is None:  # stopped before the first iteration (cold start): x = 0, r = b
+            return p.finish(torch.zeros_like(b), b, 0, self.tol)
+        if x is b:  # never hand back the caller's b itself
+            x = b.clone()
+        return p.finish(x, y - x, used, self.tol)

@@ -24,6 +24,9 @@ class ConvCell(nn.Module):
     closed-form :meth:`jacobian` that AID's adjoint solve uses.
     """
 
+    #: :meth:`jacobian` reads only values (no graph through ``w``), see ``operator.needs_graph``
+    jacobian_needs_graph = False
+
     def __init__(
         self,
         in_channels: int,
@@ -84,7 +87,8 @@ class ConvCell(nn.Module):
 
 
 class _ConvJacobian(LinearOperator):
-    """``J y = D ⊙ (A ⋆ y)``, ``Jᵀ v = Aᵀ ⋆ (D ⊙ v)`` for a stride-1, same-size convolution."""
+    """``J y = D ⊙ (A ⋆ y)``, ``Jᵀ v = Aᵀ ⋆ (D ⊙ v)`` for a stride-1, same-size convolution;
+    products run in the argument's dtype."""
 
     def __init__(self, weight: Tensor, slope: Tensor, padding: int) -> None:
         self.weight, self.slope, self.padding = weight, slope, padding
@@ -93,8 +97,19 @@ class _ConvJacobian(LinearOperator):
     def like(self) -> Tensor:
         return self.slope
 
+    def _cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if dtype == self.slope.dtype == self.weight.dtype:
+            return self.weight, self.slope
+        return self.weight.to(dtype), self.slope.to(dtype)
+
     def mv(self, x: Tensor) -> Tensor:
-        return self.slope.to(x.dtype) * F.conv2d(x, self.weight.to(x.dtype), None, 1, self.padding)
+        weight, slope = self._cast(x.dtype)
+        return slope * F.conv2d(x, weight, None, 1, self.padding)
 
     def rmv(self, y: Tensor) -> Tensor:
-        return F.conv_transpose2d(self.slope.to(y.dtype) * y, self.weight.to(y.dtype), None, 1, self.padding)
+        weight, slope = self._cast(y.dtype)
+        return F.conv_transpose2d(slope * y, weight, None, 1, self.padding)
+
+    def mv_add(self, x: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
+        weight, slope = self._cast(x.dtype)
+        return torch.addcmul(c, slope, F.conv2d(x, weight, None, 1, self.padding), value=alpha)

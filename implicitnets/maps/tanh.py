@@ -23,6 +23,9 @@ class TanhMap(nn.Module):
     global ``‖A‖₂``.
     """
 
+    #: :meth:`jacobian` reads only values (no graph through ``w``), see ``operator.needs_graph``
+    jacobian_needs_graph = False
+
     def __init__(
         self,
         in_features: int,
@@ -82,7 +85,11 @@ class TanhMap(nn.Module):
 
 
 class _TanhJacobian(LinearOperator):
-    """``J y = D ⊙ (y Aᵀ)``, ``Jᵀ v = (D ⊙ v) A``; products run in the argument's dtype."""
+    """``J y = D ⊙ (y Aᵀ)``, ``Jᵀ v = (D ⊙ v) A``; products run in the argument's dtype.
+
+    ``c + α Jᵀ v`` is one ``addmm`` (the Neumann step ``v ← Jᵀ v + g`` and the GMRES
+    product ``(I − Jᵀ) q``), ``c + α J y`` one ``addcmul``.
+    """
 
     def __init__(self, weight: Tensor, slope: Tensor) -> None:
         self.weight, self.slope = weight, slope
@@ -92,9 +99,9 @@ class _TanhJacobian(LinearOperator):
         return self.slope
 
     def _cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if self.weight.dtype != dtype or self.slope.dtype != dtype:
-            self.weight, self.slope = self.weight.to(dtype), self.slope.to(dtype)
-        return self.weight, self.slope
+        if dtype == self.slope.dtype == self.weight.dtype:
+            return self.weight, self.slope
+        return self.weight.to(dtype), self.slope.to(dtype)
 
     def mv(self, x: Tensor) -> Tensor:
         weight, slope = self._cast(x.dtype)
@@ -103,3 +110,11 @@ class _TanhJacobian(LinearOperator):
     def rmv(self, y: Tensor) -> Tensor:
         weight, slope = self._cast(y.dtype)
         return (slope * y) @ weight
+
+    def mv_add(self, x: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
+        weight, slope = self._cast(x.dtype)
+        return torch.addcmul(c, slope, x @ weight.t(), value=alpha)
+
+    def rmv_add(self, y: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
+        weight, slope = self._cast(y.dtype)
+        return torch.addmm(c, slope * y, weight, alpha=alpha)
