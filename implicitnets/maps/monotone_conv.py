@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..operator import LinearOperator
 from ..parametrizations.monotone import check_margin
-from .monotone import MonotoneMap, ReLUJacobian
+from .monotone import MonotoneMap, ReLUJacobian, check_sizes
 
 __all__ = ["MonotoneConv"]
 
@@ -77,9 +77,7 @@ class MonotoneConv(MonotoneMap):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("channels", channels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MonotoneConv: {name} must be an int >= 1, got {value!r}")
+        check_sizes("MonotoneConv", in_channels=in_channels, channels=channels)
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 != 1:
             raise ValueError(f"MonotoneConv: kernel_size must be an odd int >= 1, got {kernel_size!r}")
         size = tuple(size)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..operator import LinearOperator
 from ..parametrizations.monotone import check_margin, monotone_weight
-from .monotone import MonotoneMap, ReLUJacobian
+from .monotone import MonotoneMap, ReLUJacobian, check_sizes
 
 __all__ = ["MonotoneFC"]
 
@@ -38,9 +38,7 @@ class MonotoneFC(MonotoneMap):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MonotoneFC: {name} must be an int >= 1, got {value!r}")
+        check_sizes("MonotoneFC", in_features=in_features, width=width)
         self.in_features, self.width, self.m = in_features, width, check_margin("MonotoneFC", m)
         self.U = nn.Linear(in_features, width, device=device, dtype=dtype)
         self.linear = nn.Linear(width, width, bias=False, device=device, dtype=dtype)

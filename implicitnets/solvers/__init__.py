@@ -5,7 +5,8 @@ residual ``‖g(z) − z‖ / ‖g(z)‖`` of the whole batch; ``tol = 0`` runs 
 map evaluations (the ``t`` of the paper).  :class:`ForwardBackward` and
 :class:`PeacemanRachford` are operator-splitting solvers for monotone maps
 (:class:`~implicitnets.maps.MonotoneMap`, monDEQ), whose equilibrium is unique even where
-``Φ`` is no contraction; they stop on the same residual of the map.  Any subclass of
+``Φ`` is no contraction; they stop on the same residual of the map (subclass :class:`SplittingSolver` for another
+splitting rule).  Any subclass of
 :class:`ForwardSolver` works wherever these do.
 """
 
@@ -14,6 +15,7 @@ from .base import ForwardSolver, SolverStats
 from .fixed_point import FixedPointIteration
 from .forward_backward import ForwardBackward
 from .peaceman_rachford import PeacemanRachford
+from .splitting import SplittingSolver
 
 __all__ = [
     "ForwardSolver",
@@ -22,4 +24,5 @@ __all__ = [
     "Anderson",
     "ForwardBackward",
     "PeacemanRachford",
+    "SplittingSolver",
 ]

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from ..failure import FailurePolicy, Warn
-from ..state import State
-from .base import ForwardSolver, SolverStats
-from .monitor import Monitor, check_common
-from .splitting import check_step_size, monotone_map_of
+from ..maps.monotone import MonotoneMap
+from .splitting import SplittingSolver, Update
 
 __all__ = ["PeacemanRachford"]
 
 
 @dataclass(frozen=True)
-class PeacemanRachford(ForwardSolver):
+class PeacemanRachford(SplittingSolver):
     """Peaceman–Rachford splitting for ``z = prox(W z + u)`` with ``I − W ⪰ m I``.
 
     On the auxiliary point ``s`` (with ``z = prox_{αf}(s)``)::
@@ -39,33 +36,20 @@ class PeacemanRachford(ForwardSolver):
     Differentiable operations only, so ITD runs through it.
     """
 
-    max_iter: int = 50
-    tol: float = 1e-5
     alpha: float = 1.0
-    check_every: int | None = None
-    on_failure: FailurePolicy = Warn()
 
-    def __post_init__(self) -> None:
-        check_common("PeacemanRachford", self.max_iter, self.tol, self.check_every, self.on_failure)
-        check_step_size("PeacemanRachford", self.alpha)
-
-    def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
-        """Iterate from ``z0``; return ``Φ`` of the last iterate and the stats."""
-        f = monotone_map_of("PeacemanRachford", g, z0)
-        monitor = Monitor("PeacemanRachford", self.max_iter, self.tol, self.check_every, z0)
-        z, u, alpha = z0, g.u, float(self.alpha)
+    def update(self, f: MonotoneMap, u: Tensor) -> Update:
+        alpha = float(self.alpha)
         resolvent = f.resolvent(alpha)
-        s = None
-        for k in range(self.max_iter):
-            v = f.weight_mv(z) + u
-            fz = f.prox(v, 1.0)  # Φ(z)
-            stop = monitor.record(fz, z)
-            if stop or k == self.max_iter - 1:
-                break
-            if s is None:
+        s: Tensor | None = None
+
+        def step(z: Tensor, v: Tensor) -> Tensor:
+            nonlocal s
+            if s is None:  # s₀, and z = prox(s₀)
                 s = torch.lerp(z, v, alpha)
                 z = f.prox(s, alpha)
             half = 2 * z - s
             s = 2 * resolvent(half + alpha * u) - half
-            z = f.prox(s, alpha)
-        return fz, monitor.finish(self.on_failure)
+            return f.prox(s, alpha)
+
+        return step
