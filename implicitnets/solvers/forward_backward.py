@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..maps.monotone import MonotoneMap
-from .splitting import SplittingSolver, Update
+from .splitting import SplittingSolver
 
 __all__ = ["ForwardBackward"]
 
@@ -32,6 +33,9 @@ class ForwardBackward(SplittingSolver):
 
     alpha: float = 0.5
 
-    def update(self, f: MonotoneMap, u: Tensor) -> Update:
-        alpha = float(self.alpha)
-        return lambda z, v: f.prox(torch.lerp(z, v, alpha), alpha)
+    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        alpha, z = float(self.alpha), z0
+        while True:
+            v = f.weight_mv(z) + u
+            yield z, f.prox(v, 1.0)
+            z = f.prox(torch.lerp(z, v, alpha), alpha)

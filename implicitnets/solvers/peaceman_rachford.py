@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..maps.monotone import MonotoneMap
-from .splitting import SplittingSolver, Update
+from .splitting import SplittingSolver
 
 __all__ = ["PeacemanRachford"]
 
@@ -28,28 +29,27 @@ class PeacemanRachford(SplittingSolver):
     :class:`~implicitnets.maps.MonotoneConv`).  The start ``s₀ = (1 − α) z₀ + α (W z₀ + u)``
     makes the exact equilibrium a fixed point of the iteration, so a warm start stays put.
     ``g`` must be a :class:`~implicitnets.BoundMap` of a
-    :class:`~implicitnets.maps.MonotoneMap` (else ``ValueError``).  Each iteration evaluates
-    the map once, ``Φ(z) = prox(W z + u)``, for the relative residual ``‖Φ(z) − z‖ / ‖Φ(z)‖``
-    that stops the solve (``tol``, ``check_every`` and ``on_failure`` as in
-    :class:`FixedPointIteration`; ``tol = 0`` runs exactly ``max_iter`` evaluations, i.e.
-    ``max_iter − 1`` splitting steps), and the solver returns ``Φ`` of its last iterate.
-    Differentiable operations only, so ITD runs through it.
+    :class:`~implicitnets.maps.MonotoneMap` (else ``ValueError``).  The map is evaluated at
+    ``z₀`` (one product with ``W``) and then at every ``z½``, where the exact resolvent gives
+    ``W z½ + u = z½ + (z½ − s½)/α`` for free: an iteration costs one resolvent solve.  The
+    relative residual ``‖Φ(z½) − z½‖ / ‖Φ(z½)‖`` stops the solve (``tol``, ``check_every`` and
+    ``on_failure`` as in :class:`FixedPointIteration`; ``tol = 0`` runs exactly ``max_iter``
+    evaluations, i.e. ``max_iter − 1`` splitting steps), and the solver returns ``Φ`` of its
+    last point.  Differentiable operations only, so ITD runs through it.
     """
 
     alpha: float = 1.0
 
-    def update(self, f: MonotoneMap, u: Tensor) -> Update:
+    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         alpha = float(self.alpha)
         resolvent = f.resolvent(alpha)
-        s: Tensor | None = None
-
-        def step(z: Tensor, v: Tensor) -> Tensor:
-            nonlocal s
-            if s is None:  # s₀, and z = prox(s₀)
-                s = torch.lerp(z, v, alpha)
-                z = f.prox(s, alpha)
+        v = f.weight_mv(z0) + u
+        yield z0, f.prox(v, 1.0)
+        s = torch.lerp(z0, v, alpha)  # s₀
+        while True:
+            z = f.prox(s, alpha)
             half = 2 * z - s
-            s = 2 * resolvent(half + alpha * u) - half
-            return f.prox(s, alpha)
-
-        return step
+            z_half = resolvent(half + alpha * u)
+            s = 2 * z_half - half
+            # z½ + α(I − W) z½ = s½ + αu, so W z½ + u = z½ + (z½ − s½)/α: Φ(z½) without a product with W
+            yield z_half, f.prox(z_half + (z_half - half) / alpha, 1.0)

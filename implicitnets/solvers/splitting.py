@@ -6,16 +6,16 @@ fixed-point problem ``z = prox_f(W z + u)`` of a :class:`~implicitnets.maps.Mono
 They use more of the map than its value, so they accept only a
 :class:`~implicitnets.BoundMap` (what :func:`~implicitnets.fixed_point` and
 :class:`~implicitnets.FixedPointLayer` hand a solver) whose ``map`` is a ``MonotoneMap``,
-and tensor states.  Both evaluate the map once per iteration, ``Φ(z) = prox(W z + u)``, and
-stop on its relative residual ``‖Φ(z) − z‖ / ‖Φ(z)‖`` like every other solver; they differ
-only in how the next ``z`` is made (:meth:`SplittingSolver.update`).
+and tensor states.  Both evaluate the map once per iteration, ``Φ(z) = prox(W z + u)`` at
+their current point, and stop on its relative residual ``‖Φ(z) − z‖ / ‖Φ(z)‖`` like every
+other solver; they differ in the points they visit (:meth:`SplittingSolver.iterates`).
 """
 
 from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -28,8 +28,6 @@ from .base import ForwardSolver, SolverStats
 from .monitor import Monitor, check_common
 
 __all__ = ["SplittingSolver", "monotone_map_of"]
-
-Update = Callable[[Tensor, Tensor], Tensor]
 
 
 def monotone_map_of(name: str, g: object, z0: object) -> MonotoneMap:
@@ -52,10 +50,11 @@ def monotone_map_of(name: str, g: object, z0: object) -> MonotoneMap:
 class SplittingSolver(ForwardSolver):
     """An operator-splitting solver of a monotone map with step size ``alpha`` > 0.
 
-    Each iteration evaluates ``v = W z + u`` and ``Φ(z) = prox(v)``, records the residual
-    (``tol``, ``check_every``, ``on_failure`` as in :class:`FixedPointIteration`; ``tol = 0``
-    runs exactly ``max_iter`` evaluations) and, unless it stops, moves ``z`` by the rule
-    :meth:`update` builds once per solve.  Returns ``Φ`` of the last iterate.
+    :meth:`iterates` yields the points ``z`` of the iteration with the map's value ``Φ(z)``
+    there, one map evaluation each; the solve records the residual of each pair (``tol``,
+    ``check_every``, ``on_failure`` as in :class:`FixedPointIteration`; ``tol = 0`` runs
+    exactly ``max_iter`` evaluations), asks for the next pair only if it goes on, and returns
+    ``Φ`` of the last point.
     """
 
     max_iter: int = 50
@@ -72,21 +71,16 @@ class SplittingSolver(ForwardSolver):
             raise ValueError(f"{name}: alpha must be a finite number > 0, got {alpha!r}")
 
     @abc.abstractmethod
-    def update(self, f: MonotoneMap, u: Tensor) -> Update:
-        """The rule ``(z, v) ↦ next z`` (``v = W z + u``) for one solve of ``f`` at input ``u``."""
+    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """The pairs ``(z, Φ(z))`` of the iteration from ``z0`` for ``f`` at input ``u``, without end."""
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return ``Φ`` of the last iterate and the stats."""
         name = type(self).__name__
         f = monotone_map_of(name, g, z0)
         monitor = Monitor(name, self.max_iter, self.tol, self.check_every, z0)
-        z, u = z0, g.u
-        update = self.update(f, u)
-        for k in range(self.max_iter):
-            v = f.weight_mv(z) + u
-            fz = f.prox(v, 1.0)  # Φ(z)
-            stop = monitor.record(fz, z)
-            if stop or k == self.max_iter - 1:
+        # zip asks range first: no step is taken after the last evaluation
+        for _, (z, fz) in zip(range(self.max_iter), self.iterates(f, z0, g.u)):
+            if monitor.record(fz, z):
                 break
-            z = update(z, v)
         return fz, monitor.finish(self.on_failure)
