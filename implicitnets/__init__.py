@@ -2,7 +2,9 @@
 
 A layer solves ``w = Φ(w, x; θ)``; the backward mode decides how gradients flow: ITD
 (through the solver's iterations), AID (an adjoint linear solve with Neumann, CG,
-NormalCG, GMRES or Exact) or the Jacobian-free one-step gradient.  Forward solvers,
+NormalCG, GMRES or Exact) or the Jacobian-free one-step gradient.  Monotone maps
+(:class:`maps.MonotoneMap`, monDEQ) have a unique equilibrium without a contraction; the
+splitting solvers :class:`ForwardBackward` and :class:`PeacemanRachford` find it.  Forward solvers,
 linear solvers, backward modes and failure policies are open: subclass
 :class:`ForwardSolver`, :class:`linear.LinearSolver`, :class:`BackwardMode` or
 :class:`FailurePolicy`.
@@ -16,7 +18,7 @@ from .failure import AdjointFailure, FailurePolicy, FallbackITD, FallbackJacobia
 from .layer import FixedPointLayer, fixed_point
 from .operator import FunctionOperator, GraphJacobian, IdentityMinus, LinearOperator, Transposed
 from .parametrizations import conv_spectral_norm, project_spectral_, spectral_norm
-from .solvers import Anderson, FixedPointIteration, ForwardSolver, SolverStats
+from .solvers import Anderson, FixedPointIteration, ForwardBackward, ForwardSolver, PeacemanRachford, SolverStats
 
 __all__ = [
     "fixed_point",
@@ -25,6 +27,8 @@ __all__ = [
     "BoundMap",
     "FixedPointIteration",
     "Anderson",
+    "ForwardBackward",
+    "PeacemanRachford",
     "SolverStats",
     "BackwardMode",
     "Problem",

@@ -70,6 +70,31 @@ def test_baseline_trained_in_the_same_run(tmp_path):
     assert (tmp_path / "baseline" / "checkpoint.pt").is_file()
 
 
+@pytest.mark.parametrize("model, extra", [("mon", ["--width", "32"]), ("monconv", ["--channels", "4"])])
+@pytest.mark.parametrize("solver", ["pr", "fb"])
+def test_monotone_models_train_with_splitting_solvers(tmp_path, model, extra, solver):
+    alpha = "1.0" if solver == "pr" else "0.5"
+    summary = run(tmp_path, "--model", model, "--solver", solver, "--alpha", alpha, "--epochs", "2",
+                  "--batch-size", "500", "--t", "6", "--k", "5", "--tol", "0", "--augment", "0", *extra)
+    assert summary["steps"] == 20 and summary["skipped_steps"] == 0 and summary["backward"] == "aid-gmres"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses) and losses[1] < losses[0]
+    assert all(r["forward_iterations"] == 6 and r["backward_iterations"] == 5 for r in records)
+    assert records[-1]["contraction"] > 1.0  # ‖W‖₂: a monotone map need not be a contraction
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path).values())
+
+
+@pytest.mark.parametrize("model, baseline", [("mon", "mlp"), ("monconv", "cnn")])
+def test_monotone_baseline_has_the_same_parameter_count(tmp_path, model, baseline):
+    summary = mnist.main([*SMALL[:-5], "--test-limit", "100", "--out", str(tmp_path), "--model", model,
+                          "--max-steps", "1", "--t", "3", "--k", "3"])
+    base = summary["baseline"]
+    assert base["model"] == baseline and base["steps"] == summary["steps"] == 1
+    assert abs(base["parameters"] - summary["parameters"]) / summary["parameters"] < 0.01
+    assert summary["parameters"] == {"mon": 198_892, "monconv": 46_028}[model]
+
+
 def test_resume_ends_with_the_same_weights(tmp_path):
     common = ["--epochs", "2", "--width", "32", "--batch-size", "500", "--augment", "1"]
     run(tmp_path / "straight", *common)
@@ -106,6 +131,8 @@ def test_preset_projection_keeps_the_bound(tmp_path):
         (["--model", "resnet"], "--model must be one of"),
         (["--t", "0"], "--t must be >= 1"),
         (["--data", "cifar"], "--data must be one of"),
+        (["--solver", "pr"], "only for --model mon or monconv"),
+        (["--model", "mon", "--alpha", "0"], "--alpha and --m must be > 0"),
     ],
 )
 def test_bad_options_raise(tmp_path, args, message):

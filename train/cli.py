@@ -24,18 +24,24 @@ __all__ = [
     "run", "make_solver", "make_linear_solver", "make_backward", "make_hypergradient",
 ]
 
-SOLVERS = ("fp", "anderson")
+SOLVERS = ("fp", "anderson", "pr", "fb")
 LINEAR_SOLVERS = ("fp", "cg", "normalcg", "gmres", "exact")
 BACKWARDS = ("itd", "itd:K", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb")
 HYPERGRADIENTS = ("itd", "itd:K", "forward-itd", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "aid-exact", "jfb")
 
-def make_solver(name: str, max_iter: int, tol: float, *, memory: int = 5) -> inn.ForwardSolver:
+def make_solver(name: str, max_iter: int, tol: float, *, memory: int = 5, alpha: float = 1.0) -> inn.ForwardSolver:
     """``fp``: fixed-point iteration ``w ← Φ(w)``; ``anderson``: Anderson acceleration with
-    ``memory`` past iterates.  Both stop after ``max_iter`` steps or at relative residual ``tol``."""
+    ``memory`` past iterates; ``pr`` / ``fb``: Peaceman–Rachford / forward–backward splitting
+    with step ``alpha`` (monotone maps only).  All stop after ``max_iter`` steps or at
+    relative residual ``tol``."""
     if name == "fp":
         return inn.FixedPointIteration(max_iter=max_iter, tol=tol)
     if name == "anderson":
         return inn.Anderson(max_iter=max_iter, tol=tol, memory=memory)
+    if name == "pr":
+        return inn.PeacemanRachford(max_iter=max_iter, tol=tol, alpha=alpha)
+    if name == "fb":
+        return inn.ForwardBackward(max_iter=max_iter, tol=tol, alpha=alpha)
     raise ValueError(f"unknown --solver {name!r}; choose one of {', '.join(SOLVERS)}")
 
 

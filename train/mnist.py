@@ -3,6 +3,8 @@
     python -m train.mnist                               # FC equilibrium model, embedded 5k digits
     python -m train.mnist --model conv --epochs 15      # conv equilibrium model
     python -m train.mnist --model mlp                   # explicit baseline, same budget
+    python -m train.mnist --model mon                   # monotone operator DEQ (monDEQ), FC
+    python -m train.mnist --model monconv               # monotone operator DEQ, conv (10 epochs)
     python -m train.mnist --preset grazzi2020           # the reference experiment
     torchrun --nproc_per_node=2 -m train.mnist ...      # DistributedDataParallel (gloo / nccl)
 
@@ -17,6 +19,12 @@ steps), ``aid-fp`` / ``aid-cg`` / ``aid-normalcg`` / ``aid-gmres`` (k iterations
 linear solver on (I − Jᵀ) v = g), ``jfb`` (Jacobian-free).  ``aid-cg`` assumes a symmetric
 Jacobian, which ``tanh(A w + B x + c)`` does not have: it runs (and warns) but its gradient
 is biased — prefer ``aid-normalcg`` or ``aid-gmres`` for these models.
+
+Monotone models (``mon``, ``monconv``): ``z = ReLU(W z + U x + b)`` with ``I − W ⪰ m I``
+(``--m``), a unique equilibrium although ‖W‖₂ > 1 is allowed; solved by operator splitting,
+``--solver pr`` (Peaceman–Rachford) or ``fb`` (forward–backward) with step ``--alpha``.
+Their own defaults (``MODEL_DEFAULTS``) apply under any option given explicitly, and their
+explicit baseline gets the width (channels) that matches their parameter count.
 """
 
 from __future__ import annotations
@@ -38,14 +46,24 @@ from torch import nn
 from tqdm import tqdm
 
 import implicitnets as inn
-from models import CNN, MLP, ConvEquilibrium, FCEquilibrium, count_parameters
+from models import (
+    CNN,
+    MLP,
+    ConvEquilibrium,
+    FCEquilibrium,
+    MonotoneConvEquilibrium,
+    MonotoneEquilibrium,
+    count_parameters,
+)
 from train.atomic import pyplot, write_atomic, write_png
 from train.cli import make_backward, make_solver
-from train.config import parse_config
+from train.config import config_parser, parse_config
 from train.data import DataError, load
 from train.step import guarded_step
 
-BASELINE = {"fc": "mlp", "conv": "cnn"}  # equilibrium model → explicit network of about its size
+BASELINE = {"fc": "mlp", "conv": "cnn", "mon": "mlp", "monconv": "cnn"}  # equilibrium model → explicit network
+# the baseline's size option set to match a monotone model's parameter count
+MATCHED_SIZE = {"mon": "width", "monconv": "channels"}
 
 # -----------------------------------------------------------------------------------------
 # configuration: a dataclass turned into argparse; a preset changes the defaults
@@ -53,13 +71,15 @@ BASELINE = {"fc": "mlp", "conv": "cnn"}  # equilibrium model → explicit networ
 
 @dataclass
 class Config:
-    model: str = "fc"  # fc | conv | mlp | cnn
+    model: str = "fc"  # fc | conv | mlp | cnn | mon | monconv
     backward: str = "aid-fp"  # itd | itd:K | aid-fp | aid-cg | aid-normalcg | aid-gmres | jfb
     t: int = 20  # forward solver iterations (max_iter)
     k: int = 20  # backward linear-solver iterations (AID)
     tol: float = 1e-4  # forward stopping tolerance on the relative residual; 0 runs exactly t
     backward_tol: float = 0.0  # AID tolerance; 0 runs exactly k iterations
-    solver: str = "fp"  # fp | anderson
+    solver: str = "fp"  # fp | anderson | pr | fb (pr, fb: monotone models only)
+    alpha: float = 1.0  # step size of the splitting solvers pr / fb
+    m: float = 0.1  # monotonicity margin of mon / monconv: I − W ⪰ m I
     contraction: str = "spectral"  # spectral | projection | none
     gamma: float = 0.9  # contraction bound on ‖A‖₂ (operator norm for conv)
     width: int = 200  # hidden size of fc / mlp
@@ -104,12 +124,31 @@ PRESETS = {
 }
 
 
+# a model's own defaults (under any option given explicitly)
+MODEL_DEFAULTS = {
+    # monDEQ, FC: width 174 = the tanh FC model's budget; Peaceman–Rachford forward (≈ 15–30 iterations
+    # to tol at α = 1), AID-GMRES backward (AID-FP's Neumann series needs ρ(∂₁Φ) < 1, which a monotone
+    # map does not promise); lr and weight decay tuned on the 5k protocol (the MLP baseline gets the same)
+    "mon": dict(width=174, solver="pr", alpha=1.0, m=0.5, t=40, backward="aid-gmres", lr=2e-3, weight_decay=1e-4),
+    # monDEQ, conv: 38 channels = the conv model's budget; circular 3×3 convolutions by FFT; 10 epochs
+    "monconv": dict(channels=38, solver="pr", alpha=1.0, m=0.5, t=30, backward="aid-gmres", lr=2e-3,
+                    weight_decay=1e-4, epochs=10),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
-    return parse_config(Config, argv, prog="python -m train.mnist", description=__doc__, presets=PRESETS)
+    prog = "python -m train.mnist"
+    cfg = parse_config(Config, argv, prog=prog, description=__doc__, presets=PRESETS)
+    if cfg.model not in MODEL_DEFAULTS:
+        return cfg
+    parser = config_parser(Config, prog, __doc__)
+    parser.set_defaults(**{**PRESETS.get(cfg.preset, {}), **MODEL_DEFAULTS[cfg.model]})
+    return Config(**vars(parser.parse_args(argv)))
 
 
 CHOICES = dict(
-    model=("fc", "conv", "mlp", "cnn"), solver=("fp", "anderson"), contraction=("spectral", "projection", "none"),
+    model=("fc", "conv", "mlp", "cnn", "mon", "monconv"), solver=("fp", "anderson", "pr", "fb"),
+    contraction=("spectral", "projection", "none"),
     optimizer=("adam", "sgd"), schedule=("cosine", "constant"), device=("auto", "cpu", "cuda"),
     dtype=("float32", "float64"), data=("mnist-5k", "mnist", "fashion-mnist"), activation=("relu", "tanh"),
 )
@@ -125,13 +164,22 @@ def check_config(cfg: Config) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if not (cfg.lr > 0 and cfg.gamma > 0 and cfg.tol >= 0 and cfg.backward_tol >= 0 and cfg.augment >= 0):
         raise ValueError("--lr and --gamma must be > 0; --tol, --backward-tol and --augment must be >= 0")
+    if cfg.solver in ("pr", "fb") and cfg.model not in MATCHED_SIZE:
+        raise ValueError(f"--solver {cfg.solver} is an operator-splitting solver: only for --model mon or monconv")
+    if not (cfg.alpha > 0 and cfg.m > 0):
+        raise ValueError("--alpha and --m must be > 0")
     make_backward(cfg.backward, cfg.k, cfg.backward_tol)  # raises on an unknown mode
 
 
 def build_model(cfg: Config) -> nn.Module:
     contraction = cfg.gamma if cfg.contraction == "spectral" else None
-    deq = dict(contraction=contraction, solver=make_solver(cfg.solver, cfg.t, cfg.tol),
-               backward=make_backward(cfg.backward, cfg.k, cfg.backward_tol))
+    solver = make_solver(cfg.solver, cfg.t, cfg.tol, alpha=cfg.alpha)
+    backward = make_backward(cfg.backward, cfg.k, cfg.backward_tol)
+    if cfg.model == "mon":
+        return MonotoneEquilibrium(784, cfg.width, 10, m=cfg.m, solver=solver, backward=backward)
+    if cfg.model == "monconv":
+        return MonotoneConvEquilibrium(1, cfg.channels, 10, 28, m=cfg.m, solver=solver, backward=backward)
+    deq = dict(contraction=contraction, solver=solver, backward=backward)
     if cfg.model == "fc":
         return FCEquilibrium(784, cfg.width, 10, **deq)
     if cfg.model == "conv":
@@ -215,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary = train(cfg, device, rank, world)
         if cfg.baseline and cfg.model in BASELINE:
             base_cfg = dataclasses.replace(cfg, model=BASELINE[cfg.model], out=os.path.join(cfg.out, "baseline"))
+            if cfg.model in MATCHED_SIZE:
+                base_cfg = matched_baseline(base_cfg, MATCHED_SIZE[cfg.model], summary["parameters"])
             summary["baseline"] = train(base_cfg, device, rank, world)
             if rank == 0:
                 write_atomic(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
@@ -224,6 +274,20 @@ def main(argv: list[str] | None = None) -> dict:
             dist.barrier()
             dist.destroy_process_group()
     return summary
+
+
+def matched_baseline(cfg: Config, field: str, parameters: int) -> Config:
+    """``cfg`` with ``field`` (width or channels) set so that its model's parameter count is
+    closest to ``parameters`` (bisection: the count grows with the size)."""
+    count = lambda size: count_parameters(build_model(dataclasses.replace(cfg, **{field: size})))
+    lo, hi = 1, 1
+    while count(hi) < parameters:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) < parameters else (lo, mid)
+    best = min((lo, hi), key=lambda size: abs(count(size) - parameters))
+    return dataclasses.replace(cfg, **{field: best})
 
 
 def comparison(summary: dict) -> str:

@@ -1,6 +1,6 @@
 """Stability study: what happens to each backward mode when Φ(·, x) stops being a contraction.
 
-    python -m train.stability                     # full grid (5 modes × 6 settings × 3 seeds, 3 epochs)
+    python -m train.stability                     # full grid (5 modes × 7 settings × 3 seeds, 3 epochs)
     python -m train.stability --quick             # reduced grid, a few minutes
     python -m train.stability --figures docs/figures
 
@@ -15,7 +15,10 @@ times every contraction setting
 
     0.5 | 0.9 | 0.99 (spectral-norm parametrization ‖A‖₂ ≤ γ) | projection (‖A‖₂ ≤ 0.99
     after every optimiser step) | none (A free, default init) | none@1.5 (A free, started
-    expansive: A₀ = 1.5·Q, Q random orthogonal, so ‖A₀‖₂ = ρ(A₀) = 1.5)
+    expansive: A₀ = 1.5·Q, Q random orthogonal, so ‖A₀‖₂ = ρ(A₀) = 1.5) | monotone (no
+    contraction at all: the monotone operator model ``z = ReLU(W z + U x + b)`` with
+    ``I − W ⪰ 0.1 I`` (:class:`models.MonotoneEquilibrium`, same width), solved by t
+    Peaceman–Rachford iterations; its equilibrium is unique although ‖W‖₂ > 1)
 
 and a few seeds.  AID runs with ``on_failure=Raise()``: a diverging adjoint solve (residual
 above ‖g‖ after k steps, or NaN/Inf) raises, and the step is skipped and logged (a *divergence
@@ -25,8 +28,8 @@ Recorded per run: final test accuracy, skipped steps, forward and backward relat
 residuals at every step, and at checkpoints (a fixed batch of training digits, float64)
 the measured contraction at the fixed point — ‖∂₁Φ‖₂ and ρ(∂₁Φ) per sample
 (:mod:`implicitnets.diagnostics`) and ‖A‖₂ — and the relative error of the run's
-hypergradient against a high-accuracy reference (Anderson forward to 1e-11, AID-GMRES
-backward to 1e-10).  Writes ``runs/<run>.json`` (resumable), ``results.json``,
+hypergradient against a high-accuracy reference (Anderson forward to 1e-11 — Peaceman–Rachford
+for the monotone model —, AID-GMRES backward to 1e-10).  Writes ``runs/<run>.json`` (resumable), ``results.json``,
 ``stability_table.md`` and ``stability_*.png`` under ``--out``, all atomically; the table and
 figures are made by :mod:`train.stability_report`.
 """
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 import implicitnets as inn
 from implicitnets import diagnostics as diag
 from implicitnets import linear
-from models import FCEquilibrium
+from models import FCEquilibrium, MonotoneEquilibrium
 from train.atomic import write_atomic
 from train.cli import make_backward
 from train.config import config_parser, parse_config
@@ -57,7 +60,7 @@ from train.data import load
 from train.stability_report import MODES, fmt, label, plot, summarize
 from train.step import guarded_step
 
-SETTINGS = ("0.5", "0.9", "0.99", "projection", "none", "none@1.5")
+SETTINGS = ("0.5", "0.9", "0.99", "projection", "none", "none@1.5", "monotone")
 
 # -----------------------------------------------------------------------------------------
 # configuration: a dataclass turned into argparse; --quick changes the defaults
@@ -102,12 +105,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if mode not in MODES:
             error(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
     for setting in _split(cfg.settings):
-        if setting not in ("projection", "none"):
+        if setting not in ("projection", "none", "monotone"):
             try:
                 if not 0 < float(setting[5:] if setting.startswith("none@") else setting):
                     raise ValueError
             except ValueError:
-                error(f"--settings: {setting!r} is not a bound γ > 0, 'projection', 'none' or 'none@s'")
+                error(f"--settings: {setting!r} is not a bound γ > 0, 'projection', 'none', 'none@s' or 'monotone'")
     return cfg
 
 
@@ -119,12 +122,16 @@ def _split(text: str) -> list[str]:
 # the pieces of one run
 
 
-def make_model(cfg: Config, mode: str, setting: str) -> FCEquilibrium:
-    """``setting``: a bound γ, ``projection``, ``none``, or ``none@s`` (A free, initialised
-    expansive as ``s·Q`` with Q a random orthogonal matrix: ‖A‖₂ = ρ(A) = s)."""
+def make_model(cfg: Config, mode: str, setting: str) -> FCEquilibrium | MonotoneEquilibrium:
+    """``setting``: a bound γ, ``projection``, ``none``, ``none@s`` (A free, initialised
+    expansive as ``s·Q`` with Q a random orthogonal matrix: ‖A‖₂ = ρ(A) = s), or ``monotone``
+    (the monotone operator model of the same width, Peaceman–Rachford forward)."""
     backward = make_backward(mode, cfg.k, 0.0)
     if isinstance(backward, inn.AID):  # a failed adjoint solve raises: the loop skips the step
         backward = dataclasses.replace(backward, on_failure=inn.Raise())
+    if setting == "monotone":
+        solver = inn.PeacemanRachford(max_iter=cfg.t, tol=0.0, check_every=1)
+        return MonotoneEquilibrium(784, cfg.width, 10, m=MONOTONE_MARGIN, solver=solver, backward=backward)
     free = setting in ("projection", "none") or setting.startswith("none@")
     solver = inn.FixedPointIteration(max_iter=cfg.t, tol=0.0, check_every=1)  # full trace: divergence detection
     model = FCEquilibrium(784, cfg.width, 10, contraction=None if free else float(setting), solver=solver,
@@ -136,7 +143,9 @@ def make_model(cfg: Config, mode: str, setting: str) -> FCEquilibrium:
     return model
 
 
+MONOTONE_MARGIN = 0.1  # m of the monotone setting: I − W ⪰ m I
 REFERENCE_SOLVER = inn.Anderson(max_iter=400, tol=1e-11, memory=10)
+MONOTONE_REFERENCE_SOLVER = inn.PeacemanRachford(max_iter=2000, tol=1e-11)
 REFERENCE_BACKWARD = inn.AID(linear.GMRES(max_iter=600, tol=1e-10, restart=60))
 
 
@@ -167,7 +176,9 @@ def diagnose(model: FCEquilibrium, x: torch.Tensor, y: torch.Tensor, seed: int) 
             approx, _ = _grads(m, x, y)
         except (inn.NonFiniteError, inn.ConvergenceError):
             approx = None
-        m.deq.solver, m.deq.backward = REFERENCE_SOLVER, REFERENCE_BACKWARD
+        monotone = isinstance(m.cell, inn.maps.MonotoneMap)
+        m.deq.solver = MONOTONE_REFERENCE_SOLVER if monotone else REFERENCE_SOLVER
+        m.deq.backward = REFERENCE_BACKWARD
         reference, stats = _grads(m, x, y)
     out.update(ref_forward_residual=stats.residual, ref_backward_residual=stats.backward_residual,
                ref_valid=bool(stats.converged and stats.backward_converged))

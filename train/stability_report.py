@@ -37,6 +37,8 @@ def label(setting: str) -> str:
         return "projection ≤0.99"
     if setting.startswith("none@"):
         return f"none, A₀ = {setting[5:]}·Q"
+    if setting == "monotone":
+        return "monotone (monDEQ, PR)"
     return "none" if setting == "none" else f"spectral γ={setting}"
 
 

@@ -3,12 +3,26 @@
 Each shipped map has ``lipschitz_bound()`` (the global Lipschitz constant of Φ(·, x) its
 parametrization implies, ``None`` when it implies none) and ``jacobian(w, u, out)`` (the
 closed-form ``J = ∂₁Φ`` as a :class:`~implicitnets.LinearOperator`, which AID and the
-diagnostics use in place of autograd products).
+diagnostics use in place of autograd products).  :class:`MonotoneMap` is the protocol of the
+monotone maps (monDEQ: ``I − W ⪰ m I``, a unique equilibrium without a contraction) that the
+operator-splitting solvers need; :class:`MonotoneFC` and :class:`MonotoneConv` implement it.
 """
 
 from .conv import ConvCell
 from .gradient_step import GradientStep
 from .graph import GraphMap, normalized_adjacency
+from .monotone import MonotoneMap
+from .monotone_conv import MonotoneConv
+from .monotone_fc import MonotoneFC
 from .tanh import TanhMap
 
-__all__ = ["TanhMap", "ConvCell", "GradientStep", "GraphMap", "normalized_adjacency"]
+__all__ = [
+    "TanhMap",
+    "ConvCell",
+    "GradientStep",
+    "GraphMap",
+    "normalized_adjacency",
+    "MonotoneMap",
+    "MonotoneFC",
+    "MonotoneConv",
+]

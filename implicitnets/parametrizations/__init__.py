@@ -1,7 +1,9 @@
-"""Parametrizations and projections that make maps contractions."""
+"""Parametrizations and projections that make maps contractions (spectral, operator and
+∞-norm bounds) or monotone (``I − W ⪰ m I``, :func:`monotone_weight`)."""
 
 from .conv import ConvOperatorBound, conv_operator_norm, conv_spectral_norm
 from .infinity_norm import InfNormBound, inf_norm, project_inf_norm_, project_l1_ball
+from .monotone import MonotoneWeight, monotone_weight
 from .spectral import SpectralBound, project_spectral_, spectral_norm
 
 __all__ = [
@@ -15,4 +17,6 @@ __all__ = [
     "inf_norm",
     "project_inf_norm_",
     "project_l1_ball",
+    "MonotoneWeight",
+    "monotone_weight",
 ]

@@ -2,12 +2,27 @@
 
 :class:`FixedPointIteration` (damped Picard) and :class:`Anderson` stop on the relative
 residual ``‖g(z) − z‖ / ‖g(z)‖`` of the whole batch; ``tol = 0`` runs exactly ``max_iter``
-map evaluations (the ``t`` of the paper).  Any subclass of :class:`ForwardSolver` works
-wherever these do.
+map evaluations (the ``t`` of the paper).  :class:`ForwardBackward` and
+:class:`PeacemanRachford` are operator-splitting solvers for monotone maps
+(:class:`~implicitnets.maps.MonotoneMap`, monDEQ), whose equilibrium is unique even where
+``Φ`` is no contraction; they stop on the same residual of the map (subclass :class:`SplittingSolver` for another
+splitting rule).  Any subclass of
+:class:`ForwardSolver` works wherever these do.
 """
 
 from .anderson import Anderson
 from .base import ForwardSolver, SolverStats
 from .fixed_point import FixedPointIteration
+from .forward_backward import ForwardBackward
+from .peaceman_rachford import PeacemanRachford
+from .splitting import SplittingSolver
 
-__all__ = ["ForwardSolver", "SolverStats", "FixedPointIteration", "Anderson"]
+__all__ = [
+    "ForwardSolver",
+    "SolverStats",
+    "FixedPointIteration",
+    "Anderson",
+    "ForwardBackward",
+    "PeacemanRachford",
+    "SplittingSolver",
+]

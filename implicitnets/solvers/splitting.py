@@ -1,0 +1,86 @@
+"""What the operator-splitting solvers share: the map they need and their iteration.
+
+:class:`~implicitnets.solvers.ForwardBackward` and
+:class:`~implicitnets.solvers.PeacemanRachford` solve ``0 ∈ (I − W) z − u + ∂f(z)``, the
+fixed-point problem ``z = prox_f(W z + u)`` of a :class:`~implicitnets.maps.MonotoneMap`.
+They use more of the map than its value, so they accept only a
+:class:`~implicitnets.BoundMap` (what :func:`~implicitnets.fixed_point` and
+:class:`~implicitnets.FixedPointLayer` hand a solver) whose ``map`` is a ``MonotoneMap``,
+and tensor states.  Both evaluate the map once per iteration, ``Φ(z) = prox(W z + u)`` at
+their current point, and stop on its relative residual ``‖Φ(z) − z‖ / ‖Φ(z)‖`` like every
+other solver; they differ in the points they visit (:meth:`SplittingSolver.iterates`).
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..bound_map import BoundMap
+from ..failure import FailurePolicy, Warn
+from ..maps.monotone import MonotoneMap
+from ..state import State
+from .base import ForwardSolver, SolverStats
+from .monitor import Monitor, check_common
+
+__all__ = ["SplittingSolver", "monotone_map_of"]
+
+
+def monotone_map_of(name: str, g: object, z0: object) -> MonotoneMap:
+    """``g.map`` if ``g`` is a :class:`BoundMap` of a :class:`MonotoneMap` and ``z0`` a tensor;
+    ``ValueError`` otherwise."""
+    if not (isinstance(g, BoundMap) and isinstance(g.map, MonotoneMap)):
+        got = f"BoundMap of {type(g.map).__name__}" if isinstance(g, BoundMap) else type(g).__name__
+        raise ValueError(
+            f"{name} is an operator-splitting solver: it needs a monotone map, i.e. g must be an "
+            f"implicitnets.BoundMap whose map is an implicitnets.maps.MonotoneMap (e.g. maps.MonotoneFC), "
+            f"got {got}; pass such a map to fixed_point / FixedPointLayer, or use FixedPointIteration or "
+            "Anderson for other maps"
+        )
+    if not isinstance(z0, Tensor):
+        raise ValueError(f"{name}: the state must be a tensor, got {type(z0).__name__}")
+    return g.map
+
+
+@dataclass(frozen=True)
+class SplittingSolver(ForwardSolver):
+    """An operator-splitting solver of a monotone map with step size ``alpha`` > 0.
+
+    :meth:`iterates` yields the points ``z`` of the iteration with the map's value ``Φ(z)``
+    there, one map evaluation each; the solve records the residual of each pair (``tol``,
+    ``check_every``, ``on_failure`` as in :class:`FixedPointIteration`; ``tol = 0`` runs
+    exactly ``max_iter`` evaluations), asks for the next pair only if it goes on, and returns
+    ``Φ`` of the last point.
+    """
+
+    max_iter: int = 50
+    tol: float = 1e-5
+    alpha: float = 1.0
+    check_every: int | None = None
+    on_failure: FailurePolicy = Warn()
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_common(name, self.max_iter, self.tol, self.check_every, self.on_failure)
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"{name}: alpha must be a finite number > 0, got {alpha!r}")
+
+    @abc.abstractmethod
+    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """The pairs ``(z, Φ(z))`` of the iteration from ``z0`` for ``f`` at input ``u``, without end."""
+
+    def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
+        """Iterate from ``z0``; return ``Φ`` of the last iterate and the stats."""
+        name = type(self).__name__
+        f = monotone_map_of(name, g, z0)
+        monitor = Monitor(name, self.max_iter, self.tol, self.check_every, z0)
+        # zip asks range first: no step is taken after the last evaluation
+        for _, (z, fz) in zip(range(self.max_iter), self.iterates(f, z0, g.u)):
+            if monitor.record(fz, z):
+                break
+        return fz, monitor.finish(self.on_failure)
