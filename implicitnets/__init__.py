@@ -16,7 +16,7 @@ from .failure import AdjointFailure, FailurePolicy, FallbackITD, FallbackJacobia
 from .layer import FixedPointLayer, fixed_point
 from .operator import FunctionOperator, GraphJacobian, IdentityMinus, LinearOperator, Transposed
 from .parametrizations import conv_spectral_norm, project_spectral_, spectral_norm
-from .solvers import Anderson, FixedPointIteration, ForwardSolver, SolverStats
+from .solvers import Anderson, Broyden, FixedPointIteration, ForwardSolver, SolverStats
 
 __all__ = [
     "fixed_point",
@@ -25,6 +25,7 @@ __all__ = [
     "BoundMap",
     "FixedPointIteration",
     "Anderson",
+    "Broyden",
     "SolverStats",
     "BackwardMode",
     "Problem",

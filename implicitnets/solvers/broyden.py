@@ -1,0 +1,175 @@
+"""Limited-memory ("good") Broyden's method, batched per sample."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..failure import FailurePolicy, Warn
+from ..state import Flattener, State
+from .base import ForwardSolver, SolverStats
+from .monitor import Monitor, check_common, check_structure
+from .rows import take_rows
+
+__all__ = ["Broyden"]
+
+
+@dataclass(frozen=True)
+class Broyden(ForwardSolver):
+    """Broyden's ("good") quasi-Newton method on the residual ``F(z) = g(z) − z``.
+
+    Each sample keeps a low-rank approximation ``B = −I + Σ_i u_i v_iᵀ`` of the inverse
+    Jacobian of ``F`` (``B = −I`` gives the plain step ``z ← g(z)``) and steps
+    ``z ← z − B F(z)``.  After each step ``Δz`` with residual change ``ΔF`` it takes the
+    rank-one update of the good Broyden method in inverse form,
+
+        ``B ← B + (Δz − B ΔF) (Δzᵀ B) / (Δzᵀ B ΔF)``,
+
+    After ``m = memory`` updates it restarts from ``B = −I`` (dropping only the oldest
+    update instead makes the iteration diverge on hard linear problems).  A sample whose
+    update is singular (the
+    denominator ``Δzᵀ B ΔF`` is zero or tiny relative to ``‖Δzᵀ B‖ ‖ΔF‖``) skips it and
+    takes a plain step.  The first axis of every part of the state is the batch; a tuple
+    state is flattened per sample into one row.  The updates are kept in at least float32
+    (outside autocast) whatever the map's dtype; the map sees its inputs in its own output
+    dtype.  Without autograd the updates live in preallocated buffers written in place;
+    with autograd (ITD through Broyden) they are built out of place.  Returns ``g`` of the
+    last point.
+
+    Stopping, ``check_every``, ``on_failure``, ``freeze_converged`` and ``return_best``
+    follow :class:`FixedPointIteration`.  On a linear map Broyden's method without restarts
+    converges in at most 2d steps (Gay 1979); on a contraction it typically needs far fewer
+    evaluations than fixed-point iteration, but it is not globally convergent: use
+    ``return_best`` when some samples may be far from their fixed point.
+    """
+
+    max_iter: int = 50
+    tol: float = 1e-5
+    memory: int = 10
+    check_every: int | None = None
+    on_failure: FailurePolicy = Warn()
+    freeze_converged: bool = False
+    return_best: bool = False
+
+    def __post_init__(self) -> None:
+        check_common(
+            "Broyden", self.max_iter, self.tol, self.check_every, self.on_failure,
+            self.freeze_converged, self.return_best,
+        )
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
+            raise ValueError(f"Broyden: memory must be an int >= 1, got {self.memory!r}")
+
+    def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
+        """Iterate from ``z0``; return ``g`` of the last point and the stats."""
+        monitor = Monitor(
+            "Broyden", self.max_iter, self.tol, self.check_every, z0,
+            freeze=self.freeze_converged, best=self.return_best,
+        )
+        flat = Flattener(z0)
+        fz = g(z0)
+        check_structure(fz, z0)
+        fx = flat.flatten(fz)
+        out_dtype = fx.dtype
+        work = torch.promote_types(out_dtype, torch.float32)
+        # the bookkeeping runs outside autocast (which would run it in half precision)
+        exact = torch.autocast(fx.device.type, enabled=False) if torch.is_autocast_enabled(fx.device.type) else None
+        with exact or contextlib.nullcontext():
+            state = _Updates(self.memory, flat.flatten(z0).to(work), torch.is_grad_enabled())
+        step, check = g, False
+        for k in range(self.max_iter):
+            if k > 0:
+                z = flat.unflatten(state.x.to(out_dtype))
+                fz = step(z)
+                if check:  # the first evaluation on a new set of samples
+                    check_structure(fz, z)
+                    check = False
+                fx = flat.flatten(fz)
+            stop = monitor.record(fx, state.x, fz)
+            if stop or k == self.max_iter - 1:
+                break
+            if monitor.keep is not None:  # some samples left the active set
+                keep = monitor.keep
+                fz, fx, step, check = take_rows(fz, keep), fx.index_select(0, keep), monitor.restrict(g), True
+                flat = Flattener(fz)
+                state.select(keep)
+            with exact or contextlib.nullcontext():
+                state.step(fx)
+        return monitor.finish(fz, self.on_failure)
+
+
+class _Updates:
+    """The last ``m`` rank-one updates ``(u_i, v_i)`` of every active sample, its point
+    ``x``, the residual ``F`` and ``B F`` at the previous point and the step ``p`` from it."""
+
+    def __init__(self, m: int, x: Tensor, grad: bool) -> None:
+        self.m, self.x, self.grad = m, x, grad
+        self.k = 0  # updates taken so far
+        self.F: Tensor | None = None  # the residual at x (None before the first step)
+        self.BF: Tensor | None = None  # B F, with the B that chose the step p
+        self.p: Tensor | None = None  # the step that led to x
+        self.eps = torch.finfo(x.dtype).eps
+        if grad:
+            self.us: list[Tensor] = []
+            self.vs: list[Tensor] = []
+        else:  # buffers (batch, slot, d); the first k slots hold the updates
+            self.U = x.new_zeros(x.shape[0], m, x.shape[1])
+            self.V = x.new_zeros(x.shape[0], m, x.shape[1])
+
+    def select(self, keep: Tensor) -> None:
+        """Keep the samples ``keep`` (rows of the active set)."""
+        pick = lambda t: t.index_select(0, keep)  # noqa: E731
+        self.x = pick(self.x)
+        if self.F is not None:
+            self.F, self.BF, self.p = pick(self.F), pick(self.BF), pick(self.p)
+        if self.grad:
+            self.us, self.vs = [pick(u) for u in self.us], [pick(v) for v in self.vs]
+        else:
+            self.U, self.V = pick(self.U), pick(self.V)
+
+    def _times_B(self, y: Tensor, left: bool = False) -> Tensor:
+        """``B y`` (or ``yᵀ B`` with ``left``) for every sample, ``y`` of shape (batch, d)."""
+        if not self.k:
+            return -y
+        if self.grad:
+            U, V = torch.stack(self.us, 1), torch.stack(self.vs, 1)
+        else:
+            U, V = self.U[:, : self.k], self.V[:, : self.k]
+        if left:
+            U, V = V, U
+        coef = torch.bmm(V, y.unsqueeze(-1)).transpose(1, 2)  # (batch, 1, k): v_iᵀ y
+        return torch.bmm(coef, U).squeeze(1) - y
+
+    def step(self, fx: Tensor) -> None:
+        """Take the residual at ``x`` (``fx = g(x)``), update ``B`` and step."""
+        F = fx.to(self.x.dtype) - self.x
+        if self.F is None:  # B = −I: the plain step
+            self.F, self.BF, self.p = F, -F, F
+            self.x = self.x + F
+            return
+        dF = F - self.F
+        if self.k == self.m:  # memory full: restart from B = −I
+            self.k, self.us, self.vs, self.BF = 0, [], [], -self.F
+        BF = self._times_B(F)
+        v = self._times_B(self.p, left=True)  # (Δzᵀ B)ᵀ
+        den = (v * dF).sum(-1, keepdim=True)  # Δzᵀ B ΔF
+        scale = torch.linalg.vector_norm(v, dim=-1, keepdim=True) * torch.linalg.vector_norm(dF, dim=-1, keepdim=True)
+        ok = den.abs() > 100 * self.eps * scale  # False for NaN
+        safe = torch.where(ok, den, torch.ones_like(den))
+        # u = (Δz − B ΔF) / den, with B ΔF = B F − B F_old
+        u = torch.where(ok, (self.p - BF + self.BF) / safe, torch.zeros_like(BF))
+        v = torch.where(ok, v, torch.zeros_like(v))
+        BF = BF + u * (v * F).sum(-1, keepdim=True)  # (B + u vᵀ) F
+        if self.grad:
+            self.us, self.vs = self.us + [u], self.vs + [v]
+        else:
+            self.U[:, self.k].copy_(u)
+            self.V[:, self.k].copy_(v)
+        self.k += 1
+        # the quasi-Newton step −B F; a sample whose update was singular steps plainly
+        self.p = torch.where(ok, -BF, F)
+        self.F, self.BF = F, BF
+        self.x = self.x + self.p
