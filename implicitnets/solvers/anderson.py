@@ -109,7 +109,7 @@ class Anderson(ForwardSolver):
 
 class _History:
     """The last ``m`` images and residuals of every active sample, their Gram matrices and
-    the next extrapolated point ``x``."""
+    the next extrapolated point ``x``; :meth:`push` adds an image and extrapolates."""
 
     def __init__(self, solver: Anderson, x: Tensor, grad: bool) -> None:
         self.m, self.beta, self.x, self.grad = solver.memory, float(solver.mixing), x, grad
@@ -119,12 +119,13 @@ class _History:
         # an exactly zero residual (a fixed point) gets this diagonal entry instead of zero,
         # hence (almost) all the weight, without a singular system
         self.floor = info.tiny / info.eps
-        m, batch, d = self.m, x.shape[0], x.shape[1]
-        eye = torch.eye(m, dtype=x.dtype, device=x.device)
         if grad:
             self.fs: list[Tensor] = []
             self.rs: list[Tensor] = []
+            self.push = self._push_out_of_place
             return
+        m, batch, d = self.m, x.shape[0], x.shape[1]
+        eye = torch.eye(m, dtype=x.dtype, device=x.device)
         # the new Gram row ⟨r, r_i⟩ is scaled by `weight[slot]` and shifted by `shift[slot]`:
         # the ridge and the floor on its diagonal entry
         self.weight = [1.0 + (self.ridge - 1.0) * eye[i] for i in range(m)]
@@ -136,14 +137,18 @@ class _History:
         self.H = eye.repeat(batch, 1, 1)
         self.rhs = [torch.cat([x.new_ones(batch, n, 1), x.new_zeros(batch, m - n, 1)], 1) for n in range(1, m + 1)]
         self._views()
+        self.push = self._push_in_place
 
     def _views(self) -> None:
-        m = self.m
+        m, batch, d = self.m, self.F.shape[1], self.F.shape[2]
         self.F_slot, self.R_slot = list(self.F.unbind(0)), list(self.R.unbind(0))
+        self.R_row = [r.unsqueeze(1) for r in self.R_slot]  # (batch, 1, d)
         self.H_row = [self.H[:, i : i + 1, :] for i in range(m)]
         self.H_col = [self.H[:, :, i : i + 1].transpose(1, 2) for i in range(m)]
         self.Rt = self.R.permute(1, 2, 0)  # (batch, d, slot)
-        self.Fb = self.F.transpose(0, 1)  # (batch, slot, d)
+        self.Fb, self.Rb = self.F.transpose(0, 1), self.R.transpose(0, 1)  # (batch, slot, d)
+        # the extrapolated points, alternately in two buffers (the map may return its input)
+        self.out = [self.F.new_empty(batch, 1, d) for _ in range(2)]
 
     def select(self, keep: Tensor) -> None:
         """Keep the samples ``keep`` (rows of the active set)."""
@@ -157,40 +162,47 @@ class _History:
         self.rhs = [b.index_select(0, keep) for b in self.rhs]
         self._views()
 
-    def push(self, fx: Tensor) -> None:
+    def _push_in_place(self, fx: Tensor) -> None:
         """Add the image ``fx = g(x)`` and set ``x`` to the next extrapolated point."""
+        x, k, beta = self.x, self.k, self.beta
+        fw = fx if fx.dtype == x.dtype else fx.to(x.dtype)
+        slot, n = k % self.m, min(k + 1, self.m)
+        self.k = k + 1
+        torch.sub(fw, x, out=self.R_slot[slot])
+        self.F_slot[slot].copy_(fw)
+        if n == 1:
+            self.x = torch.lerp(x, fw, beta) if beta != 1.0 else fw
+            return
+        # the new Gram row (one batched product), ridge and floor on its diagonal entry
+        row = self.H_row[slot]
+        torch.addcmul(self.shift[slot], torch.bmm(self.R_row[slot], self.Rt), self.weight[slot], out=row)
+        self.H_col[slot].copy_(row)
+        a = torch.linalg.solve_ex(self.H, self.rhs[n - 1])[0]
+        alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, m), Σ α_i = 1
+        # x ← Σ α_i (x_i + β r_i) = Σ α_i f_i − (1 − β) Σ α_i r_i
+        out = torch.bmm(alpha, self.Fb, out=self.out[k % 2])
+        if beta != 1.0:
+            out.sub_(torch.bmm(alpha, self.Rb), alpha=1.0 - beta)
+        self.x = out.squeeze(1)
+
+    def _push_out_of_place(self, fx: Tensor) -> None:
+        """:meth:`_push_in_place` for autograd: the same iterates, built out of place."""
         x, m, beta = self.x, self.m, self.beta
         fw = fx if fx.dtype == x.dtype else fx.to(x.dtype)
-        slot, n = self.k % m, min(self.k + 1, m)
-        self.k += 1
-        if self.grad:
-            self.fs, self.rs = (self.fs + [fw])[-m:], (self.rs + [fw - x])[-m:]
-            if n == 1:
-                self.x = torch.lerp(x, fw, beta)
-                return
-            F, R = torch.stack(self.fs, 1), torch.stack(self.rs, 1)
-            eye = torch.eye(n, dtype=R.dtype, device=R.device)
-            H = torch.addcmul(self.floor * eye, R @ R.transpose(1, 2), 1 + (self.ridge - 1) * eye)
-            a = torch.linalg.solve(H, H.new_ones(H.shape[0], n, 1))
-            # a residual exactly zero: all the weight on it (what the floor gives in the
-            # in-place path, without differentiating through 1 / floor)
-            zero = (R.flatten(2) == 0).all(-1, keepdim=True)  # (batch, n, 1)
-            a = torch.where(zero.any(1, keepdim=True), zero.to(a.dtype), a)
-            alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, n)
-        else:
-            r = torch.sub(fw, x, out=self.R_slot[slot])
-            self.F_slot[slot].copy_(fw)
-            if n == 1:
-                self.x = torch.lerp(x, fw, beta) if beta != 1.0 else fw
-                return
-            F, R = self.Fb, self.R.transpose(0, 1)
-            # the new Gram row (one batched product), ridge and floor on its diagonal entry
-            row = self.H_row[slot]
-            torch.addcmul(self.shift[slot], torch.bmm(r.unsqueeze(1), self.Rt), self.weight[slot], out=row)
-            self.H_col[slot].copy_(row)
-            a = torch.linalg.solve_ex(self.H, self.rhs[n - 1])[0]
-            alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, m), Σ α_i = 1
-        # x ← Σ α_i (x_i + β r_i) = Σ α_i f_i − (1 − β) Σ α_i r_i
+        self.fs, self.rs = (self.fs + [fw])[-m:], (self.rs + [fw - x])[-m:]
+        n = len(self.fs)
+        if n == 1:
+            self.x = torch.lerp(x, fw, beta)
+            return
+        F, R = torch.stack(self.fs, 1), torch.stack(self.rs, 1)
+        eye = torch.eye(n, dtype=R.dtype, device=R.device)
+        H = torch.addcmul(self.floor * eye, R @ R.transpose(1, 2), 1 + (self.ridge - 1) * eye)
+        a = torch.linalg.solve(H, H.new_ones(H.shape[0], n, 1))
+        # a residual exactly zero: all the weight on it (what the floor gives in the
+        # in-place path, without differentiating through 1 / floor)
+        zero = (R.flatten(2) == 0).all(-1, keepdim=True)  # (batch, n, 1)
+        a = torch.where(zero.any(1, keepdim=True), zero.to(a.dtype), a)
+        alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, n)
         x = torch.bmm(alpha, F).squeeze(1)
         if beta != 1.0:
             x = x - (1.0 - beta) * torch.bmm(alpha, R).squeeze(1)
