@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ..failure import FailurePolicy, Warn
-from ..state import Flattener, State
+from ..state import State
 from .base import ForwardSolver, SolverStats
-from .monitor import Monitor, check_common, check_structure
-from .rows import take_rows
+from .flat import solve_flat
+from .monitor import check_common
 
 __all__ = ["Anderson"]
 
@@ -65,46 +64,7 @@ class Anderson(ForwardSolver):
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return ``g`` of the last extrapolated point and the stats."""
-        monitor = Monitor(
-            "Anderson", self.max_iter, self.tol, self.check_every, z0,
-            freeze=self.freeze_converged, best=self.return_best,
-        )
-        flat = Flattener(z0)
-        rows = isinstance(z0, Tensor) and z0.dim() == 2  # already one row per sample
-        fz = g(z0)
-        check_structure(fz, z0)
-        fx = fz if rows else flat.flatten(fz)
-        out_dtype = fx.dtype
-        work = torch.promote_types(out_dtype, torch.float32)
-        device = fx.device
-        # the bookkeeping runs outside autocast (which would run it in half precision)
-        exact = torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) else None
-        with exact or contextlib.nullcontext():
-            history = _History(self, (z0 if rows else flat.flatten(z0)).to(work), torch.is_grad_enabled())
-        step, check = g, False
-        for k in range(self.max_iter):
-            if k > 0:
-                x = history.x if work == out_dtype else history.x.to(out_dtype)
-                z = x if rows else flat.unflatten(x)
-                fz = step(z)
-                if check:  # the first evaluation on a new set of samples
-                    check_structure(fz, z)
-                    check = False
-                fx = fz if rows else flat.flatten(fz)
-            stop = monitor.record(fx, history.x, fz)
-            if stop or k == self.max_iter - 1:
-                break
-            if monitor.keep is not None:  # some samples left the active set
-                keep = monitor.keep
-                fz, fx, step, check = take_rows(fz, keep), fx.index_select(0, keep), monitor.restrict(g), True
-                flat = Flattener(fz)
-                history.select(keep)
-            if exact is None:
-                history.push(fx)
-            else:
-                with exact:
-                    history.push(fx)
-        return monitor.finish(fz, self.on_failure)
+        return solve_flat(self, "Anderson", g, z0, lambda x, grad: _History(self, x, grad))
 
 
 class _History:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,10 +9,10 @@ import torch
 from torch import Tensor
 
 from ..failure import FailurePolicy, Warn
-from ..state import Flattener, State
+from ..state import State
 from .base import ForwardSolver, SolverStats
-from .monitor import Monitor, check_common, check_structure
-from .rows import take_rows
+from .flat import solve_flat
+from .monitor import check_common
 
 __all__ = ["Broyden"]
 
@@ -65,40 +64,7 @@ class Broyden(ForwardSolver):
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return ``g`` of the last point and the stats."""
-        monitor = Monitor(
-            "Broyden", self.max_iter, self.tol, self.check_every, z0,
-            freeze=self.freeze_converged, best=self.return_best,
-        )
-        flat = Flattener(z0)
-        fz = g(z0)
-        check_structure(fz, z0)
-        fx = flat.flatten(fz)
-        out_dtype = fx.dtype
-        work = torch.promote_types(out_dtype, torch.float32)
-        # the bookkeeping runs outside autocast (which would run it in half precision)
-        exact = torch.autocast(fx.device.type, enabled=False) if torch.is_autocast_enabled(fx.device.type) else None
-        with exact or contextlib.nullcontext():
-            state = _Updates(self.memory, flat.flatten(z0).to(work), torch.is_grad_enabled())
-        step, check = g, False
-        for k in range(self.max_iter):
-            if k > 0:
-                z = flat.unflatten(state.x.to(out_dtype))
-                fz = step(z)
-                if check:  # the first evaluation on a new set of samples
-                    check_structure(fz, z)
-                    check = False
-                fx = flat.flatten(fz)
-            stop = monitor.record(fx, state.x, fz)
-            if stop or k == self.max_iter - 1:
-                break
-            if monitor.keep is not None:  # some samples left the active set
-                keep = monitor.keep
-                fz, fx, step, check = take_rows(fz, keep), fx.index_select(0, keep), monitor.restrict(g), True
-                flat = Flattener(fz)
-                state.select(keep)
-            with exact or contextlib.nullcontext():
-                state.step(fx)
-        return monitor.finish(fz, self.on_failure)
+        return solve_flat(self, "Broyden", g, z0, lambda x, grad: _Updates(self.memory, x, grad))
 
 
 class _Updates:
@@ -143,7 +109,7 @@ class _Updates:
         coef = torch.bmm(V, y.unsqueeze(-1)).transpose(1, 2)  # (batch, 1, k): v_iᵀ y
         return torch.bmm(coef, U).squeeze(1) - y
 
-    def step(self, fx: Tensor) -> None:
+    def push(self, fx: Tensor) -> None:
         """Take the residual at ``x`` (``fx = g(x)``), update ``B`` and step."""
         F = fx.to(self.x.dtype) - self.x
         if self.F is None:  # B = −I: the plain step

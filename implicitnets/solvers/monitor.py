@@ -228,8 +228,8 @@ class Monitor:
             self.left_at.index_fill_(0, where, self.count)
             if failed is not None:
                 self.failed.index_copy_(0, where, failed[rows])
-                self.num.index_copy_(0, where, torch.where(failed, self.best_num, self.num_active())[rows])
-                self.den.index_copy_(0, where, torch.where(failed, self.best_den, self.den_active())[rows])
+                self.num.index_copy_(0, where, torch.where(failed, self.best_num, self._num_active())[rows])
+                self.den.index_copy_(0, where, torch.where(failed, self.best_den, self._den_active())[rows])
         in_place = not torch.is_grad_enabled()
         if rows.numel() == self.n:  # every active sample left
             self.result = value if self.index is None else put_rows(self.result, self.index, value, in_place=in_place)
@@ -251,10 +251,10 @@ class Monitor:
                 t[stay] for t in (self.best_res, self.best_num, self.best_den)
             )
 
-    def num_active(self) -> Tensor:
+    def _num_active(self) -> Tensor:
         return self.num if self.index is None else self.num[self.index]
 
-    def den_active(self) -> Tensor:
+    def _den_active(self) -> Tensor:
         return self.den if self.index is None else self.den[self.index]
 
     def restrict(self, g: Callable[[State], State]) -> Callable[[State], State]:
@@ -289,10 +289,12 @@ class Monitor:
                 sample_converged = torch.ones_like(sample_residual, dtype=torch.bool)
             if failed is not None:
                 sample_converged = sample_converged & ~failed
-            iterations = torch.full_like(sample_residual, self.count, dtype=torch.long)
             if self.per_sample:
-                iterations = torch.where(self.left_at >= 0, self.left_at, iterations)
-            residual = float(_ratio(torch.linalg.vector_norm(num), torch.linalg.vector_norm(den)))
+                iterations = torch.where(self.left_at >= 0, self.left_at, self.count)
+                residual = float(_ratio(torch.linalg.vector_norm(num), torch.linalg.vector_norm(den)))
+            else:
+                iterations = torch.full_like(sample_residual, self.count, dtype=torch.long)
+                residual = tested
         n_failed = int(failed.sum()) if failed is not None else 0
         if self.freeze:
             converged = bool(sample_converged.all())
@@ -321,8 +323,8 @@ class Monitor:
             worse = ~(self.last <= self.tol)
             out = where_rows(worse, self.best_state, out)
             with torch.no_grad():
-                num = torch.where(worse, self.best_num, self.num_active())
-                den = torch.where(worse, self.best_den, self.den_active())
+                num = torch.where(worse, self.best_num, self._num_active())
+                den = torch.where(worse, self.best_den, self._den_active())
                 if self.index is None:
                     self.num, self.den = num, den
                 else:
