@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from test_gradients import dense_reference, make_cell
 
 import implicitnets as inn
 
@@ -257,29 +258,11 @@ def test_return_best_with_tol_zero_still_sets_aside_non_finite_samples():
 
 
 # ---------------------------------------------------------------- gradients through a frozen solve
-def _cell():
-    torch.manual_seed(0)
-    cell = inn.maps.TanhMap(4, 5, contraction=None)
-    with torch.no_grad():
-        A = torch.randn(5, 5)
-        cell.A.weight.copy_(0.8 * A / torch.linalg.matrix_norm(A, 2))
-    return cell
-
-
-def _dense(cell, x, R):
-    with torch.no_grad():
-        w, _ = inn.FixedPointIteration(max_iter=500, tol=1e-15).solve(lambda z: cell(z, x), torch.zeros(x.shape[0], 5))
-    J = torch.func.jacrev(lambda z: cell(z, x))(w).reshape(w.numel(), w.numel()).detach()
-    v = torch.linalg.solve((torch.eye(w.numel()) - J).T, R.reshape(-1)).reshape(w.shape)
-    xr = x.detach().requires_grad_()
-    return torch.autograd.grad((v * cell(w, xr)).sum(), [cell.A.weight, cell.B.weight, cell.B.bias, xr])
-
-
 @pytest.mark.parametrize("solver_cls", SOLVERS, ids=lambda c: c.__name__)
 def test_itd_through_a_frozen_solve_matches_the_dense_implicit_gradient(solver_cls):
-    cell = _cell()
-    x = torch.randn(4, 4) * torch.tensor([[0.1], [1.0], [3.0], [10.0]])  # samples converge at different speeds
-    R = torch.randn(4, 5)
+    cell = make_cell()
+    x = torch.randn(4, 5) * torch.tensor([[0.1], [1.0], [3.0], [10.0]])  # samples converge at different speeds
+    R = torch.randn(4, 6)
     xr = x.clone().requires_grad_()
     w, stats = inn.fixed_point(
         cell, xr, solver=solver_cls(max_iter=300, tol=1e-14, freeze_converged=True, return_best=True),
@@ -288,20 +271,20 @@ def test_itd_through_a_frozen_solve_matches_the_dense_implicit_gradient(solver_c
     assert stats.converged and len(set(stats.sample_iterations.tolist())) > 1
     assert w.requires_grad and not stats.sample_residual.requires_grad
     grads = torch.autograd.grad((R * w).sum(), [cell.A.weight, cell.B.weight, cell.B.bias, xr])
-    for g, r in zip(grads, _dense(cell, x, R)):
+    for g, r in zip(grads, dense_reference(cell, x, R)):
         assert _rel(g, r) <= 1e-8
 
 
 def test_itd_through_a_frozen_solve_of_a_plain_callable():
-    cell = _cell()
-    x = torch.randn(3, 4) * torch.tensor([[0.1], [1.0], [5.0]])
-    R = torch.randn(3, 5)
+    cell = make_cell()
+    x = torch.randn(3, 5) * torch.tensor([[0.1], [1.0], [5.0]])
+    R = torch.randn(3, 6)
     xr = x.clone().requires_grad_()
     solver = inn.FixedPointIteration(max_iter=300, tol=1e-14, freeze_converged=True)
-    w, stats = solver.solve(lambda z: cell(z, xr), torch.zeros(3, 5))
+    w, stats = solver.solve(lambda z: cell(z, xr), torch.zeros(3, 6))
     assert stats.converged and len(set(stats.sample_iterations.tolist())) > 1
     grads = torch.autograd.grad((R * w).sum(), [cell.A.weight, cell.B.weight, cell.B.bias, xr])
-    for g, r in zip(grads, _dense(cell, x, R)):
+    for g, r in zip(grads, dense_reference(cell, x, R)):
         assert _rel(g, r) <= 1e-8
 
 

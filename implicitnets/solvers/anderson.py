@@ -12,7 +12,7 @@ from ..failure import FailurePolicy, Warn
 from ..state import State
 from .base import ForwardSolver, SolverStats
 from .flat import solve_flat
-from .monitor import check_common
+from .monitor import check_common, check_memory
 
 __all__ = ["Anderson"]
 
@@ -49,12 +49,8 @@ class Anderson(ForwardSolver):
     return_best: bool = False
 
     def __post_init__(self) -> None:
-        check_common(
-            "Anderson", self.max_iter, self.tol, self.check_every, self.on_failure,
-            self.freeze_converged, self.return_best,
-        )
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"Anderson: memory must be an int >= 1, got {self.memory!r}")
+        check_common(self)
+        check_memory("Anderson", self.memory)
         if isinstance(self.mixing, bool) or not isinstance(self.mixing, (int, float)) or not 0 < self.mixing <= 1:
             raise ValueError(f"Anderson: mixing must be in (0, 1], got {self.mixing!r}")
         if isinstance(self.regularization, bool) or not isinstance(self.regularization, (int, float)) or not (

@@ -12,7 +12,7 @@ from ..failure import FailurePolicy, Warn
 from ..state import State
 from .base import ForwardSolver, SolverStats
 from .flat import solve_flat
-from .monitor import check_common
+from .monitor import check_common, check_memory
 
 __all__ = ["Broyden"]
 
@@ -55,12 +55,8 @@ class Broyden(ForwardSolver):
     return_best: bool = False
 
     def __post_init__(self) -> None:
-        check_common(
-            "Broyden", self.max_iter, self.tol, self.check_every, self.on_failure,
-            self.freeze_converged, self.return_best,
-        )
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"Broyden: memory must be an int >= 1, got {self.memory!r}")
+        check_common(self)
+        check_memory("Broyden", self.memory)
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return ``g`` of the last point and the stats."""

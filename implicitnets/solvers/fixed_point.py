@@ -47,10 +47,7 @@ class FixedPointIteration(ForwardSolver):
     return_best: bool = False
 
     def __post_init__(self) -> None:
-        check_common(
-            "FixedPointIteration", self.max_iter, self.tol, self.check_every, self.on_failure,
-            self.freeze_converged, self.return_best,
-        )
+        check_common(self)
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
             raise ValueError(f"FixedPointIteration: damping must be in (0, 1], got {self.damping!r}")
 
