@@ -126,13 +126,13 @@ class _History:
         self.k = k + 1
         torch.sub(fw, x, out=self.R_slot[slot])
         self.F_slot[slot].copy_(fw)
-        if n == 1:
-            self.x = torch.lerp(x, fw, beta) if beta != 1.0 else fw
-            return
         # the new Gram row (one batched product), ridge and floor on its diagonal entry
         row = self.H_row[slot]
         torch.addcmul(self.shift[slot], torch.bmm(self.R_row[slot], self.Rt), self.weight[slot], out=row)
         self.H_col[slot].copy_(row)
+        if n == 1:
+            self.x = torch.lerp(x, fw, beta) if beta != 1.0 else fw
+            return
         a = torch.linalg.solve_ex(self.H, self.rhs[n - 1])[0]
         alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, m), Σ α_i = 1
         # x ← Σ α_i (x_i + β r_i) = Σ α_i f_i − (1 − β) Σ α_i r_i
