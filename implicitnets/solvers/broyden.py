@@ -77,9 +77,9 @@ class _Updates:
         if grad:
             self.us: list[Tensor] = []
             self.vs: list[Tensor] = []
-        else:  # buffers (batch, slot, d); the first k slots hold the updates
-            self.U = x.new_zeros(x.shape[0], m, x.shape[1])
-            self.V = x.new_zeros(x.shape[0], m, x.shape[1])
+        else:  # buffers, slot-major (slot, batch, d); the first k slots hold the updates
+            self.U = x.new_zeros(m, x.shape[0], x.shape[1])
+            self.V = x.new_zeros(m, x.shape[0], x.shape[1])
 
     def select(self, keep: Tensor) -> None:
         """Keep the samples ``keep`` (rows of the active set)."""
@@ -90,20 +90,21 @@ class _Updates:
         if self.grad:
             self.us, self.vs = [pick(u) for u in self.us], [pick(v) for v in self.vs]
         else:
-            self.U, self.V = pick(self.U), pick(self.V)
+            self.U, self.V = self.U.index_select(1, keep), self.V.index_select(1, keep)
 
     def _times_B(self, y: Tensor, left: bool = False) -> Tensor:
         """``B y`` (or ``yᵀ B`` with ``left``) for every sample, ``y`` of shape (batch, d)."""
         if not self.k:
             return -y
         if self.grad:
-            U, V = torch.stack(self.us, 1), torch.stack(self.vs, 1)
+            U, V = torch.stack(self.us), torch.stack(self.vs)
         else:
-            U, V = self.U[:, : self.k], self.V[:, : self.k]
+            U, V = self.U[: self.k], self.V[: self.k]
         if left:
             U, V = V, U
-        coef = torch.bmm(V, y.unsqueeze(-1)).transpose(1, 2)  # (batch, 1, k): v_iᵀ y
-        return torch.bmm(coef, U).squeeze(1) - y
+        # slot-major (k, batch, d) operands, viewed per sample: the fast layouts for bmm
+        coef = torch.bmm(y.unsqueeze(1), V.permute(1, 2, 0))  # (batch, 1, k): v_iᵀ y
+        return torch.bmm(coef, U.transpose(0, 1)).squeeze(1) - y
 
     def push(self, fx: Tensor) -> None:
         """Take the residual at ``x`` (``fx = g(x)``), update ``B`` and step."""
@@ -128,8 +129,8 @@ class _Updates:
         if self.grad:
             self.us, self.vs = self.us + [u], self.vs + [v]
         else:
-            self.U[:, self.k].copy_(u)
-            self.V[:, self.k].copy_(v)
+            self.U[self.k].copy_(u)
+            self.V[self.k].copy_(v)
         self.k += 1
         # the quasi-Newton step −B F; a sample whose update was singular steps plainly
         self.p = torch.where(ok, -BF, F)
