@@ -18,13 +18,18 @@ SOLVERS = [
 ]
 
 
+def _tanh_map(seed: int, batch: int, n: int, q: float):
+    """``z ↦ tanh(W z + u)`` with ``‖W‖₂ = q``."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, n, generator=gen)
+    W = q * W / torch.linalg.matrix_norm(W, 2)
+    u = torch.randn(batch, n, generator=gen)
+    return lambda z: torch.tanh(z @ W.T + u)
+
+
 @pytest.mark.parametrize("solver", SOLVERS, ids=repr)
 def test_in_place_and_autograd_paths_take_the_same_steps(solver):
-    g0 = torch.Generator().manual_seed(0)
-    W = torch.randn(30, 30, generator=g0)
-    W = 0.95 * W / torch.linalg.matrix_norm(W, 2)
-    u = torch.randn(6, 30, generator=g0)
-    g = lambda z: torch.tanh(z @ W.T + u)  # noqa: E731
+    g = _tanh_map(0, 6, 30, 0.95)
     with torch.no_grad():
         fast, s_fast = solver.solve(g, torch.zeros(6, 30))
     with torch.enable_grad():
@@ -35,11 +40,7 @@ def test_in_place_and_autograd_paths_take_the_same_steps(solver):
 
 
 def test_anderson_with_memory_one_is_damped_iteration():
-    g0 = torch.Generator().manual_seed(1)
-    W = torch.randn(10, 10, generator=g0)
-    W = 0.9 * W / torch.linalg.matrix_norm(W, 2)
-    u = torch.randn(3, 10, generator=g0)
-    g = lambda z: torch.tanh(z @ W.T + u)  # noqa: E731
+    g = _tanh_map(1, 3, 10, 0.9)
     with torch.no_grad():
         aa, _ = inn.Anderson(max_iter=9, tol=0.0, memory=1, mixing=0.6).solve(g, torch.zeros(3, 10))
         fp, _ = inn.FixedPointIteration(max_iter=8, tol=0.0, damping=0.6).solve(g, torch.zeros(3, 10))
