@@ -1,8 +1,9 @@
-"""Benchmark 4: Anderson acceleration against plain fixed-point iteration.
+"""Benchmark 4: Anderson acceleration (and Broyden's method) against plain fixed-point iteration.
 
 Map evaluations (``stats.iterations``) each solver needs to reach a relative residual
 ||g(z) - z|| / ||g(z)|| <= 1e-4 (the library's stopping rule, whole batch), and the wall-time
-ratio of the two solves:
+ratios of the solves to fixed-point iteration's (Broyden: limited memory, restarted every
+``--broyden-memory`` updates):
 
 * the FC tanh map g(w) = tanh(A w + B x + c) of a model *trained inside this script* on the
   embedded 5,000-digit MNIST sample (``train/data/mnist-5k``; FixedPointLayer, t = k = 20, AID-FP; a few hundred
@@ -13,7 +14,7 @@ ratio of the two solves:
 
 Target: on the symmetric linear map with q = 0.99, Anderson needs >= 3x fewer iterations.
 
-    python benchmarks/anderson_vs_fp.py [--quick] [--device cpu|cuda] [--memory 5]
+    python benchmarks/anderson_vs_fp.py [--quick] [--device cpu|cuda] [--memory 5] [--broyden-memory 10]
 """
 
 from __future__ import annotations
@@ -69,17 +70,24 @@ def train_fc(args, device):
 
 
 def measure(g, z0, args, device):
-    """Iterations and median solve time of FP and Anderson to TOL (interleaved)."""
-    fp = make_solver("fp", args.max_iter, TOL)
-    aa = make_solver("anderson", args.max_iter, TOL, memory=args.memory)
+    """Statistics of FP, Anderson and Broyden to TOL and their times relative to FP's (interleaved)."""
+    solvers = {"fp": make_solver("fp", args.max_iter, TOL),
+               "anderson": make_solver("anderson", args.max_iter, TOL, memory=args.memory),
+               "broyden": inn.Broyden(max_iter=args.max_iter, tol=TOL, memory=args.broyden_memory)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", inn.ConvergenceWarning)
-        _, s_fp = fp.solve(g, z0)
-        _, s_aa = aa.solve(g, z0)
-        times = harness.compare({"fp": lambda: fp.solve(g, z0), "anderson": lambda: aa.solve(g, z0)},
+        stats = {name: s.solve(g, z0)[1] for name, s in solvers.items()}
+        times = harness.compare({name: (lambda s=s: s.solve(g, z0)) for name, s in solvers.items()},
                                 device=device, repeats=max(3, args.repeats // 2), min_time=args.min_time,
                                 warmup=1)
-    return s_fp, s_aa, harness.paired_ratio(times, "anderson", "fp")
+    return stats, {name: harness.paired_ratio(times, name, "fp") for name in ("anderson", "broyden")}
+
+
+def row(label, stats, ratios):
+    fp, aa, br = stats["fp"], stats["anderson"], stats["broyden"]
+    return [label, fp.iterations, aa.iterations, br.iterations, fp.iterations / aa.iterations,
+            fp.iterations / br.iterations, ratios["anderson"], ratios["broyden"],
+            f"{fp.residual:.1e} / {aa.residual:.1e} / {br.residual:.1e}"]
 
 
 def symmetric(n: int, q: float, spectrum: str, device, generator) -> torch.Tensor:
@@ -97,6 +105,7 @@ def symmetric(n: int, q: float, spectrum: str, device, generator) -> torch.Tenso
 def main() -> int:
     parser = harness.add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--memory", type=int, default=5, help="Anderson memory m")
+    parser.add_argument("--broyden-memory", type=int, default=10, help="Broyden updates kept between restarts")
     parser.add_argument("--max-iter", type=int, default=5000)
     parser.add_argument("--q", type=float, default=0.99)
     parser.add_argument("--n", type=int, default=500, help="dimension of the linear map")
@@ -116,28 +125,29 @@ def main() -> int:
                      ("FC tanh, random ||A||=0.9", rnd)):
         with torch.no_grad(), parametrize.cached():
             u = m.inject(x)
-            s_fp, s_aa, tr = measure(lambda w: m.step(w, u), m.initial_state(x), args, device)
-        rows.append([label, s_fp.iterations, s_aa.iterations, s_fp.iterations / s_aa.iterations, tr,
-                     f"{s_fp.residual:.1e} / {s_aa.residual:.1e}"])
+            stats, ratios = measure(lambda w: m.step(w, u), m.initial_state(x), args, device)
+        rows.append(row(label, stats, ratios))
 
     gen = torch.Generator().manual_seed(args.seed)
     for spectrum in ("[-q, q]", "[0, q]"):
         M = symmetric(args.n, args.q, spectrum, device, gen)
         b = torch.randn(8, args.n, generator=gen).to(device)
         with torch.no_grad():
-            s_fp, s_aa, tr = measure(lambda z: z @ M + b, torch.zeros_like(b), args, device)
+            stats, ratios = measure(lambda z: z @ M + b, torch.zeros_like(b), args, device)
+        s_fp, s_aa = stats["fp"], stats["anderson"]
         ratio = s_fp.iterations / s_aa.iterations
-        rows.append([f"symmetric linear, q={args.q}, spectrum {spectrum}", s_fp.iterations, s_aa.iterations,
-                     ratio, tr, f"{s_fp.residual:.1e} / {s_aa.residual:.1e}"])
+        rows.append(row(f"symmetric linear, q={args.q}, spectrum {spectrum}", stats, ratios))
         if spectrum == "[-q, q]":
             ok = s_aa.converged and s_fp.converged and ratio >= 3
             verdicts.check(f"symmetric linear q={args.q}: Anderson >= 3x fewer iterations to {TOL:g}", ok,
                            f"FP {s_fp.iterations}, Anderson {s_aa.iterations} ({ratio:.1f}x)")
 
     harness.print_table(
-        ["problem", "FP iterations", "Anderson iterations", "FP / Anderson iterations",
-         "Anderson / FP time", "final residual FP / AA"],
-        rows, f"Map evaluations to relative residual {TOL:g} (Anderson memory {args.memory}), float32",
+        ["problem", "FP iterations", "Anderson iterations", "Broyden iterations [info]", "FP / Anderson iterations",
+         "FP / Broyden iterations [info]", "Anderson / FP time", "Broyden / FP time [info]",
+         "final residual FP / AA / Broyden"],
+        rows, f"Map evaluations to relative residual {TOL:g} (Anderson memory {args.memory}, Broyden memory "
+        f"{args.broyden_memory}), float32",
     )
     return verdicts.finish()
 

@@ -18,7 +18,15 @@ from .failure import AdjointFailure, FailurePolicy, FallbackITD, FallbackJacobia
 from .layer import FixedPointLayer, fixed_point
 from .operator import FunctionOperator, GraphJacobian, IdentityMinus, LinearOperator, Transposed
 from .parametrizations import conv_spectral_norm, project_spectral_, spectral_norm
-from .solvers import Anderson, FixedPointIteration, ForwardBackward, ForwardSolver, PeacemanRachford, SolverStats
+from .solvers import (
+    Anderson,
+    Broyden,
+    FixedPointIteration,
+    ForwardBackward,
+    ForwardSolver,
+    PeacemanRachford,
+    SolverStats,
+)
 
 __all__ = [
     "fixed_point",
@@ -27,6 +35,7 @@ __all__ = [
     "BoundMap",
     "FixedPointIteration",
     "Anderson",
+    "Broyden",
     "ForwardBackward",
     "PeacemanRachford",
     "SolverStats",

@@ -375,3 +375,57 @@ def test_bad_map_options_raise():
         MonotoneConv(1, 2, (2, 4))
     with pytest.raises(ValueError, match="expects x of shape"):
         make_conv().inject(torch.randn(1, 2, 6, 6))
+
+
+# -- per-sample control ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [inn.PeacemanRachford, inn.ForwardBackward], ids=lambda c: c.__name__)
+def test_freezing_converged_samples_gives_the_same_equilibria_with_fewer_evaluations(problem, cls):
+    cell, x = problem
+    x = torch.cat([x, 5 * x])  # the scaled half converges at another speed
+    options = dict(max_iter=3000, tol=1e-12, alpha=0.2 if cls is inn.ForwardBackward else 1.0)
+    with torch.no_grad():
+        z_all, s_all = solve(cell, x, cls(**options))
+        z_frz, s_frz = solve(cell, x, cls(**options, freeze_converged=True))
+    assert s_all.converged and s_frz.converged and bool(s_frz.sample_converged.all())
+    assert bool((s_frz.sample_residual <= 1e-12).all())
+    assert len(set(s_frz.sample_iterations.tolist())) > 1  # the samples left at different checks
+    assert int(s_frz.sample_iterations.sum()) < x.shape[0] * s_frz.iterations
+    reference = reference_equilibrium(cell, x, z_all)
+    assert rel(z_frz, reference) <= 1e-10 and rel(z_all, reference) <= 1e-10
+
+
+def test_itd_through_a_frozen_splitting_solve_matches_the_dense_implicit_gradient():
+    cell = make_fc()
+    torch.manual_seed(1)
+    x = torch.cat([torch.randn(3, 5), 4 * torch.randn(3, 5)])
+    R = torch.randn(6, 8)
+    with torch.no_grad():
+        z, _ = solve(cell, x, PR)
+    J = dense(lambda y: torch.func.jvp(lambda a: cell(a, x), (z,), (y,))[1], z).detach()
+    v = torch.linalg.solve((torch.eye(J.shape[0]) - J).T, R.reshape(-1)).reshape(z.shape)
+    xr = x.clone().requires_grad_()
+    reference = torch.autograd.grad((v * cell(z, xr)).sum(), xr)[0]
+    xr = x.clone().requires_grad_()
+    w, stats = solve(cell, xr, inn.PeacemanRachford(max_iter=400, tol=1e-14, freeze_converged=True))
+    assert stats.converged and len(set(stats.sample_iterations.tolist())) > 1
+    assert rel(torch.autograd.grad((R * w).sum(), xr)[0], reference) <= 1e-8
+
+
+def test_return_best_keeps_each_samples_lowest_residual_point():
+    """Forward–backward with a step far too large oscillates; each sample comes back at the
+    best point it visited, never worse than where the iteration stopped."""
+    cell, x = make_fc(), torch.randn(4, 5)
+    solver = dict(max_iter=30, tol=1e-12, alpha=3.0)
+    with torch.no_grad():
+        _, last = solve(cell, x, inn.ForwardBackward(**solver))
+        z, best = solve(cell, x, inn.ForwardBackward(**solver, return_best=True))
+    assert not best.converged and torch.isfinite(z).all()
+    assert bool((best.sample_residual <= last.sample_residual + 1e-15).all())
+    assert bool((best.sample_residual < last.sample_residual).any())
+    # the residual of every sample's best point: the minimum over the runs cut at 1..30 iterations
+    with torch.no_grad():
+        history = torch.stack([solve(cell, x, inn.ForwardBackward(**{**solver, "max_iter": k}))[1].sample_residual
+                               for k in range(1, 31)])
+    torch.testing.assert_close(best.sample_residual, history.min(0).values, rtol=1e-12, atol=0)

@@ -47,11 +47,13 @@ def zero_tangents(state: State, hparams: Hparams) -> tuple[Tensor, ...]:
 
 
 def tangent_map(phi: InnerMap, like: State, hparams: Hparams, vectorize: bool) -> Callable[[State], State]:
-    """``(w, Z) ↦ (Φ(w, λ), A Z + B)`` on the tuple ``(*parts(w), *Z)`` (forward-mode AD)."""
+    """``(w, Z) ↦ (Φ(w, λ), A Z + B)`` on the tuple ``(*parts(w), *Z)`` (forward-mode AD), every
+    part with a leading axis of size 1 (one problem: the solver's batch)."""
     n = len(parts(like))
     basis = tangent_basis(hparams)
 
     def step(state: State) -> State:
+        state = tuple(t.squeeze(0) for t in state)
         ws, Z = state[:n], state[n:]
 
         def flat(*args: Tensor) -> tuple[Tensor, ...]:
@@ -65,7 +67,7 @@ def tangent_map(phi: InnerMap, like: State, hparams: Hparams, vectorize: bool) -
         else:
             cols = [column(*(z[j] for z in Z), *(b[j] for b in basis)) for j in range(basis[0].shape[0])]
             Z_new = tuple(torch.stack([c[i] for c in cols]) for i in range(n))
-        return (*(t.detach() for t in flat(*ws, *hparams)), *(z.detach() for z in Z_new))
+        return (*(t.detach()[None] for t in flat(*ws, *hparams)), *(z.detach()[None] for z in Z_new))
 
     return step
 
@@ -78,8 +80,9 @@ def forward_mode(problem: Bilevel, hparams: Hparams, w: State, Z: tuple[Tensor, 
     Z = zero_tangents(w, hparams) if Z is None else Z
     n = len(parts(w))
     state, stats = FixedPointIteration(max_iter=steps, tol=0.0).solve(
-        tangent_map(problem.inner, w, hparams, vectorize), (*parts(w), *Z)
+        tangent_map(problem.inner, w, hparams, vectorize), tuple(t[None] for t in (*parts(w), *Z))
     )
+    state = tuple(t[0] for t in state)
     w, Z = pack(w, state[:n]), tuple(state[n:])
     gw, gh = outer_grads(problem.outer, w, hparams)
     grads = contract(Z, gw, gh, hparams)

@@ -21,17 +21,30 @@ class SolverStats:
     """What one solve did; the backward pass fills the ``backward_*`` fields.
 
     ``iterations`` counts map evaluations, ``residual`` is the relative residual
-    ``‖g(z) − z‖ / ‖g(z)‖`` of the last evaluation, ``trace`` the residuals at every check.
-    ``converged`` says whether the whole forward solve reached its tolerance (always true
-    for ``tol = 0``, which asks for exactly ``max_iter`` evaluations).  ``backward_fallback``
-    names the method a failure policy fell back to, if any; ``adjoint`` is the adjoint
-    solution ``v`` of the last AID backward (detached; the warm start of the next one).
+    ``‖g(z) − z‖ / ‖g(z)‖`` of the whole batch at the last check, ``trace`` the residuals
+    at every check.  ``converged`` says whether the whole forward solve reached its
+    tolerance (always true for ``tol = 0``, which asks for exactly ``max_iter``
+    evaluations; with ``freeze_converged`` or ``return_best``: whether every sample did).
+
+    Per sample (detached tensors of shape ``(batch,)`` on the state's device, filled by
+    the built-in solvers): ``sample_residual`` is each sample's relative residual
+    ``‖g(z)_b − z_b‖ / ‖g(z)_b‖`` at its last check (with ``return_best``, that of the
+    iterate returned; ``inf`` when no finite one was seen), ``sample_converged`` whether it
+    is at most ``tol`` (and finite), ``sample_iterations`` the map evaluations that updated
+    it (fewer than ``iterations`` for a sample frozen early).
+
+    ``backward_fallback`` names the method a failure policy fell back to, if any;
+    ``adjoint`` is the adjoint solution ``v`` of the last AID backward (detached; the warm
+    start of the next one).
     """
 
     iterations: int = 0
     residual: float = math.nan
     converged: bool = False
     trace: list[float] = field(default_factory=list)
+    sample_residual: Tensor | None = field(default=None, repr=False)
+    sample_converged: Tensor | None = field(default=None, repr=False)
+    sample_iterations: Tensor | None = field(default=None, repr=False)
     backward_iterations: int | None = None
     backward_residual: float | None = None
     backward_converged: bool | None = None

@@ -11,6 +11,7 @@ from ..failure import FailurePolicy, Warn
 from ..state import State, map_parts
 from .base import ForwardSolver, SolverStats
 from .monitor import Monitor, check_common, check_structure
+from .rows import take_rows
 
 __all__ = ["FixedPointIteration"]
 
@@ -25,6 +26,16 @@ class FixedPointIteration(ForwardSolver):
     ``tol = 0`` runs exactly ``max_iter`` evaluations.  Non-convergence goes to
     ``on_failure.forward_failed`` (``Warn()`` warns, ``Raise()`` raises).  Works on tensor
     and tuple states part by part; the state takes the dtype of the map's output.
+
+    Per sample (the first axis of every part): ``freeze_converged=True`` stops updating a
+    sample once its own relative residual is at most ``tol > 0`` and ends the solve when
+    every sample has; a :class:`~implicitnets.BoundMap` ``g`` is then evaluated on the
+    active samples only (``g.rows``; the map must be row-separable), a plain callable on
+    the full batch.  ``return_best=True`` returns each sample that did not converge at its
+    lowest-residual iterate, and sets aside a sample that turns NaN/Inf (at its best finite
+    iterate, reported as not converged) instead of raising
+    :class:`~implicitnets.NonFiniteError`.  See :class:`SolverStats` for the per-sample
+    statistics.
     """
 
     max_iter: int = 50
@@ -32,21 +43,29 @@ class FixedPointIteration(ForwardSolver):
     damping: float = 1.0
     check_every: int | None = None
     on_failure: FailurePolicy = Warn()
+    freeze_converged: bool = False
+    return_best: bool = False
 
     def __post_init__(self) -> None:
-        check_common("FixedPointIteration", self.max_iter, self.tol, self.check_every, self.on_failure)
+        check_common(self)
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
             raise ValueError(f"FixedPointIteration: damping must be in (0, 1], got {self.damping!r}")
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return the last iterate and its :class:`SolverStats`."""
-        monitor = Monitor("FixedPointIteration", self.max_iter, self.tol, self.check_every, z0)
-        z, beta = z0, float(self.damping)
-        for _ in range(self.max_iter):
-            fz = g(z)
+        monitor = Monitor(
+            "FixedPointIteration", self.max_iter, self.tol, self.check_every, z0,
+            freeze=self.freeze_converged, best=self.return_best,
+        )
+        z, beta, step = z0, float(self.damping), g
+        for k in range(self.max_iter):
+            fz = step(z)
             check_structure(fz, z)
-            stop = monitor.record(fz, z)
-            z = fz if beta == 1.0 else map_parts(lambda a, b: torch.lerp(a.to(b.dtype), b, beta), z, fz)
-            if stop:
+            new = fz if beta == 1.0 else map_parts(lambda a, b: torch.lerp(a.to(b.dtype), b, beta), z, fz)
+            stop = monitor.record(fz, z, new)
+            z = new
+            if stop or k == self.max_iter - 1:
                 break
-        return z, monitor.finish(self.on_failure)
+            if monitor.keep is not None:  # some samples left the active set
+                z, step = take_rows(z, monitor.keep), monitor.restrict(g)
+        return monitor.finish(z, self.on_failure)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +33,11 @@ class ForwardBackward(SplittingSolver):
 
     alpha: float = 0.5
 
-    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Generator[tuple[Tensor, Tensor], Tensor | None, None]:
         alpha, z = float(self.alpha), z0
         while True:
             v = f.weight_mv(z) + u
-            yield z, f.prox(v, 1.0)
+            keep = yield z, f.prox(v, 1.0)
+            if keep is not None:
+                z, v, u = z[keep], v[keep], u[keep]
             z = f.prox(torch.lerp(z, v, alpha), alpha)

@@ -1,29 +1,45 @@
 """Residual bookkeeping shared by the built-in forward solvers.
 
-The relative residual ``‖g(z) − z‖ / max(‖g(z)‖, tiny)`` over the whole batch (all parts
-of a tuple state) is computed only at the *checks*: every ``check_every`` evaluations and
-after the last.  ``check_every=None`` means every evaluation when ``tol > 0`` and only after
-the last when ``tol = 0``.  Residuals stay on the device; the host synchronises at the
-stopping checks (none when ``tol = 0``) and once at the end.  Norms are accumulated in at
-least float32, whatever the state's dtype (bfloat16 or float16 under autocast).
+The relative residual ``‖g(z) − z‖ / max(‖g(z)‖, tiny)`` is computed only at the *checks*:
+every ``check_every`` evaluations and after the last.  ``check_every=None`` means every
+evaluation when ``tol > 0`` (or ``return_best``) and only after the last when ``tol = 0``.
+At a check the norms are taken per sample (each sample's rows of every part of the state),
+and the residual of the whole batch is derived from those per-sample norms: one pass over
+the state gives both.  Residuals stay on the device; the host synchronises at the stopping
+checks (none when ``tol = 0`` without ``return_best``) and once at the end.  Norms are
+accumulated in at least float32, whatever the state's dtype (bfloat16 or float16 under
+autocast).
+
+Per-sample control (``freeze_converged``, ``return_best``) is decided here too: at a check
+the :class:`Monitor` says which samples leave the *active set* (converged, or — with
+``return_best`` — non-finite); the solver then drops them from its working tensors
+(:attr:`Monitor.keep`) and iterates the rest with :meth:`Monitor.restrict`, while the
+monitor keeps the samples that left and assembles the full-batch result in
+:meth:`Monitor.finish`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
 from ..failure import FailurePolicy
-from ..state import State, parts
+from ..state import State, batch_size, map_parts, parts
 from .base import SolverStats
+from .rows import put_rows, restrict, take_rows, where_rows
 
-__all__ = ["Monitor", "check_common", "check_structure", "relative_residual"]
+__all__ = ["Monitor", "check_common", "check_memory", "check_structure", "sample_norms"]
 
 
-def check_common(name: str, max_iter: int, tol: float, check_every: int | None, on_failure: object) -> None:
+def check_common(solver: object) -> None:
+    """Validate the options every built-in solver has (``max_iter``, ``tol``, ``check_every``,
+    ``on_failure``, ``freeze_converged``, ``return_best``); raise ValueError naming the solver."""
+    name = type(solver).__name__
+    max_iter, tol, check_every = solver.max_iter, solver.tol, solver.check_every
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
@@ -32,8 +48,18 @@ def check_common(name: str, max_iter: int, tol: float, check_every: int | None, 
         isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
     ):
         raise ValueError(f"{name}: check_every must be None or an int >= 1, got {check_every!r}")
-    if not isinstance(on_failure, FailurePolicy):
-        raise ValueError(f"{name}: on_failure must be a FailurePolicy (e.g. Warn(), Raise()), got {on_failure!r}")
+    if not isinstance(solver.on_failure, FailurePolicy):
+        raise ValueError(
+            f"{name}: on_failure must be a FailurePolicy (e.g. Warn(), Raise()), got {solver.on_failure!r}"
+        )
+    for option in ("freeze_converged", "return_best"):
+        if not isinstance(getattr(solver, option), bool):
+            raise ValueError(f"{name}: {option} must be a bool, got {getattr(solver, option)!r}")
+
+
+def check_memory(name: str, memory: object) -> None:
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"{name}: memory must be an int >= 1, got {memory!r}")
 
 
 def check_structure(fz: State, z: State) -> None:
@@ -53,37 +79,96 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def relative_residual(fz: State, z: State) -> Tensor:
-    """``‖fz − z‖ / max(‖fz‖, tiny)`` over all parts, as a 0-D tensor in ≥ float32."""
+def sample_norms(fz: State, z: State, batch: int) -> tuple[Tensor, Tensor]:
+    """Per sample ``‖fz_b − z_b‖`` and ``‖fz_b‖`` over all parts, shape ``(batch,)``, in ≥ float32."""
     with torch.no_grad():
         a, b = parts(fz), parts(z)
         dtype = _work_dtype(a[0])
-        num = sum(torch.linalg.vector_norm(x.to(dtype) - y.to(dtype)).square() for x, y in zip(a, b))
-        den = sum(torch.linalg.vector_norm(x, dtype=dtype).square() for x in a)
-        return num.sqrt() / den.sqrt().clamp_min(torch.finfo(dtype).tiny)
+        nums = [torch.linalg.vector_norm(x.to(dtype) - y.to(dtype), dim=1) for x, y in _as_rows(a, b, batch)]
+        dens = [torch.linalg.vector_norm(x, dim=1, dtype=dtype) for x, _ in _as_rows(a, b, batch)]
+        if len(nums) == 1:
+            return nums[0], dens[0]
+        return torch.stack(nums).square().sum(0).sqrt(), torch.stack(dens).square().sum(0).sqrt()
+
+
+def _as_rows(a: tuple[Tensor, ...], b: tuple[Tensor, ...], batch: int) -> list[tuple[Tensor, Tensor]]:
+    return [(x.reshape(batch, -1), y.reshape(batch, -1)) for x, y in zip(a, b)]
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
 class Monitor:
-    """Counts evaluations, stores residuals at the checks, decides when to stop."""
+    """Counts evaluations, stores residuals at the checks, decides when to stop and which
+    samples leave the active set.
 
-    def __init__(self, name: str, max_iter: int, tol: float, check_every: int | None, like: State):
+    A solver calls :meth:`record` after every evaluation ``fz = g(z)`` of its active
+    samples, with ``out`` the state it would return if it stopped there; when that returns
+    True it stops.  After a check at which samples left, :attr:`keep` holds the rows (of the
+    previous active set) that stay: the solver selects them in its working tensors and
+    evaluates :meth:`restrict` ``(g)`` from then on.  :meth:`finish` takes the last ``out``
+    and returns the full-batch result and the :class:`SolverStats` (``out`` as passed to
+    the last :meth:`record`, before the solver selected :attr:`keep`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        max_iter: int,
+        tol: float,
+        check_every: int | None,
+        like: State,
+        *,
+        freeze: bool = False,
+        best: bool = False,
+    ) -> None:
         if check_every is None:
-            check_every = 1 if tol > 0 else max_iter
+            check_every = 1 if tol > 0 or best else max_iter
         self.name, self.max_iter, self.tol, self.check_every = name, max_iter, tol, check_every
-        checks = -(-max_iter // check_every) + 1
+        self.freeze, self.best = freeze and tol > 0, best
+        self.per_sample = self.freeze or self.best
         first = parts(like)[0]
-        self.buffer = torch.full((checks,), math.nan, dtype=_work_dtype(first), device=first.device)
+        dtype, device = _work_dtype(first), first.device
+        self.batch = self.n = batch_size(like)
+        checks = -(-max_iter // check_every) + 1
+        self.buffer = torch.full((checks,), math.nan, dtype=dtype, device=device)
         self.count = 0  # map evaluations
         self.checks = 0  # residuals stored
+        #: rows of the previous active set that stay, after a check at which samples left
+        self.keep: Tensor | None = None
+        self.index: Tensor | None = None  # the active samples' indices in the batch (None: all)
+        self.num: Tensor | None = None  # per sample ‖g(z) − z‖ and ‖g(z)‖ at its last check
+        self.den: Tensor | None = None
+        if self.per_sample:
+            self.num = torch.zeros(self.batch, dtype=dtype, device=device)
+            self.den = torch.zeros(self.batch, dtype=dtype, device=device)
+            self.last = torch.zeros(self.batch, dtype=dtype, device=device)  # active samples' residuals
+            self.left_at = torch.full((self.batch,), -1, dtype=torch.long, device=device)
+            self.failed = torch.zeros(self.batch, dtype=torch.bool, device=device)
+            self.result: State | None = None  # the full batch; rows of samples that left are final
+        if self.best:
+            # each active sample's lowest-residual iterate, its residual and norms
+            self.best_state: State = like
+            self.best_res = torch.full((self.batch,), math.inf, dtype=dtype, device=device)
+            self.best_num = torch.full((self.batch,), math.inf, dtype=dtype, device=device)
+            self.best_den = torch.ones(self.batch, dtype=dtype, device=device)
 
-    def record(self, fz: State, z: State) -> bool:
-        """Count one evaluation ``fz = g(z)``; at a check store its relative residual and
-        return True when the solve should stop."""
+    def record(self, fz: State, z: State, out: State | None = None) -> bool:
+        """Count one evaluation ``fz = g(z)`` of the active samples; at a check store the
+        residuals and return True when the solve should stop.  ``out`` (needed with
+        ``return_best`` or freezing; default ``fz``) is what the solver would return now."""
         self.count += 1
+        self.keep = None
         if self.count % self.check_every and self.count != self.max_iter:
             return False
-        r = relative_residual(fz, z)
-        self.buffer[self.checks] = r
+        num, den = sample_norms(fz, z, self.n)
+        if self.per_sample:
+            return self._record_samples(num, den, fz if out is None else out)
+        self.num, self.den = num, den
+        with torch.no_grad():
+            r = _ratio(torch.linalg.vector_norm(num), torch.linalg.vector_norm(den))
+            self.buffer[self.checks] = r
         self.checks += 1
         if not self.tol > 0:
             return False
@@ -95,19 +180,158 @@ class Monitor:
             )
         return value <= self.tol
 
-    def finish(self, policy: FailurePolicy) -> SolverStats:
-        trace = self.buffer[: self.checks].tolist()
-        residual = trace[-1] if trace else math.nan
-        if not math.isfinite(residual):
+    def _record_samples(self, num: Tensor, den: Tensor, out: State) -> bool:
+        with torch.no_grad():
+            res = _ratio(num, den)
+            leave = res <= self.tol if self.freeze else torch.zeros_like(res, dtype=torch.bool)
+            failed = None
+            if self.best:
+                better = res < self.best_res  # False for NaN
+                self.best_res = torch.where(better, res, self.best_res)
+                self.best_num = torch.where(better, num, self.best_num)
+                self.best_den = torch.where(better, den, self.best_den)
+                failed = ~torch.isfinite(res)
+                leave = leave | failed
+        if self.best:
+            self.best_state = where_rows(better, out, self.best_state)
+        with torch.no_grad():
+            if self.index is None:
+                self.num, self.den = num, den
+            else:
+                self.num.index_copy_(0, self.index, num)
+                self.den.index_copy_(0, self.index, den)
+            self.last = res
+            # the stopping residual: the whole batch, less the samples set aside as non-finite
+            tn, td = self.num, self.den
+            if self.best:
+                gone = failed if self.index is None else self.failed.index_copy(0, self.index, failed)
+                tn, td = tn.masked_fill(gone, 0.0), td.masked_fill(gone, 0.0)
+            r = _ratio(torch.linalg.vector_norm(tn), torch.linalg.vector_norm(td))
+            self.buffer[self.checks] = r
+            value, leaving = torch.stack([r, leave.sum().to(r.dtype)]).tolist()  # one host sync
+        self.checks += 1
+        if not math.isfinite(value) and not self.best:
             raise NonFiniteError(
-                f"{self.name}: the map produced NaN/Inf (relative residual {residual}) "
-                f"within {self.count} iterations; the map may be expansive"
+                f"{self.name}: the map produced NaN/Inf (relative residual {value}) at "
+                f"iteration {self.count}; the map may be expansive (not a contraction)"
             )
-        converged = self.tol == 0 or residual <= self.tol
-        stats = SolverStats(self.count, residual, converged, trace)
+        if leaving:
+            self._leave(leave, failed, out)
+        if self.n == 0:
+            return True
+        return not self.freeze and self.tol > 0 and value <= self.tol
+
+    def _leave(self, leave: Tensor, failed: Tensor | None, out: State) -> None:
+        """The samples ``leave`` (of the active set) stop: store their final values."""
+        value = out if failed is None else where_rows(failed, self.best_state, out)
+        with torch.no_grad():
+            rows = leave.nonzero().squeeze(1)
+            where = rows if self.index is None else self.index[rows]
+            self.left_at.index_fill_(0, where, self.count)
+            if failed is not None:
+                self.failed.index_copy_(0, where, failed[rows])
+                self.num.index_copy_(0, where, torch.where(failed, self.best_num, self._num_active())[rows])
+                self.den.index_copy_(0, where, torch.where(failed, self.best_den, self._den_active())[rows])
+        in_place = not torch.is_grad_enabled()
+        if rows.numel() == self.n:  # every active sample left
+            self.result = value if self.index is None else put_rows(self.result, self.index, value, in_place=in_place)
+            self.n = 0
+            return
+        if self.result is None:
+            self.result = map_parts(lambda t: t.new_zeros((self.batch, *t.shape[1:])), value)
+            in_place = True
+        self.result = put_rows(self.result, where, take_rows(value, rows), in_place=in_place)
+        with torch.no_grad():
+            stay = (~leave).nonzero().squeeze(1)
+        self.keep = stay
+        self.index = stay if self.index is None else self.index[stay]
+        self.n = stay.numel()
+        self.last = self.last[stay]
+        if self.best:
+            self.best_state = take_rows(self.best_state, stay)
+            self.best_res, self.best_num, self.best_den = (
+                t[stay] for t in (self.best_res, self.best_num, self.best_den)
+            )
+
+    def _num_active(self) -> Tensor:
+        return self.num if self.index is None else self.num[self.index]
+
+    def _den_active(self) -> Tensor:
+        return self.den if self.index is None else self.den[self.index]
+
+    def restrict(self, g: Callable[[State], State]) -> Callable[[State], State]:
+        """``g`` on the active samples (``g`` itself while every sample is active)."""
+        if self.index is None:
+            return g
+        return restrict(g, self.index, self.result)
+
+    def finish(self, out: State, policy: FailurePolicy) -> tuple[State, SolverStats]:
+        """The full-batch result (``out`` for the active samples) and the statistics; a
+        solve that did not converge goes to ``policy.forward_failed``."""
+        if self.keep is not None:  # samples left at the last check: `out` still holds them
+            out = take_rows(out, self.keep)
+        trace = self.buffer[: self.checks].tolist()
+        tested = trace[-1] if trace else math.nan
+        if not self.per_sample:
+            result, num, den = out, self.num, self.den
+            failed = None
+            if not math.isfinite(tested):
+                raise NonFiniteError(
+                    f"{self.name}: the map produced NaN/Inf (relative residual {tested}) "
+                    f"within {self.count} iterations; the map may be expansive"
+                )
+        else:
+            result = self._assemble(out)
+            num, den, failed = self.num, self.den, self.failed
+        with torch.no_grad():
+            sample_residual = _ratio(num, den)
+            if self.tol > 0:
+                sample_converged = sample_residual <= self.tol
+            else:
+                sample_converged = torch.ones_like(sample_residual, dtype=torch.bool)
+            if failed is not None:
+                sample_converged = sample_converged & ~failed
+            if self.per_sample:
+                iterations = torch.where(self.left_at >= 0, self.left_at, self.count)
+                residual = float(_ratio(torch.linalg.vector_norm(num), torch.linalg.vector_norm(den)))
+            else:
+                iterations = torch.full_like(sample_residual, self.count, dtype=torch.long)
+                residual = tested
+        n_failed = int(failed.sum()) if failed is not None else 0
+        if self.freeze:
+            converged = bool(sample_converged.all())
+        else:
+            converged = (self.tol == 0 or tested <= self.tol) and n_failed == 0
+        stats = SolverStats(
+            self.count, residual, converged, trace, sample_residual, sample_converged, iterations
+        )
         if not converged:
-            policy.forward_failed(
-                f"{self.name} did not converge: relative residual {residual:.3e} > tol "
-                f"{self.tol:.1e} after {self.count} iterations"
+            missed = int((~sample_converged).sum())
+            message = (
+                f"{self.name} did not converge: relative residual {residual:.3e} (tol {self.tol:.1e}) "
+                f"after {self.count} iterations; {missed} of {self.batch} samples did not converge"
             )
-        return stats
+            if n_failed:
+                message += f" ({n_failed} turned NaN/Inf and were returned at their best finite iterate)"
+            policy.forward_failed(message)
+        return result, stats
+
+    def _assemble(self, out: State) -> State:
+        """The full batch: the samples that left as stored, the active ones from ``out``
+        (with ``return_best``, at their best iterate where they did not converge)."""
+        if self.n == 0:
+            return self.result
+        if self.best and self.tol > 0:
+            worse = ~(self.last <= self.tol)
+            out = where_rows(worse, self.best_state, out)
+            with torch.no_grad():
+                num = torch.where(worse, self.best_num, self._num_active())
+                den = torch.where(worse, self.best_den, self._den_active())
+                if self.index is None:
+                    self.num, self.den = num, den
+                else:
+                    self.num.index_copy_(0, self.index, num)
+                    self.den.index_copy_(0, self.index, den)
+        if self.index is None:
+            return out
+        return put_rows(self.result, self.index, out, in_place=not torch.is_grad_enabled())

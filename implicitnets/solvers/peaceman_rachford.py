@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -40,16 +40,18 @@ class PeacemanRachford(SplittingSolver):
 
     alpha: float = 1.0
 
-    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Generator[tuple[Tensor, Tensor], Tensor | None, None]:
         alpha = float(self.alpha)
         resolvent = f.resolvent(alpha)
         v = f.weight_mv(z0) + u
-        yield z0, f.prox(v, 1.0)
+        keep = yield z0, f.prox(v, 1.0)
         s = torch.lerp(z0, v, alpha)  # s₀
         while True:
+            if keep is not None:
+                s, u = s[keep], u[keep]
             z = f.prox(s, alpha)
             half = 2 * z - s
             z_half = resolvent(half + alpha * u)
             s = 2 * z_half - half
             # z½ + α(I − W) z½ = s½ + αu, so W z½ + u = z½ + (z½ − s½)/α: Φ(z½) without a product with W
-            yield z_half, f.prox(z_half + (z_half - half) / alpha, 1.0)
+            keep = yield z_half, f.prox(z_half + (z_half - half) / alpha, 1.0)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -52,9 +52,12 @@ class SplittingSolver(ForwardSolver):
 
     :meth:`iterates` yields the points ``z`` of the iteration with the map's value ``Φ(z)``
     there, one map evaluation each; the solve records the residual of each pair (``tol``,
-    ``check_every``, ``on_failure`` as in :class:`FixedPointIteration`; ``tol = 0`` runs
-    exactly ``max_iter`` evaluations), asks for the next pair only if it goes on, and returns
-    ``Φ`` of the last point.
+    ``check_every``, ``on_failure``, ``freeze_converged`` and ``return_best`` as in
+    :class:`FixedPointIteration`; ``tol = 0`` runs exactly ``max_iter`` evaluations), asks
+    for the next pair only if it goes on, and returns ``Φ`` of the last point.  When samples
+    leave the active set the solve sends the iteration the rows that stay, and the
+    iteration keeps only those rows of its own state (the samples' iterations are
+    independent, so the others go on exactly as before).
     """
 
     max_iter: int = 50
@@ -62,25 +65,32 @@ class SplittingSolver(ForwardSolver):
     alpha: float = 1.0
     check_every: int | None = None
     on_failure: FailurePolicy = Warn()
+    freeze_converged: bool = False
+    return_best: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_common(name, self.max_iter, self.tol, self.check_every, self.on_failure)
+        check_common(self)
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"{name}: alpha must be a finite number > 0, got {alpha!r}")
 
     @abc.abstractmethod
-    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-        """The pairs ``(z, Φ(z))`` of the iteration from ``z0`` for ``f`` at input ``u``, without end."""
+    def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Generator[tuple[Tensor, Tensor], Tensor | None, None]:
+        """The pairs ``(z, Φ(z))`` of the iteration from ``z0`` for ``f`` at input ``u``, without
+        end.  The value sent back after a pair is ``None`` or the rows (of the current batch) to
+        keep: the iteration then drops every other row of its state, ``u`` included."""
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return ``Φ`` of the last iterate and the stats."""
         name = type(self).__name__
         f = monotone_map_of(name, g, z0)
-        monitor = Monitor(name, self.max_iter, self.tol, self.check_every, z0)
-        # zip asks range first: no step is taken after the last evaluation
-        for _, (z, fz) in zip(range(self.max_iter), self.iterates(f, z0, g.u)):
-            if monitor.record(fz, z):
-                break
-        return fz, monitor.finish(self.on_failure)
+        monitor = Monitor(name, self.max_iter, self.tol, self.check_every, z0,
+                          freeze=self.freeze_converged, best=self.return_best)
+        pairs = self.iterates(f, z0, g.u)
+        z, fz = next(pairs)
+        for k in range(self.max_iter):
+            if monitor.record(fz, z, fz) or k == self.max_iter - 1:
+                break  # no step is taken after the last evaluation
+            z, fz = pairs.send(monitor.keep)
+        return monitor.finish(fz, self.on_failure)
