@@ -287,6 +287,7 @@ def test_truncated_itd_reports_whole_solve():
     with pytest.warns(inn.ConvergenceWarning, match="did not converge"):
         _, stats = inn.fixed_point(cell, x, solver=solver, backward=inn.ITD(truncate=5))
     assert stats.converged is False and stats.iterations == 30
+    assert stats.sample_converged.tolist() == [False, False] and stats.sample_iterations.tolist() == [30, 30]
     with pytest.raises(inn.ConvergenceError):
         inn.fixed_point(cell, x, solver=inn.FixedPointIteration(max_iter=30, tol=1e-10, on_failure=inn.Raise()),
                         backward=inn.ITD(truncate=5))
@@ -295,7 +296,7 @@ def test_truncated_itd_reports_whole_solve():
         warnings.simplefilter("error")
         _, ok = inn.fixed_point(inn.maps.TanhMap(5, 6), x, solver=inn.FixedPointIteration(max_iter=200, tol=1e-8),
                                 backward=inn.ITD(truncate=5))
-    assert ok.converged
+    assert ok.converged and bool(ok.sample_converged.all()) and bool((ok.sample_residual <= 1e-8).all())
 
 
 def test_tuple_input_matches_dense_implicit_gradient_in_every_mode():

@@ -45,7 +45,16 @@ class ITD(BackwardMode):
             z, head = solver.with_budget(solver.max_iter - K, solver.tol).solve(g, problem.z0)
         z, tail = solver.with_budget(K, 0.0).solve(g, z)
         converged = solver.tol == 0 or tail.residual <= solver.tol
-        stats = SolverStats(head.iterations + tail.iterations, tail.residual, converged, head.trace + tail.trace)
+        per_sample = {}
+        if tail.sample_residual is not None:
+            with torch.no_grad():
+                done = tail.sample_residual <= solver.tol if solver.tol > 0 else torch.ones_like(tail.sample_converged)
+            iterations = tail.sample_iterations
+            if head.sample_iterations is not None:
+                iterations = iterations + head.sample_iterations
+            per_sample = dict(sample_residual=tail.sample_residual, sample_converged=done, sample_iterations=iterations)
+        stats = SolverStats(head.iterations + tail.iterations, tail.residual, converged, head.trace + tail.trace,
+                            **per_sample)
         if not converged:
             solver.on_failure.forward_failed(
                 f"{type(solver).__name__} did not converge: relative residual {tail.residual:.3e} > tol "
