@@ -10,6 +10,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from train import mnist
-from train.data import EMBEDDED, DataError, load
+from train.data import DOWNLOADS, EMBEDDED, DataError, load
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("IMPLICITNETS_DATA_ROOT", ROOT.parent / "shared" / "data"))
@@ -159,6 +160,36 @@ def test_missing_and_corrupt_gz_files(tmp_path):
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw[:-7]))  # truncated payload
     with pytest.raises(DataError, match="header says shape"):
         data_module._load_gz_folder(folder)
+
+
+def test_truncated_gz_file_names_the_file(tmp_path):
+    from train import data as data_module
+
+    folder = tmp_path / "gz"
+    shutil.copytree(EMBEDDED, folder)
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])  # a download cut short
+    with pytest.raises(DataError, match=re.escape(f"corrupt data file {images}")):
+        data_module._load_gz_folder(folder)
+
+
+def test_corrupt_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
+    args = ["--max-steps", "1", "--width", "16"]
+    run(tmp_path, *args)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # cut short
+    with pytest.raises(mnist.CheckpointError, match=re.escape(f"corrupt checkpoint {ckpt}")):
+        run(tmp_path, *args, "--resume")
+    proc = subprocess.run([sys.executable, "-m", "train.mnist", *SMALL, "--out", str(tmp_path), *args, "--resume"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: corrupt checkpoint {ckpt}")
+
+
+def test_default_paths_stay_inside_the_repository():
+    cfg = mnist.parse_args([])
+    assert not os.path.isabs(cfg.out) and not cfg.data_root
+    assert DOWNLOADS.is_relative_to(ROOT) and EMBEDDED.is_relative_to(ROOT)
 
 
 def test_command_line_reports_bad_option_in_one_line(tmp_path):
