@@ -6,6 +6,7 @@ benchmark figures in the README, not assertions here.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import mnist
+from train import mnist, stability
+from train.config import config_parser, field_comments
 from train.data import DOWNLOADS, EMBEDDED, DataError, load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,8 @@ def test_baseline_trained_in_the_same_run(tmp_path):
     base = summary["baseline"]
     assert base["model"] == "mlp" and base["steps"] == summary["steps"] == 3
     assert abs(base["parameters"] - summary["parameters"]) / summary["parameters"] < 0.01  # same size
+    ours, theirs = summary["config"], base["config"]
+    assert {key for key in ours if ours[key] != theirs[key]} == {"model", "out"}  # the same recipe
     assert json.loads((tmp_path / "summary.json").read_text())["baseline"]["model"] == "mlp"
     assert (tmp_path / "baseline" / "checkpoint.pt").is_file()
 
@@ -190,6 +194,14 @@ def test_default_paths_stay_inside_the_repository():
     cfg = mnist.parse_args([])
     assert not os.path.isabs(cfg.out) and not cfg.data_root
     assert DOWNLOADS.is_relative_to(ROOT) and EMBEDDED.is_relative_to(ROOT)
+
+
+@pytest.mark.parametrize("script", [mnist, stability])
+def test_every_option_has_help(script):
+    comments = field_comments(script.Config)
+    assert [f.name for f in dataclasses.fields(script.Config) if f.name not in comments] == []
+    text = config_parser(script.Config, "prog", None).format_help()
+    assert "--threads THREADS     CPU cores" in text
 
 
 def test_command_line_reports_bad_option_in_one_line(tmp_path):

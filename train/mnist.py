@@ -71,18 +71,18 @@ class Config:
     width: int = 200  # hidden size of fc / mlp
     channels: int = 48  # channels of conv / cnn
     activation: str = "relu"  # conv cell activation: relu | tanh
-    epochs: int = 100
+    epochs: int = 100  # passes over the training set
     batch_size: int = 100  # global batch (split over processes)
     optimizer: str = "adam"  # adam | sgd
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # L2 penalty added to the gradient (λ·θ)
     label_smoothing: float = 0.0  # cross-entropy against (1 − ε)·one-hot + ε/10 (training loss only)
     dropout: float = 0.0  # fc / mlp: dropout on the hidden features the linear head reads
     schedule: str = "cosine"  # cosine | constant
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up (epochs)
     augment: int = 2  # random shifts of up to this many pixels (0: off)
-    seed: int = 0
+    seed: int = 0  # initial weights, batch order and shifts
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bfloat16 autocast (meant for cuda)
     dtype: str = "float32"  # float32 | float64
@@ -90,13 +90,13 @@ class Config:
     data: str = "mnist-5k"  # mnist-5k | mnist | fashion-mnist
     data_root: str = ""  # read an existing copy with download=False
     test_limit: int = 0  # evaluate on the first N test images only (0: all)
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000  # test images per forward pass
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
     stop_after: int = 0  # leave after this many epochs in this invocation (then --resume)
-    out: str = "runs/mnist"
-    resume: bool = False
-    progress: bool = True
-    plot: bool = True
+    out: str = "runs/mnist"  # folder for metrics.jsonl, checkpoint.pt, summary.json, curves.png
+    resume: bool = False  # continue from out/checkpoint.pt if it exists
+    progress: bool = True  # progress bar per epoch
+    plot: bool = True  # write curves.png
     baseline: bool = True  # also train the explicit network of the same size (fc→mlp, conv→cnn), same settings
     preset: str = ""  # grazzi2020
 

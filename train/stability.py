@@ -65,16 +65,16 @@ SETTINGS = ("0.5", "0.9", "0.99", "projection", "none", "none@1.5")
 
 @dataclass
 class Config:
-    out: str = "runs/stability"
-    modes: str = ",".join(MODES)
-    settings: str = ",".join(SETTINGS)
-    seeds: str = "0,1,2"
-    epochs: int = 3
-    batch_size: int = 100
+    out: str = "runs/stability"  # folder for runs/*.json, results.json, the table and the figures
+    modes: str = ",".join(MODES)  # backward modes, comma-separated
+    settings: str = ",".join(SETTINGS)  # contraction settings: γ, projection, none or none@s, comma-separated
+    seeds: str = "0,1,2"  # comma-separated
+    epochs: int = 3  # passes over the training set per run
+    batch_size: int = 100  # training digits per optimiser step
     optimizer: str = "adam"  # adam | sgd
-    lr: float = 1e-3
+    lr: float = 1e-3  # constant learning rate
     momentum: float = 0.9  # sgd only
-    width: int = 200
+    width: int = 200  # size of the equilibrium state w
     t: int = 20  # forward fixed-point iterations (tol = 0: exactly t)
     k: int = 20  # backward iterations of the AID linear solver (tol = 0: exactly k)
     projection: float = 0.99  # the bound of the "projection" setting
@@ -82,11 +82,11 @@ class Config:
     diag_batch: int = 32  # training digits used for the diagnostics
     train_limit: int = 0  # use the first N (shuffled) training digits only (0: all 5,000)
     test_limit: int = 0  # evaluate on the first N test digits only (0: all 10,000)
-    threads: int = 1  # CPU threads for tensor maths (torch.set_num_threads); the runs are small, one is enough
+    threads: int = 1  # CPU cores to compute on (the runs are small: more than one rarely helps)
     figures: str = ""  # also write the PNGs and table.md into this folder (e.g. docs/figures)
     resume: bool = True  # reuse finished runs found under --out/runs
-    quick: bool = False
-    progress: bool = True
+    quick: bool = False  # a reduced grid: 0.9 and none, seed 0, 2 epochs
+    progress: bool = True  # one line per epoch of every run
 
 
 QUICK = dict(settings="0.9,none", seeds="0", epochs=2, diag_every=50)
