@@ -32,8 +32,6 @@ SOLVERS = ("fp", "anderson")
 LINEAR_SOLVERS = ("fp", "cg", "normalcg", "gmres", "exact")
 BACKWARDS = ("itd", "itd:K", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb")
 HYPERGRADIENTS = ("itd", "forward-itd", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres")
-OPTIMIZERS = ("adam", "sgd")
-
 
 def make_solver(name: str, max_iter: int, tol: float, *, memory: int = 5) -> inn.ForwardSolver:
     """``fp``: fixed-point iteration ``w ← Φ(w)``; ``anderson``: Anderson acceleration with
@@ -92,6 +90,9 @@ def make_hypergradient(spec: str, steps: int) -> hg.ReverseITD | hg.ForwardITD |
     if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
         return hg.AID(make_linear_solver(spec[4:], steps))
     raise ValueError(f"unknown --method {spec!r}; choose one of {', '.join(HYPERGRADIENTS)}")
+
+
+OPTIMIZERS = ("adam", "sgd")
 
 
 def make_optimizer(
