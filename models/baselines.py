@@ -17,18 +17,16 @@ __all__ = ["MLP", "CNN"]
 class MLP(nn.Module):
     """``logits = H tanh(W₂ tanh(W₁ x + b₁) + b₂) + h`` on flattened images."""
 
-    def __init__(self, in_features: int = 784, width: int = 200, num_classes: int = 10, depth: int = 2,
-                 dropout: float = 0.0) -> None:
+    def __init__(self, in_features: int = 784, width: int = 200, num_classes: int = 10, depth: int = 2) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for i in range(depth):
             layers += [nn.Linear(in_features if i == 0 else width, width), nn.Tanh()]
         self.body = nn.Sequential(*layers)
-        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.drop(self.body(rearrange(x, "b ... -> b (...)"))))
+        return self.head(self.body(rearrange(x, "b ... -> b (...)")))
 
 
 class CNN(nn.Module):

@@ -37,12 +37,10 @@ class FCEquilibrium(EquilibriumClassifier):
         contraction: float | None = 0.9,
         solver: inn.FixedPointIteration | inn.Anderson = inn.FixedPointIteration(max_iter=20, tol=0.0),
         backward: inn.ITD | inn.AID | inn.JacobianFree = inn.JacobianFree(),
-        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.cell = inn.maps.TanhMap(in_features, width, contraction=contraction)
         self.deq = inn.FixedPointLayer(self.cell, solver=solver, backward=backward)
-        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(width, num_classes)
 
     def lipschitz_bound(self) -> float:
@@ -56,4 +54,4 @@ class FCEquilibrium(EquilibriumClassifier):
         inn.project_spectral_(self.contraction_weight, bound)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.drop(self.deq(rearrange(x, "b ... -> b (...)"))))
+        return self.head(self.deq(rearrange(x, "b ... -> b (...)")))
