@@ -60,8 +60,11 @@ def test_two_step_smoke_every_backward_mode(tmp_path, model, backward):
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_two_step_smoke_baselines(tmp_path, model):
-    summary = run(tmp_path, "--model", model, "--max-steps", "2", "--channels", "8", "--width", "32")
+    summary = run(tmp_path, "--model", model, "--max-steps", "2", "--channels", "8", "--width", "32",
+                  "--label-smoothing", "0.1")
     assert summary["steps"] == 2 and summary["backward"] is None
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0
 
 
 def test_baseline_trained_in_the_same_run(tmp_path):
