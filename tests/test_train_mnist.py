@@ -27,8 +27,8 @@ from train.config import config_parser, field_comments
 from train.data import DOWNLOADS, EMBEDDED, DataError, load
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("IMPLICITNETS_DATA_ROOT", ROOT.parent / "shared" / "data"))
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared data folder at {SHARED}")
+SHARED = os.environ.get("IMPLICITNETS_DATA_ROOT", "")  # a folder of torchvision-layout data sets, if any
+needs_shared = pytest.mark.skipif(not (SHARED and Path(SHARED).is_dir()), reason="IMPLICITNETS_DATA_ROOT is not set")
 
 SMALL = ["--no-progress", "--no-plot", "--no-baseline", "--test-limit", "200", "--threads", "1"]
 
@@ -128,21 +128,36 @@ def test_embedded_data_is_real_and_complete():
     assert 0.0 <= float(data.train.images.min()) and float(data.train.images.max()) == 1.0
 
 
-@needs_shared
-@pytest.mark.parametrize("name, root, n_train", [("mnist-5k", "", 5000), ("mnist", "mnist-5k", 5000),
-                                                  ("fashion-mnist", "", 60000)])
-def test_offline_loading_from_shared_data(name, root, n_train):
-    data = load(name, SHARED / root)
-    assert len(data.train) == n_train and len(data.test) == 10000
-    if name != "fashion-mnist":  # the shared copy is the embedded set in torchvision's layout
-        embedded = load("mnist-5k")
-        assert torch.equal(data.test.images, embedded.test.images)
+def torchvision_copy(root: Path, cls_name: str) -> Path:
+    """The embedded digits in torchvision's layout (``<root>/<cls_name>/raw``, uncompressed idx)."""
+    raw = root / cls_name / "raw"
+    raw.mkdir(parents=True)
+    for gz in EMBEDDED.glob("*.gz"):
+        (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    return root
 
 
-@needs_shared
-def test_training_on_fashion_mnist_offline(tmp_path):
-    summary = run(tmp_path, "--data", "fashion-mnist", "--data-root", str(SHARED), "--max-steps", "2", "--width", "32")
+@pytest.mark.parametrize("name, cls_name, nested", [("mnist", "MNIST", False), ("mnist-5k", "MNIST", True),
+                                                    ("fashion-mnist", "FashionMNIST", True)])
+def test_offline_loading_of_a_torchvision_copy(tmp_path, name, cls_name, nested):
+    """``--data-root`` reads ``<root>/<Class>/raw`` or ``<root>/<name>/<Class>/raw`` without a download."""
+    torchvision_copy(tmp_path / name if nested else tmp_path, cls_name)
+    data, embedded = load(name, tmp_path), load("mnist-5k")
+    assert data.name == name and len(data.train) == 5000 and len(data.test) == 10000
+    assert torch.equal(data.train.images, embedded.train.images) and torch.equal(data.test.labels, embedded.test.labels)
+
+
+def test_training_on_a_torchvision_copy_offline(tmp_path):
+    root = torchvision_copy(tmp_path / "data", "FashionMNIST")
+    summary = run(tmp_path / "out", "--data", "fashion-mnist", "--data-root", str(root), "--max-steps", "2",
+                  "--width", "32")
     assert summary["data"] == "fashion-mnist" and summary["steps"] == 2
+
+
+@needs_shared
+def test_the_shared_fashion_mnist_copy_is_complete():
+    data = load("fashion-mnist", SHARED)
+    assert len(data.train) == 60000 and len(data.test) == 10000
 
 
 def test_bad_data_path_is_a_clear_error(tmp_path):
