@@ -6,10 +6,12 @@ benchmark figures in the README, not assertions here.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,12 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import mnist
-from train.data import EMBEDDED, DataError, load
+from train import mnist, stability
+from train.config import config_parser, field_comments
+from train.data import DOWNLOADS, EMBEDDED, DataError, load
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("IMPLICITNETS_DATA_ROOT", ROOT.parent / "shared" / "data"))
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared data folder at {SHARED}")
+# the project's shared data sets (torchvision layout) beside the checkout, or IMPLICITNETS_DATA_ROOT
+SHARED = os.environ.get("IMPLICITNETS_DATA_ROOT", str(ROOT.parent / "shared" / "data"))
+needs_shared = pytest.mark.skipif(not Path(SHARED).is_dir(), reason=f"no shared data folder at {SHARED}")
 
 SMALL = ["--no-progress", "--no-plot", "--no-baseline", "--test-limit", "200", "--threads", "1"]
 
@@ -57,8 +61,11 @@ def test_two_step_smoke_every_backward_mode(tmp_path, model, backward):
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_two_step_smoke_baselines(tmp_path, model):
-    summary = run(tmp_path, "--model", model, "--max-steps", "2", "--channels", "8", "--width", "32")
+    summary = run(tmp_path, "--model", model, "--max-steps", "2", "--channels", "8", "--width", "32",
+                  "--label-smoothing", "0.1")
     assert summary["steps"] == 2 and summary["backward"] is None
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0
 
 
 def test_baseline_trained_in_the_same_run(tmp_path):
@@ -66,6 +73,8 @@ def test_baseline_trained_in_the_same_run(tmp_path):
     base = summary["baseline"]
     assert base["model"] == "mlp" and base["steps"] == summary["steps"] == 3
     assert abs(base["parameters"] - summary["parameters"]) / summary["parameters"] < 0.01  # same size
+    ours, theirs = summary["config"], base["config"]
+    assert {key for key in ours if ours[key] != theirs[key]} == {"model", "out"}  # the same recipe
     assert json.loads((tmp_path / "summary.json").read_text())["baseline"]["model"] == "mlp"
     assert (tmp_path / "baseline" / "checkpoint.pt").is_file()
 
@@ -147,21 +156,36 @@ def test_embedded_data_is_real_and_complete():
     assert 0.0 <= float(data.train.images.min()) and float(data.train.images.max()) == 1.0
 
 
-@needs_shared
-@pytest.mark.parametrize("name, root, n_train", [("mnist-5k", "", 5000), ("mnist", "mnist-5k", 5000),
-                                                  ("fashion-mnist", "", 60000)])
-def test_offline_loading_from_shared_data(name, root, n_train):
-    data = load(name, SHARED / root)
-    assert len(data.train) == n_train and len(data.test) == 10000
-    if name != "fashion-mnist":  # the shared copy is the embedded set in torchvision's layout
-        embedded = load("mnist-5k")
-        assert torch.equal(data.test.images, embedded.test.images)
+def torchvision_copy(root: Path, cls_name: str) -> Path:
+    """The embedded digits in torchvision's layout (``<root>/<cls_name>/raw``, uncompressed idx)."""
+    raw = root / cls_name / "raw"
+    raw.mkdir(parents=True)
+    for gz in EMBEDDED.glob("*.gz"):
+        (raw / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    return root
 
 
-@needs_shared
-def test_training_on_fashion_mnist_offline(tmp_path):
-    summary = run(tmp_path, "--data", "fashion-mnist", "--data-root", str(SHARED), "--max-steps", "2", "--width", "32")
+@pytest.mark.parametrize("name, cls_name, nested", [("mnist", "MNIST", False), ("mnist-5k", "MNIST", True),
+                                                    ("fashion-mnist", "FashionMNIST", True)])
+def test_offline_loading_of_a_torchvision_copy(tmp_path, name, cls_name, nested):
+    """``--data-root`` reads ``<root>/<Class>/raw`` or ``<root>/<name>/<Class>/raw`` without a download."""
+    torchvision_copy(tmp_path / name if nested else tmp_path, cls_name)
+    data, embedded = load(name, tmp_path), load("mnist-5k")
+    assert data.name == name and len(data.train) == 5000 and len(data.test) == 10000
+    assert torch.equal(data.train.images, embedded.train.images) and torch.equal(data.test.labels, embedded.test.labels)
+
+
+def test_training_on_a_torchvision_copy_offline(tmp_path):
+    root = torchvision_copy(tmp_path / "data", "FashionMNIST")
+    summary = run(tmp_path / "out", "--data", "fashion-mnist", "--data-root", str(root), "--max-steps", "2",
+                  "--width", "32")
     assert summary["data"] == "fashion-mnist" and summary["steps"] == 2
+
+
+@needs_shared
+def test_the_shared_fashion_mnist_copy_is_complete():
+    data = load("fashion-mnist", SHARED)
+    assert len(data.train) == 60000 and len(data.test) == 10000
 
 
 def test_bad_data_path_is_a_clear_error(tmp_path):
@@ -186,6 +210,44 @@ def test_missing_and_corrupt_gz_files(tmp_path):
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(raw[:-7]))  # truncated payload
     with pytest.raises(DataError, match="header says shape"):
         data_module._load_gz_folder(folder)
+
+
+def test_truncated_gz_file_names_the_file(tmp_path):
+    from train import data as data_module
+
+    folder = tmp_path / "gz"
+    shutil.copytree(EMBEDDED, folder)
+    images = folder / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[: images.stat().st_size // 2])  # a download cut short
+    with pytest.raises(DataError, match=re.escape(f"corrupt data file {images}")):
+        data_module._load_gz_folder(folder)
+
+
+def test_corrupt_checkpoint_is_a_clear_error_naming_the_file(tmp_path):
+    args = ["--max-steps", "1", "--width", "16"]
+    run(tmp_path, *args)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # cut short
+    with pytest.raises(mnist.CheckpointError, match=re.escape(f"corrupt checkpoint {ckpt}")):
+        run(tmp_path, *args, "--resume")
+    proc = subprocess.run([sys.executable, "-m", "train.mnist", *SMALL, "--out", str(tmp_path), *args, "--resume"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: corrupt checkpoint {ckpt}")
+
+
+def test_default_paths_stay_inside_the_repository():
+    cfg = mnist.parse_args([])
+    assert not os.path.isabs(cfg.out) and not cfg.data_root
+    assert DOWNLOADS.is_relative_to(ROOT) and EMBEDDED.is_relative_to(ROOT)
+
+
+@pytest.mark.parametrize("script", [mnist, stability])
+def test_every_option_has_help(script):
+    comments = field_comments(script.Config)
+    assert [f.name for f in dataclasses.fields(script.Config) if f.name not in comments] == []
+    text = config_parser(script.Config, "prog", None).format_help()
+    assert "--threads THREADS     CPU cores" in text
 
 
 def test_command_line_reports_bad_option_in_one_line(tmp_path):

@@ -1,5 +1,5 @@
 """Command-line strings → library objects: the only place in the project where a name such as
-``"aid-gmres"`` or ``"anderson"`` becomes a solver or backward mode.
+``"aid-gmres"``, ``"anderson"`` or ``"adam"`` becomes a solver, backward mode or optimiser.
 
 Every ``train/`` script and every benchmark builds its solvers here, so a renamed class is
 changed in this file and nowhere else.
@@ -7,13 +7,17 @@ changed in this file and nowhere else.
     make_solver("anderson", max_iter=20, tol=1e-4)    # forward solver of w = Φ(w, x)
     make_backward("aid-gmres", k=20)                  # AID with 20 GMRES steps on (I − Jᵀ) v = ∇E
     make_linear_solver("cg", max_iter=20)             # a solver of the adjoint system alone
+    make_optimizer("adam", model.parameters(), 1e-3)  # the training scripts' optimiser
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import torch
+from torch import Tensor
 
 import implicitnets as inn
 from implicitnets import hypergrad as hg
@@ -21,7 +25,7 @@ from implicitnets import linear
 
 __all__ = [
     "SOLVERS", "LINEAR_SOLVERS", "BACKWARDS", "HYPERGRADIENTS",
-    "run", "make_solver", "make_linear_solver", "make_backward", "make_hypergradient",
+    "OPTIMIZERS", "run", "make_solver", "make_linear_solver", "make_backward", "make_hypergradient", "make_optimizer",
 ]
 
 SOLVERS = ("fp", "anderson", "pr", "fb")
@@ -95,6 +99,21 @@ def make_hypergradient(spec: str, steps: int, k: int | None = None, *, warm_star
     except ValueError as err:
         raise ValueError(f"unknown --method {spec!r}; choose one of {', '.join(HYPERGRADIENTS)}") from err
     return hg.Backprop(inn.FixedPointIteration(max_iter=steps, tol=0.0), backward)
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(
+    name: str, params: Iterable[Tensor], lr: float, *, momentum: float = 0.9, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """``adam`` (``momentum`` unused) or ``sgd`` with heavy-ball ``momentum``; both add
+    ``weight_decay · θ`` to the gradient."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def run(main: Callable[[Any], Any], parse_args: Callable[[], Any]) -> None:

@@ -4,8 +4,9 @@
   class — shuffle!) and the full real 10,000-digit test set, shipped with the project as
   idx gzip files in ``train/data/mnist-5k/`` and parsed here directly (no network).
 * ``mnist`` / ``fashion-mnist``: ``torchvision.datasets.MNIST`` / ``FashionMNIST``.  Without a
-  data root they are downloaded (``download=True``) into ``~/.cache/implicitnets``; with
-  ``root`` the files must already be there (``download=False``, read offline).
+  data root they are downloaded (``download=True``) into ``runs/data/<name>`` inside the
+  repository (ignored by git); with ``root`` the files must already be there
+  (``download=False``, read offline).
 
 A root may be the torchvision root itself (``<root>/MNIST/raw/...``) or a folder holding one
 sub-folder per data set (``<root>/mnist-5k/MNIST/raw/...``, ``<root>/fashion-mnist/...``).
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DataError", "Split", "MNISTData", "load", "read_idx_gz", "EMBEDDED", "DATASETS"]
+__all__ = ["DataError", "Split", "MNISTData", "load", "read_idx_gz", "EMBEDDED", "DOWNLOADS", "DATASETS"]
 
 EMBEDDED = Path(__file__).resolve().parent / "data" / "mnist-5k"
+DOWNLOADS = Path(__file__).resolve().parents[1] / "runs" / "data"  # the repository's runs/ (git-ignored)
 DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -130,7 +132,7 @@ def _load_torchvision(name: str, root: Path | None) -> tuple[Split, Split, str]:
     cls = datasets.FashionMNIST if name == "fashion-mnist" else datasets.MNIST
     download = root is None
     if root is None:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "implicitnets" / name
+        base = DOWNLOADS / name
     else:
         base = _resolve_root(root, name, cls.__name__)
     splits = []

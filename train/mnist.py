@@ -8,6 +8,11 @@
     python -m train.mnist --preset grazzi2020           # the reference experiment
     torchrun --nproc_per_node=2 -m train.mnist ...      # DistributedDataParallel (gloo / nccl)
 
+The default run trains ``w = tanh(A w + B x + c)`` (width 200, ‖A‖₂ ≤ 0.9, AID-FP, t = k = 20)
+on the embedded 5,000 MNIST digits and then, with the same recipe (100 epochs of Adam, lr
+1e-3 on a cosine schedule, batch 100, random shifts of up to 2 pixels), the explicit
+784-200-200-10 tanh network of the same size, and prints the two side by side.
+
 Reads top to bottom: configuration, distributed setup, data, model, optimiser, resume,
 training loop (tqdm; non-finite steps skipped and logged), per-epoch JSON lines, atomic
 checkpoints, summary.json and a PNG of the curves.  Everything random is drawn from
@@ -37,6 +42,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +62,7 @@ from models import (
     count_parameters,
 )
 from train.atomic import pyplot, write_atomic, write_png
-from train.cli import make_backward, make_solver
+from train.cli import make_backward, make_optimizer, make_solver
 from train.config import config_parser, parse_config
 from train.data import DataError, load
 from train.step import guarded_step
@@ -85,30 +91,31 @@ class Config:
     width: int = 200  # hidden size of fc / mlp
     channels: int = 48  # channels of conv / cnn
     activation: str = "relu"  # conv cell activation: relu | tanh
-    epochs: int = 40
+    epochs: int = 100  # passes over the training set
     batch_size: int = 100  # global batch (split over processes)
     optimizer: str = "adam"  # adam | sgd
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # L2 penalty added to the gradient (λ·θ)
+    label_smoothing: float = 0.0  # cross-entropy against (1 − ε)·one-hot + ε/10 (training loss only)
     schedule: str = "cosine"  # cosine | constant
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up (epochs)
     augment: int = 2  # random shifts of up to this many pixels (0: off)
-    seed: int = 0
+    seed: int = 0  # initial weights, batch order and shifts
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bfloat16 autocast (meant for cuda)
     dtype: str = "float32"  # float32 | float64
-    threads: int = 0  # torch CPU threads per process; 0: all cores shared among processes
+    threads: int = 0  # CPU cores each process computes on (0: all of them, split evenly among torchrun's processes)
     data: str = "mnist-5k"  # mnist-5k | mnist | fashion-mnist
     data_root: str = ""  # read an existing copy with download=False
     test_limit: int = 0  # evaluate on the first N test images only (0: all)
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 1000  # test images per forward pass
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
     stop_after: int = 0  # leave after this many epochs in this invocation (then --resume)
-    out: str = "runs/mnist"
-    resume: bool = False
-    progress: bool = True
-    plot: bool = True
+    out: str = "runs/mnist"  # folder for metrics.jsonl, checkpoint.pt, summary.json, curves.png
+    resume: bool = False  # continue from out/checkpoint.pt if it exists
+    progress: bool = True  # progress bar per epoch
+    plot: bool = True  # write curves.png
     baseline: bool = True  # also train the explicit network of the same size (fc→mlp, conv→cnn), same settings
     preset: str = ""  # grazzi2020
 
@@ -129,7 +136,8 @@ MODEL_DEFAULTS = {
     # monDEQ, FC: width 174 = the tanh FC model's budget; Peaceman–Rachford forward (≈ 15–30 iterations
     # to tol at α = 1), AID-GMRES backward (AID-FP's Neumann series needs ρ(∂₁Φ) < 1, which a monotone
     # map does not promise); lr and weight decay tuned on the 5k protocol (the MLP baseline gets the same)
-    "mon": dict(width=174, solver="pr", alpha=1.0, m=0.5, t=40, backward="aid-gmres", lr=2e-3, weight_decay=1e-4),
+    "mon": dict(width=174, solver="pr", alpha=1.0, m=0.5, t=40, backward="aid-gmres", lr=2e-3, weight_decay=1e-4,
+                epochs=40),
     # monDEQ, conv: 38 channels = the conv model's budget; circular 3×3 convolutions by FFT; 10 epochs
     "monconv": dict(channels=38, solver="pr", alpha=1.0, m=0.5, t=30, backward="aid-gmres", lr=2e-3,
                     weight_decay=1e-4, epochs=10),
@@ -200,7 +208,9 @@ def shift_images(images: torch.Tensor, offsets: torch.Tensor, pad: int) -> torch
     return torch.take(padded, start[:, None, None, None] + grid)
 
 
-def lr_at(cfg: Config, step: int, total: int) -> float:
+def lr_at(cfg: Config, step: int, data: Data) -> float:
+    """The learning rate of optimiser step ``step``: linear warm-up, then constant or cosine to 0."""
+    total = (data.train_x.shape[0] // cfg.batch_size) * cfg.epochs
     warmup = cfg.warmup_epochs * total / cfg.epochs
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
@@ -233,14 +243,21 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     return ckpt
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parse ``argv``, train, and (``--baseline``, the default for fc/conv) train the explicit
-    baseline of the same size with the same settings in the same run; returns the summary
-    (with the baseline's summary under ``"baseline"``)."""
-    cfg = parse_args(argv)
-    check_config(cfg)
+def resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+           log: Callable[[str], None]) -> tuple[int, int, list[dict]]:
+    """Epochs done, optimiser steps taken and the per-epoch history of the checkpoint at
+    ``path`` (model and optimiser restored in place); ``(0, 0, [])`` if there is none."""
+    if not os.path.exists(path):
+        log(f"--resume: no checkpoint at {path}, starting from scratch")
+        return 0, 0, []
+    ckpt = load_checkpoint(path, model, optimizer, device)
+    log(f"resumed from {path} after epoch {ckpt['epoch']} (step {ckpt['step']})")
+    return ckpt["epoch"], ckpt["step"], ckpt["history"]
 
-    # processes and device: torchrun sets WORLD_SIZE / RANK / LOCAL_RANK
+
+def init_processes(cfg: Config) -> tuple[torch.device, int, int]:
+    """Device, rank and number of processes (torchrun sets WORLD_SIZE / RANK / LOCAL_RANK);
+    joins the process group and sets the number of CPU threads."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cfg.device == "auto":
@@ -250,15 +267,24 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    elif distributed and device.type == "cpu":
+    elif world > 1 and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
+    return device, rank, world
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, train, and (``--baseline``, the default for fc/conv) train the explicit
+    baseline of the same size with the same settings in the same run; returns the summary
+    (with the baseline's summary under ``"baseline"``)."""
+    cfg = parse_args(argv)
+    check_config(cfg)
+    device, rank, world = init_processes(cfg)
     try:
         summary = train(cfg, device, rank, world)
         if cfg.baseline and cfg.model in BASELINE:
@@ -270,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
                 write_atomic(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
                 print(comparison(summary))
     finally:
-        if distributed and dist.is_initialized():
+        if world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
     return summary
@@ -300,50 +326,38 @@ def comparison(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, rank: int, world: int,
-             autocast: torch.autocast) -> tuple[float, float, dict]:
-    """Test accuracy, loss and forward-solver statistics; the test set is split over processes
-    and the sums are all-reduced."""
-    model.eval()
-    correct = torch.zeros((), device=x.device, dtype=torch.float64)
-    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
-    iters, resid = [], []
-    with torch.no_grad(), autocast:
-        for start in range(rank * cfg.eval_batch_size, x.shape[0], world * cfg.eval_batch_size):
-            xb, yb = x[start : start + cfg.eval_batch_size], y[start : start + cfg.eval_batch_size]
-            logits = model(xb).float()
-            correct += (logits.argmax(1) == yb).sum()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
-            if hasattr(model, "stats"):
-                iters.append(model.stats.iterations)
-                resid.append(model.stats.residual)
-    if world > 1:
-        for t in (correct, loss_sum):
-            dist.all_reduce(t)
-    model.train()
-    stats = dict(test_forward_iterations=_mean(iters), test_forward_residual=max(resid, default=None))
-    return float(correct) / x.shape[0], float(loss_sum) / x.shape[0], stats
+@dataclass(frozen=True)
+class Data:
+    """Tensors on the device: raw training images (shifted, then normalised, per batch) and
+    normalised test images; ``mean`` / ``std`` are the training set's pixel statistics."""
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
 
 
-def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
-    """Train ``cfg.model`` on this process's share of every global batch; returns the summary."""
-    master = rank == 0
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    log = print if master else (lambda *a, **k: None)
-
-    # -------------------------------------------------------------------------------------
-    # data: tensors on the device, normalised with the training set's statistics
+def prepare_data(cfg: Config, device: torch.device, dtype: torch.dtype) -> Data:
     data = load(cfg.data, cfg.data_root or None)
     train_x, train_y = data.train.images.to(device, dtype), data.train.labels.to(device)
     mean, std = train_x.mean(), train_x.std()
     test_x = (data.test.images[: cfg.test_limit or None].to(device, dtype) - mean) / std
     test_y = data.test.labels[: cfg.test_limit or None].to(device)
-    n_train = train_x.shape[0]
-    steps_per_epoch = n_train // cfg.batch_size  # the last partial batch is dropped
-    if steps_per_epoch < 1:
-        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {n_train} training images")
-    total_steps = steps_per_epoch * cfg.epochs
-    local_batch = cfg.batch_size // world
+    if train_x.shape[0] < cfg.batch_size:
+        raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {train_x.shape[0]} training images")
+    return Data(data.name, train_x, train_y, test_x, test_y, mean, std)
+
+
+def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
+    """Train ``cfg.model`` on this process's share of every global batch; returns the summary."""
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    data = prepare_data(cfg, device, dtype)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
     # -------------------------------------------------------------------------------------
     # model and optimiser
@@ -352,149 +366,172 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     model = raw_model
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    params = list(raw_model.parameters())
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, raw_model.parameters(), cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
     project = None
     if cfg.contraction == "projection" and hasattr(raw_model, "project_"):
         project = lambda: raw_model.project_(cfg.gamma)
         project()
     is_deq = hasattr(raw_model, "stats")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp)
 
     # -------------------------------------------------------------------------------------
     # resume from the last checkpoint (written at the end of an epoch)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
-    start_epoch, history, step = 0, [], 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, raw_model, optimizer, device)
-        start_epoch, history, step = ckpt["epoch"], ckpt["history"], ckpt["step"]
-        log(f"resumed from {ckpt_path} after epoch {start_epoch} (step {step})")
-    elif cfg.resume:
-        log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
-    log(f"{cfg.model}: {count_parameters(raw_model):,} parameters | data {data.name} ({n_train} train, "
-        f"{test_x.shape[0]} test) | device {device} x {world} | backward {cfg.backward if is_deq else '(explicit)'} "
-        f"| out {cfg.out}")
+    start_epoch, step, history = 0, 0, []
+    if cfg.resume:
+        start_epoch, step, history = resume(ckpt_path, raw_model, optimizer, device, log)
+    log(f"{cfg.model}: {count_parameters(raw_model):,} parameters | data {data.name} ({data.train_x.shape[0]} "
+        f"train, {data.test_x.shape[0]} test) | device {device} x {world} | backward "
+        f"{cfg.backward if is_deq else '(explicit)'} | out {cfg.out}")
 
     # -------------------------------------------------------------------------------------
-    # training loop: one guarded step per batch (non-finite steps are skipped and logged)
+    # epochs: train, test, log, checkpoint
     run_start = time.time() - (history[-1]["elapsed"] if history else 0.0)
-    epochs_this_run = 0
     for epoch in range(start_epoch, cfg.epochs):
-        if cfg.max_steps and step >= cfg.max_steps:
+        if (cfg.max_steps and step >= cfg.max_steps) or (cfg.stop_after and epoch - start_epoch >= cfg.stop_after):
             break
         t0 = time.time()
-        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n_train, generator=generator).to(device)
-        offsets = torch.randint(0, 2 * cfg.augment + 1, (n_train, 2), generator=generator).to(device)
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss·n, correct, n
-        f_iters, f_resid, b_iters, b_resid, skipped = [], [], [], [], []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (master and cfg.progress), leave=False, dynamic_ncols=True)
-        # solver warnings are counted per epoch and reported once (not once per step)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for i in bar:
-                if cfg.max_steps and step >= cfg.max_steps:
-                    break
-                # this process's share of the global batch: the same images whatever the world size
-                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size][rank * local_batch : (rank + 1) * local_batch]
-                xb, yb = train_x[idx], train_y[idx]
-                if cfg.augment:
-                    xb = shift_images(xb, offsets[idx], cfg.augment)
-                xb = (xb - mean) / std
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, step, total_steps)
-
-                def forward(xb=xb, yb=yb):
-                    with autocast:
-                        logits = model(xb).float()
-                    # sum over the local share / global batch · world: DDP's mean gives the global mean
-                    return F.cross_entropy(logits, yb, reduction="sum") * (world / cfg.batch_size), logits
-
-                outcome = guarded_step(params, optimizer, forward, after_step=project)
-                step += 1
-                if outcome.skipped:
-                    skipped.append(step - 1)
-                    warnings.warn(f"step {step - 1}: skipped ({outcome.skipped[:300]})", RuntimeWarning, stacklevel=1)
-                    continue
-                with torch.no_grad():
-                    n_local = torch.tensor(float(yb.shape[0]), device=device, dtype=torch.float64)
-                    sums += torch.stack([outcome.loss.detach().double() * cfg.batch_size / world,
-                                         (outcome.output.argmax(1) == yb).sum().double(), n_local])
-                if is_deq:
-                    s = raw_model.stats
-                    f_iters.append(s.iterations)
-                    f_resid.append(s.residual)
-                    if s.backward_iterations is not None:
-                        b_iters.append(s.backward_iterations)
-                        b_resid.append(s.backward_residual)
-                if master and cfg.progress and i % 10 == 0:
-                    bar.set_postfix(loss=f"{float(outcome.loss) * cfg.batch_size / world / yb.shape[0]:.4f}")
-        bar.close()
-        n_convergence = report_warnings(caught, f"epoch {epoch + 1}")
-        if world > 1:
-            dist.all_reduce(sums)
+        step, trained = train_epoch(cfg, model, raw_model, optimizer, project, data, epoch, step, rank, world, autocast)
         train_seconds = time.time() - t0
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            test_acc, test_loss, test_stats = evaluate(raw_model, test_x, test_y, cfg, rank, world, autocast)
-        report_warnings(caught, f"epoch {epoch + 1} (test)")
-        n_seen = max(1.0, float(sums[2]))
-        record = dict(
-            epoch=epoch + 1, step=step, lr=lr_at(cfg, max(0, step - 1), total_steps),
-            train_loss=float(sums[0]) / n_seen, train_acc=float(sums[1]) / n_seen,
-            test_loss=test_loss, test_acc=test_acc,
-            seconds=time.time() - t0, train_seconds=train_seconds, elapsed=time.time() - run_start,
-            forward_iterations=_mean(f_iters), forward_residual=_mean(f_resid),
-            forward_residual_max=max(f_resid, default=None),
-            backward_iterations=_mean(b_iters), backward_residual=_mean(b_resid),
-            contraction=raw_model.lipschitz_bound() if is_deq else None,
-            skipped_steps=skipped, convergence_warnings=n_convergence, **test_stats,
-        )
+        tested = evaluate(raw_model, data.test_x, data.test_y, cfg, rank, world, autocast, f"epoch {epoch + 1} (test)")
+        record = dict(epoch=epoch + 1, step=step, lr=lr_at(cfg, max(0, step - 1), data), **trained, **tested,
+                      seconds=time.time() - t0, train_seconds=train_seconds, elapsed=time.time() - run_start,
+                      contraction=raw_model.lipschitz_bound() if is_deq else None)
         history.append(record)
         log(f"epoch {epoch + 1:3d} | loss {record['train_loss']:.4f} | train {record['train_acc']:.4f} "
-            f"| test {test_acc:.4f} | {record['seconds']:.1f}s"
+            f"| test {record['test_acc']:.4f} | {record['seconds']:.1f}s"
             + (f" | fwd it {record['forward_iterations']:.1f} | q {record['contraction']:.3f}"
-               if is_deq and f_iters else "")
-            + (f" | skipped {len(skipped)}" if skipped else ""))
-
-        # rank 0 writes the JSON lines and the checkpoint, each atomically (the step policy
-        # keeps the weights finite)
-        if master:
+               if record["forward_iterations"] is not None else "")
+            + (f" | skipped {len(record['skipped_steps'])}" if record["skipped_steps"] else ""))
+        if master:  # JSON lines and checkpoint, each written atomically
             lines = "".join(json.dumps(r) + "\n" for r in history)
             write_atomic(os.path.join(cfg.out, "metrics.jsonl"), lines.encode())
             save_checkpoint(ckpt_path, raw_model, optimizer, epoch=epoch + 1, step=step, history=history,
                             config=dataclasses.asdict(cfg))
         if world > 1:
             dist.barrier()
-        epochs_this_run += 1
-        if cfg.stop_after and epochs_this_run >= cfg.stop_after:
-            break
 
     # -------------------------------------------------------------------------------------
     # summary and plot
+    summary = summarize(cfg, raw_model, data.name, history, step, device, world)
+    if master:
+        write_atomic(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
+        if cfg.plot and history:
+            plot(history, os.path.join(cfg.out, "curves.png"), f"{cfg.model} ({summary['backward'] or 'explicit'})")
+        if history:
+            log(f"test accuracy: {summary['test_acc']:.4f} ({len(history)} epochs, {summary['seconds']:.1f}s)")
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def summarize(cfg: Config, model: nn.Module, data_name: str, history: list[dict], step: int, device: torch.device,
+              world: int) -> dict:
+    """The run in one dictionary: final and best test accuracy, time, skipped steps, configuration."""
     final = history[-1] if history else {}
-    summary = dict(
-        model=cfg.model, parameters=count_parameters(raw_model), data=data.name,
-        backward=cfg.backward if is_deq else None, epochs_completed=len(history), steps=step,
+    return dict(
+        model=cfg.model, parameters=count_parameters(model), data=data_name,
+        backward=cfg.backward if hasattr(model, "stats") else None, epochs_completed=len(history), steps=step,
         test_acc=final.get("test_acc"), best_test_acc=max((r["test_acc"] for r in history), default=None),
         train_acc=final.get("train_acc"), seconds=final.get("elapsed"),
         skipped_steps=sum(len(r["skipped_steps"]) for r in history), contraction=final.get("contraction"),
         device=str(device), world_size=world, torch=torch.__version__, config=dataclasses.asdict(cfg),
     )
-    if master:
-        write_atomic(os.path.join(cfg.out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode())
-        if cfg.plot and history:
-            title = f"{cfg.model} ({cfg.backward if is_deq else 'explicit'})"
-            plot(history, os.path.join(cfg.out, "curves.png"), title)
-        if history:
-            log(f"test accuracy: {final['test_acc']:.4f} ({len(history)} epochs, {final['elapsed']:.1f}s)")
+
+
+def train_epoch(cfg: Config, model: nn.Module, raw_model: nn.Module, optimizer: torch.optim.Optimizer,
+                project: Callable[[], None] | None, data: Data, epoch: int, step: int, rank: int, world: int,
+                autocast: torch.autocast) -> tuple[int, dict]:
+    """One pass over the shuffled training set, one guarded step per batch (a non-finite step
+    is skipped and logged); returns the new step count and the epoch's training statistics."""
+    n_train, local_batch = data.train_x.shape[0], cfg.batch_size // world
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    perm = torch.randperm(n_train, generator=generator).to(data.train_x.device)
+    offsets = torch.randint(0, 2 * cfg.augment + 1, (n_train, 2), generator=generator).to(data.train_x.device)
+    sums = torch.zeros(3, device=data.train_x.device, dtype=torch.float64)  # loss·n, correct, n
+    f_iters, f_resid, b_iters, b_resid, skipped = [], [], [], [], []
+    steps = n_train // cfg.batch_size  # the last partial batch is dropped
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (rank == 0 and cfg.progress),
+               leave=False, dynamic_ncols=True)
+    with warnings.catch_warnings(record=True) as caught:  # solver warnings: one line per epoch
+        warnings.simplefilter("always")
+        for i in bar:
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+            # this process's share of the global batch: the same images whatever the world size
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size][rank * local_batch : (rank + 1) * local_batch]
+            xb, yb = data.train_x[idx], data.train_y[idx]
+            if cfg.augment:
+                xb = shift_images(xb, offsets[idx], cfg.augment)
+            xb = (xb - data.mean) / data.std
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(cfg, step, data)
+
+            def forward(xb=xb, yb=yb):
+                with autocast:
+                    logits = model(xb).float()
+                # sum over the local share / global batch · world: DDP's mean gives the global mean
+                loss = F.cross_entropy(logits, yb, reduction="sum", label_smoothing=cfg.label_smoothing)
+                return loss * (world / cfg.batch_size), logits
+
+            outcome = guarded_step(list(raw_model.parameters()), optimizer, forward, after_step=project)
+            step += 1
+            if outcome.skipped:
+                skipped.append(step - 1)
+                warnings.warn(f"step {step - 1}: skipped ({outcome.skipped[:300]})", RuntimeWarning, stacklevel=1)
+                continue
+            with torch.no_grad():
+                sums += torch.stack([outcome.loss.detach().double() * cfg.batch_size / world,
+                                     (outcome.output.argmax(1) == yb).sum().double(),
+                                     torch.tensor(float(yb.shape[0]), device=sums.device, dtype=torch.float64)])
+            stats = getattr(raw_model, "stats", None)
+            if stats is not None:
+                f_iters.append(stats.iterations)
+                f_resid.append(stats.residual)
+                if stats.backward_iterations is not None:
+                    b_iters.append(stats.backward_iterations)
+                    b_resid.append(stats.backward_residual)
+            if rank == 0 and cfg.progress and i % 10 == 0:
+                bar.set_postfix(loss=f"{float(outcome.loss.detach()) * cfg.batch_size / world / yb.shape[0]:.4f}")
+    bar.close()
+    n_convergence = report_warnings(caught, f"epoch {epoch + 1}")
     if world > 1:
-        dist.barrier()
-    return summary
+        dist.all_reduce(sums)
+    n_seen = max(1.0, float(sums[2]))
+    return step, dict(
+        train_loss=float(sums[0]) / n_seen, train_acc=float(sums[1]) / n_seen,
+        forward_iterations=_mean(f_iters), forward_residual=_mean(f_resid),
+        forward_residual_max=max(f_resid, default=None),
+        backward_iterations=_mean(b_iters), backward_residual=_mean(b_resid),
+        skipped_steps=skipped, convergence_warnings=n_convergence,
+    )
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, rank: int, world: int,
+             autocast: torch.autocast, where: str) -> dict:
+    """Test accuracy, loss and forward-solver statistics; the test set is split over processes
+    and the sums are all-reduced; solver warnings are folded into one line naming ``where``."""
+    model.eval()
+    correct = torch.zeros((), device=x.device, dtype=torch.float64)
+    loss_sum = torch.zeros((), device=x.device, dtype=torch.float64)
+    iters, resid = [], []
+    with torch.no_grad(), autocast, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for start in range(rank * cfg.eval_batch_size, x.shape[0], world * cfg.eval_batch_size):
+            xb, yb = x[start : start + cfg.eval_batch_size], y[start : start + cfg.eval_batch_size]
+            logits = model(xb).float()
+            correct += (logits.argmax(1) == yb).sum()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").double()
+            if hasattr(model, "stats"):
+                iters.append(model.stats.iterations)
+                resid.append(model.stats.residual)
+    report_warnings(caught, where)
+    if world > 1:
+        for t in (correct, loss_sum):
+            dist.all_reduce(t)
+    model.train()
+    return dict(test_acc=float(correct) / x.shape[0], test_loss=float(loss_sum) / x.shape[0],
+                test_forward_iterations=_mean(iters), test_forward_residual=max(resid, default=None))
 
 
 def report_warnings(caught: list[warnings.WarningMessage], where: str) -> int:

@@ -54,7 +54,7 @@ from implicitnets import diagnostics as diag
 from implicitnets import linear
 from models import FCEquilibrium, MonotoneEquilibrium
 from train.atomic import write_atomic
-from train.cli import make_backward
+from train.cli import OPTIMIZERS, make_backward, make_optimizer
 from train.config import config_parser, parse_config
 from train.data import load
 from train.stability_report import MODES, fmt, label, plot, summarize
@@ -68,16 +68,16 @@ SETTINGS = ("0.5", "0.9", "0.99", "projection", "none", "none@1.5", "monotone")
 
 @dataclass
 class Config:
-    out: str = "runs/stability"
-    modes: str = ",".join(MODES)
-    settings: str = ",".join(SETTINGS)
-    seeds: str = "0,1,2"
-    epochs: int = 3
-    batch_size: int = 100
+    out: str = "runs/stability"  # folder for runs/*.json, results.json, the table and the figures
+    modes: str = ",".join(MODES)  # backward modes, comma-separated
+    settings: str = ",".join(SETTINGS)  # contraction settings: γ, projection, none or none@s, comma-separated
+    seeds: str = "0,1,2"  # comma-separated
+    epochs: int = 3  # passes over the training set per run
+    batch_size: int = 100  # training digits per optimiser step
     optimizer: str = "adam"  # adam | sgd
-    lr: float = 1e-3
+    lr: float = 1e-3  # constant learning rate
     momentum: float = 0.9  # sgd only
-    width: int = 200
+    width: int = 200  # size of the equilibrium state w
     t: int = 20  # forward fixed-point iterations (tol = 0: exactly t)
     k: int = 20  # backward iterations of the AID linear solver (tol = 0: exactly k)
     projection: float = 0.99  # the bound of the "projection" setting
@@ -85,11 +85,11 @@ class Config:
     diag_batch: int = 32  # training digits used for the diagnostics
     train_limit: int = 0  # use the first N (shuffled) training digits only (0: all 5,000)
     test_limit: int = 0  # evaluate on the first N test digits only (0: all 10,000)
-    threads: int = 1  # CPU threads for tensor maths (torch.set_num_threads); the runs are small, one is enough
+    threads: int = 1  # CPU cores to compute on (the runs are small: more than one rarely helps)
     figures: str = ""  # also write the PNGs and table.md into this folder (e.g. docs/figures)
     resume: bool = True  # reuse finished runs found under --out/runs
-    quick: bool = False
-    progress: bool = True
+    quick: bool = False  # a reduced grid: 0.9 and none, seed 0, 2 epochs
+    progress: bool = True  # one line per epoch of every run
 
 
 QUICK = dict(settings="0.9,none", seeds="0", epochs=2, diag_every=50)
@@ -99,8 +99,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     prog = "python -m train.stability"
     cfg = parse_config(Config, argv, prog=prog, description=__doc__, presets={"quick": QUICK}, preset_field="quick")
     error = config_parser(Config, prog, __doc__).error
-    if cfg.optimizer not in ("adam", "sgd"):
-        error(f"--optimizer must be adam or sgd, got {cfg.optimizer!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        error(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     for mode in _split(cfg.modes):
         if mode not in MODES:
             error(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -206,10 +206,7 @@ def run_one(cfg: Config, data: dict, mode: str, setting: str, seed: int) -> dict
     torch.manual_seed(seed)
     model = make_model(cfg, mode, setting)
     params = list(model.parameters())
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    else:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.lr, momentum=cfg.momentum)
     project = (lambda: model.project_(cfg.projection)) if setting == "projection" else None
     if project:
         project()
@@ -267,10 +264,9 @@ def run_one(cfg: Config, data: dict, mode: str, setting: str, seed: int) -> dict
 # main: every (setting, mode, seed), resumable, then the table and the figures
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(argv)
-    torch.set_num_threads(cfg.threads)
-    modes, settings, seeds = _split(cfg.modes), _split(cfg.settings), [int(s) for s in _split(cfg.seeds)]
+def load_data(cfg: Config) -> dict[str, torch.Tensor]:
+    """The embedded MNIST-5k digits, normalised, training set in a fixed shuffled order:
+    ``xtr, ytr`` (training), ``xte, yte`` (test), ``xd, yd`` (the diagnostics batch)."""
     raw = load("mnist-5k")
     mean, std = raw.train.images.mean(), raw.train.images.std()
     order = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(12345))
@@ -280,7 +276,14 @@ def main(argv: list[str] | None = None) -> dict:
     xte, yte = (raw.test.images - mean) / std, raw.test.labels
     if cfg.test_limit:
         xte, yte = xte[: cfg.test_limit], yte[: cfg.test_limit]
-    data = dict(xtr=xtr, ytr=ytr, xte=xte, yte=yte, xd=xtr[: cfg.diag_batch], yd=ytr[: cfg.diag_batch])
+    return dict(xtr=xtr, ytr=ytr, xte=xte, yte=yte, xd=xtr[: cfg.diag_batch], yd=ytr[: cfg.diag_batch])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_args(argv)
+    torch.set_num_threads(cfg.threads)
+    modes, settings, seeds = _split(cfg.modes), _split(cfg.settings), [int(s) for s in _split(cfg.seeds)]
+    data = load_data(cfg)
     tag = lambda m, s, seed: f"{m}__{s}__seed{seed}".replace(".", "p")
     settings_key = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
                         momentum=cfg.momentum, width=cfg.width, t=cfg.t, k=cfg.k,
@@ -307,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"[{len(records)}/{total}] {m} / {label(s)} / seed {seed}: test {100 * rec['test_acc']:.2f}% "
                       f"skipped {len(rec['skipped'])}/{rec['steps']} hypergrad err "
                       f"{fmt(rec['checkpoints'][-1]['hypergrad_error'])} ({rec['seconds']:.0f}s)", flush=True)
-    table, cells = summarize(records, modes, settings, int(xte.shape[0]))
+    table, cells = summarize(records, modes, settings, int(data["xte"].shape[0]))
     header = (f"# Stability study\n\n`python -m train.stability {' '.join(argv if argv is not None else sys.argv[1:])}`"
               f" — {cfg.epochs} epochs of {cfg.optimizer} (lr {cfg.lr}, batch {cfg.batch_size}) on MNIST-5k, "
               f"width {cfg.width}, "
