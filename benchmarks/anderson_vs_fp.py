@@ -73,7 +73,7 @@ def measure(g, z0, args, device):
     """Statistics of FP, Anderson and Broyden to TOL and their times relative to FP's (interleaved)."""
     solvers = {"fp": make_solver("fp", args.max_iter, TOL),
                "anderson": make_solver("anderson", args.max_iter, TOL, memory=args.memory),
-               "broyden": inn.Broyden(max_iter=args.max_iter, tol=TOL, memory=args.broyden_memory)}
+               "broyden": make_solver("broyden", args.max_iter, TOL, memory=args.broyden_memory)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", inn.ConvergenceWarning)
         stats = {name: s.solve(g, z0)[1] for name, s in solvers.items()}

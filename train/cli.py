@@ -28,20 +28,22 @@ __all__ = [
     "OPTIMIZERS", "run", "make_solver", "make_linear_solver", "make_backward", "make_hypergradient", "make_optimizer",
 ]
 
-SOLVERS = ("fp", "anderson", "pr", "fb")
+SOLVERS = ("fp", "anderson", "broyden", "pr", "fb")
 LINEAR_SOLVERS = ("fp", "cg", "normalcg", "gmres", "exact")
 BACKWARDS = ("itd", "itd:K", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb")
 HYPERGRADIENTS = ("itd", "itd:K", "forward-itd", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "aid-exact", "jfb")
 
 def make_solver(name: str, max_iter: int, tol: float, *, memory: int = 5, alpha: float = 1.0) -> inn.ForwardSolver:
-    """``fp``: fixed-point iteration ``w ← Φ(w)``; ``anderson``: Anderson acceleration with
-    ``memory`` past iterates; ``pr`` / ``fb``: Peaceman–Rachford / forward–backward splitting
-    with step ``alpha`` (monotone maps only).  All stop after ``max_iter`` steps or at
-    relative residual ``tol``."""
+    """``fp``: fixed-point iteration ``w ← Φ(w)``; ``anderson`` / ``broyden``: Anderson
+    acceleration / limited-memory Broyden with ``memory`` past iterates; ``pr`` / ``fb``:
+    Peaceman–Rachford / forward–backward splitting with step ``alpha`` (monotone maps only).
+    All stop after ``max_iter`` steps or at relative residual ``tol``."""
     if name == "fp":
         return inn.FixedPointIteration(max_iter=max_iter, tol=tol)
     if name == "anderson":
         return inn.Anderson(max_iter=max_iter, tol=tol, memory=memory)
+    if name == "broyden":
+        return inn.Broyden(max_iter=max_iter, tol=tol, memory=memory)
     if name == "pr":
         return inn.PeacemanRachford(max_iter=max_iter, tol=tol, alpha=alpha)
     if name == "fb":

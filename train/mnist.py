@@ -83,7 +83,7 @@ class Config:
     k: int = 20  # backward linear-solver iterations (AID)
     tol: float = 1e-4  # forward stopping tolerance on the relative residual; 0 runs exactly t
     backward_tol: float = 0.0  # AID tolerance; 0 runs exactly k iterations
-    solver: str = "fp"  # fp | anderson | pr | fb (pr, fb: monotone models only)
+    solver: str = "fp"  # fp | anderson | broyden | pr | fb (pr, fb: monotone models only)
     alpha: float = 1.0  # step size of the splitting solvers pr / fb
     m: float = 0.1  # monotonicity margin of mon / monconv: I − W ⪰ m I
     contraction: str = "spectral"  # spectral | projection | none
@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 
 CHOICES = dict(
-    model=("fc", "conv", "mlp", "cnn", "mon", "monconv"), solver=("fp", "anderson", "pr", "fb"),
+    model=("fc", "conv", "mlp", "cnn", "mon", "monconv"), solver=("fp", "anderson", "broyden", "pr", "fb"),
     contraction=("spectral", "projection", "none"),
     optimizer=("adam", "sgd"), schedule=("cosine", "constant"), device=("auto", "cpu", "cuda"),
     dtype=("float32", "float64"), data=("mnist-5k", "mnist", "fashion-mnist"), activation=("relu", "tanh"),
