@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..operator import LinearOperator
 from ..parametrizations.conv import conv_operator_norm, conv_spectral_norm
+from .slope_jacobian import SlopeJacobian
 
 __all__ = ["ConvCell"]
 
@@ -67,7 +67,7 @@ class ConvCell(nn.Module):
         """``z₀ = 0`` of shape (batch, C, H, W)."""
         return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
 
-    def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> LinearOperator:
+    def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> SlopeJacobian:
         """``J = ∂₁Φ(w)`` in closed form from ``out = Φ(w, u)``: with ``D = act'`` at ``w``
         (ReLU: ``out > 0``; tanh: ``1 − out²``), ``J y = D ⊙ (A ⋆ y)`` and
         ``Jᵀ v = Aᵀ ⋆ (D ⊙ v)`` (a transposed convolution).  The effective weight is
@@ -86,21 +86,13 @@ class ConvCell(nn.Module):
                 f"activation={self.activation}")
 
 
-class _ConvJacobian(LinearOperator):
+class _ConvJacobian(SlopeJacobian):
     """``J y = D ⊙ (A ⋆ y)``, ``Jᵀ v = Aᵀ ⋆ (D ⊙ v)`` for a stride-1, same-size convolution;
     products run in the argument's dtype."""
 
     def __init__(self, weight: Tensor, slope: Tensor, padding: int) -> None:
-        self.weight, self.slope, self.padding = weight, slope, padding
-
-    @property
-    def like(self) -> Tensor:
-        return self.slope
-
-    def _cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if dtype == self.slope.dtype == self.weight.dtype:
-            return self.weight, self.slope
-        return self.weight.to(dtype), self.slope.to(dtype)
+        super().__init__(weight, slope)
+        self.padding = padding
 
     def mv(self, x: Tensor) -> Tensor:
         weight, slope = self._cast(x.dtype)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..operator import LinearOperator
 from ..parametrizations.spectral import spectral_norm
+from .slope_jacobian import SlopeJacobian
 
 __all__ = ["TanhMap"]
 
@@ -66,7 +66,7 @@ class TanhMap(nn.Module):
         """``w₀ = 0`` of shape (batch, width)."""
         return x.new_zeros(x.shape[0], self.width)
 
-    def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> LinearOperator:
+    def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> SlopeJacobian:
         """``J = ∂₁Φ(w)`` in closed form from ``out = Φ(w, u)``: with ``D = 1 − out²``,
         ``J y = D ⊙ (y Aᵀ)`` and ``Jᵀ v = (D ⊙ v) A`` (rows are samples).  The effective
         weight is captured, detached, when this is called (inside the solve's
@@ -84,24 +84,12 @@ class TanhMap(nn.Module):
         return f"in_features={self.in_features}, width={self.width}, contraction={self.contraction}"
 
 
-class _TanhJacobian(LinearOperator):
+class _TanhJacobian(SlopeJacobian):
     """``J y = D ⊙ (y Aᵀ)``, ``Jᵀ v = (D ⊙ v) A``; products run in the argument's dtype.
 
     ``c + α Jᵀ v`` is one ``addmm`` (the Neumann step ``v ← Jᵀ v + g`` and the GMRES
     product ``(I − Jᵀ) q``), ``c + α J y`` one ``addcmul``.
     """
-
-    def __init__(self, weight: Tensor, slope: Tensor) -> None:
-        self.weight, self.slope = weight, slope
-
-    @property
-    def like(self) -> Tensor:
-        return self.slope
-
-    def _cast(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        if dtype == self.slope.dtype == self.weight.dtype:
-            return self.weight, self.slope
-        return self.weight.to(dtype), self.slope.to(dtype)
 
     def mv(self, x: Tensor) -> Tensor:
         weight, slope = self._cast(x.dtype)
