@@ -152,7 +152,9 @@ def test_a_plain_callable_is_evaluated_on_the_whole_batch_and_gives_the_same_ans
     solver = inn.Anderson(max_iter=300, tol=TOL, freeze_converged=True)
     z_b, s_b = solver.solve(bound_rows.bound(), torch.zeros(4, N))
     z_p, s_p = solver.solve(lambda z: plain_rows.step(z, plain_rows.u), torch.zeros(4, N))
-    torch.testing.assert_close(z_p, z_b, rtol=0, atol=0)
+    # the same iterates up to rounding: a matmul over 4 rows and one over the active rows may
+    # round differently in the last bit
+    torch.testing.assert_close(z_p, z_b, rtol=1e-13, atol=1e-15)
     assert s_p.sample_iterations.tolist() == s_b.sample_iterations.tolist()
     assert plain_rows.rows == 4 * s_p.iterations and bound_rows.rows < plain_rows.rows
 

@@ -20,8 +20,6 @@ For each L the script reports test accuracy of both models; chance is ``1 / clas
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import time
@@ -33,7 +31,7 @@ from torch import Tensor, nn
 
 import implicitnets as inn
 from implicitnets.maps import GraphMap, normalized_adjacency
-from train.atomic import write_atomic
+from train.atomic import pyplot, write_atomic, write_csv, write_png
 from train.config import parse_config
 
 
@@ -166,12 +164,7 @@ def train_one(model: nn.Module, data: dict[str, Tensor], cfg: Config) -> dict[st
 
 
 def plot(rows: list[dict], cfg: Config, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
     for model, style in (("implicit", "o-"), ("gcn", "s--")):
         pts = [(r["length"], 100 * r["test_acc"]) for r in rows if r["model"] == model]
         label = f"implicit (GraphMap, κ = {cfg.kappa})" if model == "implicit" else f"GCN, {cfg.depth} layers"
@@ -183,10 +176,7 @@ def plot(rows: list[dict], cfg: Config, path: str) -> None:
     ax.legend(loc="lower left", fontsize=8)
     ax.set_title(f"chains: {cfg.classes} classes, {cfg.chains_per_class} chains per class")
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, png.getvalue())
+    write_png(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -215,11 +205,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.makedirs(cfg.out, exist_ok=True)
     keys = ["length", "model", "parameters", "test_acc", "far_acc", "train_loss", "seconds", "well_posedness",
             "forward_iterations"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(os.path.join(cfg.out, "chains.csv"), buf.getvalue().encode())
+    write_csv(os.path.join(cfg.out, "chains.csv"), [{k: r.get(k, "") for k in keys} for r in rows])
     summary = json.dumps({"config": asdict(cfg), "rows": rows}, indent=1)
     write_atomic(os.path.join(cfg.out, "summary.json"), summary.encode())
     plot(rows, cfg, os.path.join(cfg.out, "chains.png"))

@@ -31,11 +31,11 @@ read with ``download=False``.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -45,7 +45,7 @@ from torch import Tensor
 
 import implicitnets as inn
 from implicitnets import hypergrad as hg
-from train.atomic import write_atomic
+from train.atomic import pyplot, write_atomic, write_csv, write_png
 from train.cli import make_linear_solver
 from train.config import parse_config
 from train.data import DataError, load
@@ -65,7 +65,7 @@ class Config:
     train_classes: str = "0,2,4,6,8"  # the other classes are held out for meta-testing
     channels: int = 16
     inner_steps: int = 10  # T gradient steps from w₀ = θ (training and testing)
-    inner_lr: float = 0.02  # α: α (λ_max(∇²L_task) + λ) < 2 keeps Φ a contraction
+    inner_lr: float = 0.02  # α; Φ is a contraction only where α (λ_max(∇²L_task) + λ) < 2, not on every task
     lam: float = 10.0  # λ: large enough that ∇²L_task + λI stays positive definite at w_T
     linear_steps: int = 5  # k, CG or fixed-point iterations of the adjoint system
     truncate: int = 5  # K, ITD's differentiated inner steps
@@ -137,24 +137,30 @@ def adapt(phi: inn.maps.GradientStep, theta: Tensor, steps: int) -> Tensor:
 
 
 def meta_gradient(method: Method, phi: inn.maps.GradientStep, query_loss: Callable[[Tensor], Tensor], theta: Tensor,
-                  steps: int) -> tuple[Tensor, Tensor]:
-    """``(∇θ, w_T)`` for one task.  Every call into :mod:`implicitnets.hypergrad` is here: the
-    implicit methods are AID at ``w_T`` (T inner steps from ``θ``), ITD differentiates the
-    last K of those steps; first-order MAML takes the query gradient at ``w_T``."""
+                  steps: int) -> tuple[Tensor, Tensor, bool]:
+    """``(∇θ, w_T, adjoint_failed)`` for one task.  Every call into :mod:`implicitnets.hypergrad`
+    is here: the implicit methods are AID at ``w_T`` (T inner steps from ``θ``), ITD
+    differentiates the last K of those steps; first-order MAML takes the query gradient at
+    ``w_T``.  ``adjoint_failed``: AID's linear solve ended with a residual above ‖∇E‖ (the
+    Neumann series diverges where ``∂₁Φ`` has an eigenvalue outside (−1, 1), i.e. where
+    ``α (λ_max(∇²L_task) + λ) > 2`` or ``∇²L_task`` has an eigenvalue below ``−λ``); the
+    gradient is used as it is, and the script counts these solves."""
     if method.name == "fomaml":
         w = adapt(phi, theta, steps)
         with torch.enable_grad():
             wl = w.detach().requires_grad_()
             (g,) = torch.autograd.grad(query_loss(wl), wl)
-        return g, w
+        return g, w, False
     inner_steps = inn.FixedPointIteration(max_iter=steps, tol=0.0)
     if method.name == "itd":
         backward: inn.BackwardMode = inn.ITD(truncate=method.truncate)
     else:
         backward = inn.AID(make_linear_solver(method.name.removeprefix("imaml-"), method.linear_steps))
     problem = hg.Bilevel(phi, lambda w, hp: query_loss(w))
-    result = hg.Backprop(inner_steps, backward).hypergradient(problem, (theta,), theta)
-    return result.grads[0], result.w
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", inn.ConvergenceWarning)  # counted by the caller
+        result = hg.Backprop(inner_steps, backward).hypergradient(problem, (theta,), theta)
+    return result.grads[0], result.w, result.stats is not None and result.stats.backward_converged is False
 
 
 # --- tasks -----------------------------------------------------------------------------------
@@ -200,14 +206,15 @@ def meta_train(method: Method, theta0: Tensor, pool: list[Tensor], cfg: Config, 
     theta = theta0.clone().requires_grad_()
     opt = torch.optim.Adam([theta], lr=cfg.meta_lr)
     g = torch.Generator().manual_seed(cfg.seed + shots)  # the same task sequence for every method
-    losses, seconds = [], []
+    losses, seconds, failed = [], [], 0
     for _ in range(cfg.meta_steps):
         start = time.perf_counter()
         grad = torch.zeros_like(theta)
         loss = 0.0
         for _ in range(cfg.meta_batch):
             phi, query_loss, _, _ = task_problem(sample_task(pool, cfg, shots, g), cfg, shapes)
-            gt, w = meta_gradient(method, phi, query_loss, theta.detach(), cfg.inner_steps)
+            gt, w, adjoint_failed = meta_gradient(method, phi, query_loss, theta.detach(), cfg.inner_steps)
+            failed += adjoint_failed
             grad += gt / cfg.meta_batch
             with torch.no_grad():
                 loss += float(query_loss(w)) / cfg.meta_batch
@@ -216,7 +223,8 @@ def meta_train(method: Method, theta0: Tensor, pool: list[Tensor], cfg: Config, 
         opt.step()
         seconds.append(time.perf_counter() - start)
         losses.append(loss)
-    return {"theta": theta.detach(), "losses": losses, "seconds": seconds}
+    return {"theta": theta.detach(), "losses": losses, "seconds": seconds, "adjoint_failed": failed,
+            "tasks": cfg.meta_steps * cfg.meta_batch}
 
 
 def load_pools(cfg: Config) -> tuple[list[Tensor], list[Tensor]]:
@@ -240,22 +248,35 @@ def load_pools(cfg: Config) -> tuple[list[Tensor], list[Tensor]]:
 def write_results(cfg: Config, results: list[dict]) -> None:
     os.makedirs(cfg.out, exist_ok=True)
     lines = ["| shots | method | meta-test accuracy (%) | ± 95% | time per meta-step (ms) "
-             "| final meta-train query loss |",
-             "|---:|---|---:|---:|---:|---:|"]
+             "| final meta-train query loss | adjoint solves diverged |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     for r in results:
+        diverged = f"{r['adjoint_failed']}/{r['tasks']}" if r["method"].startswith("imaml") else "–"
         lines.append(f"| {r['shots']} | {r['method']} | {100 * r['acc']:.2f} | {100 * r['ci95']:.2f} | "
-                     f"{r['ms_per_step']:.1f} | {r['final_loss']:.3f} |")
+                     f"{r['ms_per_step']:.1f} | {r['final_loss']:.3f} | {diverged} |")
     write_atomic(os.path.join(cfg.out, "imaml_table.md"), ("\n".join(lines) + "\n").encode())
-    csv = io.StringIO()
-    csv.write("shots,method,acc,ci95,ms_per_step,final_loss\n")
-    for r in results:
-        csv.write(f"{r['shots']},{r['method']},{r['acc']:.6f},{r['ci95']:.6f},{r['ms_per_step']:.3f},{r['final_loss']:.6f}\n")
-    write_atomic(os.path.join(cfg.out, "imaml.csv"), csv.getvalue().encode())
+    columns = ("shots", "method", "acc", "ci95", "ms_per_step", "final_loss", "adjoint_failed", "tasks")
+    write_csv(os.path.join(cfg.out, "imaml.csv"), [{k: r[k] for k in columns} for r in results])
     slim = [{k: v for k, v in r.items() if k != "losses"} for r in results]
     summary = json.dumps({"config": asdict(cfg), "results": slim}, indent=1)
     write_atomic(os.path.join(cfg.out, "summary.json"), summary.encode())
     curves = {f"{r['shots']}-shot {r['method']}": r["losses"] for r in results if r["losses"]}
     write_atomic(os.path.join(cfg.out, "losses.json"), json.dumps(curves).encode())
+    plot_curves(curves, os.path.join(cfg.out, "imaml.png"))
+
+
+def plot_curves(curves: dict[str, list[float]], path: str, window: int = 20) -> None:
+    """Meta-training query loss against meta-step, a moving average over ``window`` steps."""
+    fig, ax = pyplot().subplots(figsize=(5.5, 3.6))
+    for label, losses in curves.items():
+        w = min(window, len(losses))
+        smooth = torch.tensor(losses).unfold(0, w, 1).mean(1)
+        ax.plot(range(w, len(losses) + 1), smooth.tolist(), label=label)
+    ax.set_xlabel("meta-step")
+    ax.set_ylabel(f"query loss after adaptation ({window}-step mean)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_png(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -272,7 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for shots in (int(s) for s in cfg.shots.split(",")):
         acc, ci = evaluate(theta0, test_pool, cfg, shots, shapes)
         results.append({"shots": shots, "method": "no meta-training", "acc": acc, "ci95": ci, "ms_per_step": 0.0,
-                        "final_loss": math.nan, "meta_steps": 0, "losses": []})
+                        "final_loss": math.nan, "meta_steps": 0, "losses": [], "adjoint_failed": 0, "tasks": 0})
         print(f"{shots}-shot  no meta-training  acc {100 * acc:.2f} ± {100 * ci:.2f}%", flush=True)
         for name in methods:
             run = meta_train(Method(name, cfg.linear_steps, cfg.truncate), theta0, train_pool, cfg, shots, shapes)
@@ -281,9 +302,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             final = sum(run["losses"][-20:]) / len(run["losses"][-20:])
             results.append({"shots": shots, "method": name, "acc": acc, "ci95": ci, "ms_per_step": ms,
                             "final_loss": final, "meta_steps": len(run["losses"]), "losses": run["losses"],
-                            "finite": all(math.isfinite(v) for v in run["losses"])})
+                            "finite": all(math.isfinite(v) for v in run["losses"]),
+                            "adjoint_failed": run["adjoint_failed"], "tasks": run["tasks"]})
+            diverged = f"  adjoint diverged on {run['adjoint_failed']}/{run['tasks']} tasks" * name.startswith("imaml")
             print(f"{shots}-shot  {name:16s}  acc {100 * acc:.2f} ± {100 * ci:.2f}%  {ms:.1f} ms/meta-step  "
-                  f"query loss {final:.3f}", flush=True)
+                  f"query loss {final:.3f}{diverged}", flush=True)
         write_results(cfg, results)
     return results
 
