@@ -83,6 +83,16 @@ def test_a_diverging_neumann_adjoint_is_counted_and_cg_on_the_same_task_is_not()
     assert fp_failed and not cg_failed
 
 
+def test_itd_on_failure_replaces_a_diverged_adjoint_by_backpropagation_through_the_inner_steps():
+    phi, query, theta, _, _ = quadratic_task(step=2.5)
+    T = 10
+    fallback, _, failed = imaml.meta_gradient(imaml.Method("imaml-fp", 20, 0, "itd"), phi, query, theta, T)
+    itd, _, _ = imaml.meta_gradient(imaml.Method("itd", 0, T), phi, query, theta, T)
+    diverged, _, _ = imaml.meta_gradient(imaml.Method("imaml-fp", 20, 0), phi, query, theta, T)
+    assert failed and rel(fallback, itd) < 1e-12
+    assert rel(diverged, itd) > 1.0  # what the fallback replaced
+
+
 def test_first_order_maml_is_the_query_gradient_at_the_adapted_weights():
     phi, query, theta, w_star, _ = quadratic_task()
     g, _, _ = imaml.meta_gradient(imaml.Method("fomaml", 0, 0), phi, query, theta, STEPS)

@@ -142,6 +142,7 @@ def test_preset_projection_keeps_the_bound(tmp_path):
         (["--data", "cifar"], "--data must be one of"),
         (["--solver", "pr"], "only for --model mon or monconv"),
         (["--model", "mon", "--alpha", "0"], "--alpha and --m must be > 0"),
+        (["--on-failure", "retry"], "unknown --on-failure"),
     ],
 )
 def test_bad_options_raise(tmp_path, args, message):

@@ -25,12 +25,14 @@ from implicitnets import linear
 
 __all__ = [
     "SOLVERS", "LINEAR_SOLVERS", "BACKWARDS", "HYPERGRADIENTS",
-    "OPTIMIZERS", "run", "make_solver", "make_linear_solver", "make_backward", "make_hypergradient", "make_optimizer",
+    "OPTIMIZERS", "FAILURE_POLICIES", "run", "make_solver", "make_linear_solver", "make_backward", "make_hypergradient",
+    "make_optimizer", "make_failure_policy",
 ]
 
 SOLVERS = ("fp", "anderson", "broyden", "pr", "fb")
 LINEAR_SOLVERS = ("fp", "cg", "normalcg", "gmres", "exact")
 BACKWARDS = ("itd", "itd:K", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb")
+FAILURE_POLICIES = ("warn", "raise", "itd", "jfb")
 HYPERGRADIENTS = ("itd", "itd:K", "forward-itd", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "aid-exact", "jfb")
 
 def make_solver(name: str, max_iter: int, tol: float, *, memory: int = 5, alpha: float = 1.0) -> inn.ForwardSolver:
@@ -69,10 +71,27 @@ def make_linear_solver(name: str, max_iter: int, tol: float = 0.0) -> linear.Lin
     raise ValueError(f"unknown linear solver {name!r}; choose one of {', '.join(LINEAR_SOLVERS)}")
 
 
-def make_backward(spec: str, k: int, tol: float = 0.0, *, warm_start: bool = False) -> inn.BackwardMode:
+def make_failure_policy(name: str) -> inn.FailurePolicy:
+    """What a failed adjoint solve does: ``warn`` (keep the approximate solution), ``raise``
+    (``ConvergenceError``), ``itd`` (recompute the forward solve with autograd and use its ITD
+    gradient), ``jfb`` (use the Jacobian-free gradient ``v = ∇E``)."""
+    if name == "warn":
+        return inn.Warn()
+    if name == "raise":
+        return inn.Raise()
+    if name == "itd":
+        return inn.FallbackITD()
+    if name == "jfb":
+        return inn.FallbackJacobianFree()
+    raise ValueError(f"unknown --on-failure {name!r}; choose one of {', '.join(FAILURE_POLICIES)}")
+
+
+def make_backward(spec: str, k: int, tol: float = 0.0, *, warm_start: bool = False,
+                  on_failure: str = "warn") -> inn.BackwardMode:
     """``itd`` (reverse mode through every forward step), ``itd:K`` (the last K steps),
     ``aid-<linear solver>`` (k iterations of that solver, see :func:`make_linear_solver`;
-    ``warm_start``: from the previous adjoint solution), ``jfb`` (Jacobian-free: ``v = ∇E``)."""
+    ``warm_start``: from the previous adjoint solution; ``on_failure``: see
+    :func:`make_failure_policy`), ``jfb`` (Jacobian-free: ``v = ∇E``)."""
     if spec == "itd":
         return inn.ITD()
     if spec.startswith("itd:"):
@@ -83,7 +102,8 @@ def make_backward(spec: str, k: int, tol: float = 0.0, *, warm_start: bool = Fal
     if spec == "jfb":
         return inn.JacobianFree()
     if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
-        return inn.AID(make_linear_solver(spec[4:], k, tol), warm_start=warm_start)
+        return inn.AID(make_linear_solver(spec[4:], k, tol), warm_start=warm_start,
+                       on_failure=make_failure_policy(on_failure))
     raise ValueError(f"unknown --backward {spec!r}; choose one of {', '.join(BACKWARDS)}")
 
 

@@ -17,6 +17,12 @@ map is the gradient step ``Φ(w, θ) = w − α (∇L_task(w) + λ (w − θ))``
 * ``itd`` — reverse mode through the last ``truncate`` inner steps (truncated ITD; w₀ = θ
   is treated as a constant, as in :mod:`implicitnets.hypergrad`).
 
+The adjoint solve of ``imaml-cg`` / ``imaml-fp`` fails on a task where ``∂₁Φ`` has an
+eigenvalue outside (−1, 1) (FP) or ``∇²L_task + λI`` is indefinite (CG); the script counts
+these tasks, and ``--on-failure`` chooses what such a task contributes: ``warn`` (the
+diverged solution as it is), ``itd`` (backpropagation through all T inner steps instead),
+``jfb`` (the Jacobian-free gradient) — the library's failure policies.
+
 Classes are split into disjoint meta-train and meta-test pools (``train_classes`` from the
 training images, the others from the test images).  Every method meta-trains from the same
 initial θ on the same task sequence and is evaluated on the same ``test_tasks`` tasks;
@@ -46,7 +52,7 @@ from torch import Tensor
 import implicitnets as inn
 from implicitnets import hypergrad as hg
 from train.atomic import pyplot, write_atomic, write_csv, write_png
-from train.cli import make_linear_solver
+from train.cli import FAILURE_POLICIES, make_backward
 from train.config import parse_config
 from train.data import DataError, load
 
@@ -68,6 +74,7 @@ class Config:
     inner_lr: float = 0.02  # α; Φ is a contraction only where α (λ_max(∇²L_task) + λ) < 2, not on every task
     lam: float = 10.0  # λ: large enough that ∇²L_task + λI stays positive definite at w_T
     linear_steps: int = 5  # k, CG or fixed-point iterations of the adjoint system
+    on_failure: str = "warn"  # a failed adjoint solve of imaml-cg/-fp: warn (use it), itd, jfb
     truncate: int = 5  # K, ITD's differentiated inner steps
     meta_steps: int = 300
     meta_batch: int = 4
@@ -122,6 +129,7 @@ class Method:
     name: str
     linear_steps: int
     truncate: int
+    on_failure: str = "warn"  # see train.cli.make_failure_policy
 
 
 def inner_map(support_loss: Callable[[Tensor], Tensor], lam: float, inner_lr: float) -> inn.maps.GradientStep:
@@ -155,7 +163,8 @@ def meta_gradient(method: Method, phi: inn.maps.GradientStep, query_loss: Callab
     if method.name == "itd":
         backward: inn.BackwardMode = inn.ITD(truncate=method.truncate)
     else:
-        backward = inn.AID(make_linear_solver(method.name.removeprefix("imaml-"), method.linear_steps))
+        backward = make_backward("aid-" + method.name.removeprefix("imaml-"), method.linear_steps,
+                                 on_failure=method.on_failure)
     problem = hg.Bilevel(phi, lambda w, hp: query_loss(w))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", inn.ConvergenceWarning)  # counted by the caller
@@ -285,6 +294,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if cfg.on_failure not in FAILURE_POLICIES:
+        raise SystemExit(f"unknown --on-failure {cfg.on_failure!r}; choose from {', '.join(FAILURE_POLICIES)}")
     torch.set_num_threads(cfg.threads)
     train_pool, test_pool = load_pools(cfg)
     shapes = net_shapes(cfg.channels, cfg.ways)
@@ -296,16 +307,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "final_loss": math.nan, "meta_steps": 0, "losses": [], "adjoint_failed": 0, "tasks": 0})
         print(f"{shots}-shot  no meta-training  acc {100 * acc:.2f} ± {100 * ci:.2f}%", flush=True)
         for name in methods:
-            run = meta_train(Method(name, cfg.linear_steps, cfg.truncate), theta0, train_pool, cfg, shots, shapes)
+            method = Method(name, cfg.linear_steps, cfg.truncate, cfg.on_failure)
+            run = meta_train(method, theta0, train_pool, cfg, shots, shapes)
             acc, ci = evaluate(run["theta"], test_pool, cfg, shots, shapes)
             ms = 1000 * sum(run["seconds"]) / len(run["seconds"])
             final = sum(run["losses"][-20:]) / len(run["losses"][-20:])
-            results.append({"shots": shots, "method": name, "acc": acc, "ci95": ci, "ms_per_step": ms,
+            label = f"{name} (on failure: {cfg.on_failure})" if name.startswith("imaml") and cfg.on_failure != "warn" \
+                else name
+            results.append({"shots": shots, "method": label, "acc": acc, "ci95": ci, "ms_per_step": ms,
                             "final_loss": final, "meta_steps": len(run["losses"]), "losses": run["losses"],
                             "finite": all(math.isfinite(v) for v in run["losses"]),
                             "adjoint_failed": run["adjoint_failed"], "tasks": run["tasks"]})
             diverged = f"  adjoint diverged on {run['adjoint_failed']}/{run['tasks']} tasks" * name.startswith("imaml")
-            print(f"{shots}-shot  {name:16s}  acc {100 * acc:.2f} ± {100 * ci:.2f}%  {ms:.1f} ms/meta-step  "
+            print(f"{shots}-shot  {label:16s}  acc {100 * acc:.2f} ± {100 * ci:.2f}%  {ms:.1f} ms/meta-step  "
                   f"query loss {final:.3f}{diverged}", flush=True)
         write_results(cfg, results)
     return results

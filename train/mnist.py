@@ -83,6 +83,7 @@ class Config:
     k: int = 20  # backward linear-solver iterations (AID)
     tol: float = 1e-4  # forward stopping tolerance on the relative residual; 0 runs exactly t
     backward_tol: float = 0.0  # AID tolerance; 0 runs exactly k iterations
+    on_failure: str = "warn"  # a failed AID adjoint solve: warn (keep it), raise, itd (recompute by ITD), jfb
     solver: str = "fp"  # fp | anderson | broyden | pr | fb (pr, fb: monotone models only)
     alpha: float = 1.0  # step size of the splitting solvers pr / fb
     m: float = 0.1  # monotonicity margin of mon / monconv: I − W ⪰ m I
@@ -176,13 +177,13 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"--solver {cfg.solver} is an operator-splitting solver: only for --model mon or monconv")
     if not (cfg.alpha > 0 and cfg.m > 0):
         raise ValueError("--alpha and --m must be > 0")
-    make_backward(cfg.backward, cfg.k, cfg.backward_tol)  # raises on an unknown mode
+    make_backward(cfg.backward, cfg.k, cfg.backward_tol, on_failure=cfg.on_failure)  # raises on an unknown mode
 
 
 def build_model(cfg: Config) -> nn.Module:
     contraction = cfg.gamma if cfg.contraction == "spectral" else None
     solver = make_solver(cfg.solver, cfg.t, cfg.tol, alpha=cfg.alpha)
-    backward = make_backward(cfg.backward, cfg.k, cfg.backward_tol)
+    backward = make_backward(cfg.backward, cfg.k, cfg.backward_tol, on_failure=cfg.on_failure)
     if cfg.model == "mon":
         return MonotoneEquilibrium(784, cfg.width, 10, m=cfg.m, solver=solver, backward=backward)
     if cfg.model == "monconv":
