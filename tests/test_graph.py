@@ -203,3 +203,14 @@ def test_graph_map_rejects_bad_input():
         GraphMap(P, M, normalized_adjacency(random_graph(), N), kappa=1.0)
     with pytest.raises(ValueError, match="square"):
         GraphMap(P, M, torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda A: GraphMap(0, M, A), "GraphMap: in_features must be an int >= 1, got 0"),
+    (lambda A: GraphMap(P, True, A), "GraphMap: width must be an int >= 1, got True"),
+    (lambda A: inn.maps.TanhMap(3.0, 4), "TanhMap: in_features must be an int >= 1, got 3.0"),
+    (lambda A: inn.maps.TanhMap(3, -1), "TanhMap: width must be an int >= 1, got -1"),
+])
+def test_map_sizes_must_be_positive_ints(build, message):
+    with pytest.raises(ValueError, match=message):
+        build(normalized_adjacency(random_graph(), N))

@@ -29,6 +29,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 
 from ..diagnostics.perron_frobenius import perron_frobenius
 from ..parametrizations.infinity_norm import InfNormBound, inf_norm, project_inf_norm_
+from .sizes import check_sizes
 
 __all__ = ["GraphMap", "normalized_adjacency"]
 
@@ -90,9 +91,7 @@ class GraphMap(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GraphMap: {name} must be an int >= 1, got {value!r}")
+        check_sizes("GraphMap", in_features=in_features, width=width)
         if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 < kappa < 1:
             raise ValueError(f"GraphMap: kappa must be in (0, 1), got {kappa!r}")
         if not callable(activation):

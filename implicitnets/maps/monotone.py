@@ -26,13 +26,6 @@ from ..operator import LinearOperator
 __all__ = ["MonotoneMap"]
 
 
-def check_sizes(name: str, **sizes: int) -> None:
-    """``ValueError`` unless every size is an int >= 1."""
-    for key, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: {key} must be an int >= 1, got {value!r}")
-
-
 class MonotoneMap(nn.Module, abc.ABC):
     """``Φ(z, x) = prox(W z + u)``, ``u = inject(x)``, with ``I − W ⪰ m I``; subclass it.
 

@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ..operator import LinearOperator
 from ..parametrizations.monotone import check_margin
-from .monotone import MonotoneMap, ReLUJacobian, check_sizes
+from .monotone import MonotoneMap, ReLUJacobian
+from .sizes import check_sizes
 
 __all__ = ["MonotoneConv"]
 

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..operator import LinearOperator
 from ..parametrizations.monotone import check_margin, monotone_weight
-from .monotone import MonotoneMap, ReLUJacobian, check_sizes
+from .monotone import MonotoneMap, ReLUJacobian
+from .sizes import check_sizes
 
 __all__ = ["MonotoneFC"]
 

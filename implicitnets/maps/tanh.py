@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..parametrizations.spectral import spectral_norm
+from .sizes import check_sizes
 from .slope_jacobian import SlopeJacobian
 
 __all__ = ["TanhMap"]
@@ -38,9 +39,7 @@ class TanhMap(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TanhMap: {name} must be an int >= 1, got {value!r}")
+        check_sizes("TanhMap", in_features=in_features, width=width)
         self.in_features, self.width, self.contraction = in_features, width, contraction
         self.A = nn.Linear(width, width, bias=False, device=device, dtype=dtype)
         self.B = nn.Linear(in_features, width, bias=bias, device=device, dtype=dtype)
