@@ -49,6 +49,7 @@ def test_backward_names():
     (lambda: cli.make_backward("aid-bicg", 1), "unknown --backward 'aid-bicg'"),
     (lambda: cli.make_backward("itd:x", 1), "itd:K needs an integer"),
     (lambda: cli.make_failure_policy("retry"), "unknown --on-failure 'retry'"),
+    (lambda: cli.make_backward("itd", 1, on_failure="retry"), "unknown --on-failure 'retry'"),
     (lambda: cli.make_hypergradient("maml", 3), "unknown --method 'maml'"),
 ])
 def test_unknown_names_are_errors_that_list_the_choices(call, message):

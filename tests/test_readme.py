@@ -13,7 +13,7 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_examples_run(capsys):
+def test_readme_python_examples_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     assert len(blocks) >= 3
     torch.manual_seed(0)

@@ -91,7 +91,8 @@ def make_backward(spec: str, k: int, tol: float = 0.0, *, warm_start: bool = Fal
     """``itd`` (reverse mode through every forward step), ``itd:K`` (the last K steps),
     ``aid-<linear solver>`` (k iterations of that solver, see :func:`make_linear_solver`;
     ``warm_start``: from the previous adjoint solution; ``on_failure``: see
-    :func:`make_failure_policy`), ``jfb`` (Jacobian-free: ``v = ∇E``)."""
+    :func:`make_failure_policy`, checked whatever the mode), ``jfb`` (Jacobian-free: ``v = ∇E``)."""
+    policy = make_failure_policy(on_failure)
     if spec == "itd":
         return inn.ITD()
     if spec.startswith("itd:"):
@@ -102,8 +103,7 @@ def make_backward(spec: str, k: int, tol: float = 0.0, *, warm_start: bool = Fal
     if spec == "jfb":
         return inn.JacobianFree()
     if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
-        return inn.AID(make_linear_solver(spec[4:], k, tol), warm_start=warm_start,
-                       on_failure=make_failure_policy(on_failure))
+        return inn.AID(make_linear_solver(spec[4:], k, tol), warm_start=warm_start, on_failure=policy)
     raise ValueError(f"unknown --backward {spec!r}; choose one of {', '.join(BACKWARDS)}")
 
 

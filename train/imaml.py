@@ -52,7 +52,7 @@ from torch import Tensor
 import implicitnets as inn
 from implicitnets import hypergrad as hg
 from train.atomic import pyplot, write_atomic, write_csv, write_png
-from train.cli import FAILURE_POLICIES, make_backward
+from train.cli import make_backward, make_failure_policy
 from train.config import parse_config
 from train.data import DataError, load
 
@@ -152,7 +152,8 @@ def meta_gradient(method: Method, phi: inn.maps.GradientStep, query_loss: Callab
     ``w_T``.  ``adjoint_failed``: AID's linear solve ended with a residual above ‖∇E‖ (the
     Neumann series diverges where ``∂₁Φ`` has an eigenvalue outside (−1, 1), i.e. where
     ``α (λ_max(∇²L_task) + λ) > 2`` or ``∇²L_task`` has an eigenvalue below ``−λ``); the
-    gradient is used as it is, and the script counts these solves."""
+    gradient of such a task is the choice of ``method.on_failure`` (``warn``: the diverged
+    solution as it is), and the script counts these solves."""
     if method.name == "fomaml":
         w = adapt(phi, theta, steps)
         with torch.enable_grad():
@@ -294,8 +295,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    if cfg.on_failure not in FAILURE_POLICIES:
-        raise SystemExit(f"unknown --on-failure {cfg.on_failure!r}; choose from {', '.join(FAILURE_POLICIES)}")
+    try:
+        make_failure_policy(cfg.on_failure)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     torch.set_num_threads(cfg.threads)
     train_pool, test_pool = load_pools(cfg)
     shapes = net_shapes(cfg.channels, cfg.ways)

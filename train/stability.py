@@ -126,9 +126,8 @@ def make_model(cfg: Config, mode: str, setting: str) -> FCEquilibrium | Monotone
     """``setting``: a bound γ, ``projection``, ``none``, ``none@s`` (A free, initialised
     expansive as ``s·Q`` with Q a random orthogonal matrix: ‖A‖₂ = ρ(A) = s), or ``monotone``
     (the monotone operator model of the same width, Peaceman–Rachford forward)."""
-    backward = make_backward(mode, cfg.k, 0.0)
-    if isinstance(backward, inn.AID):  # a failed adjoint solve raises: the loop skips the step
-        backward = dataclasses.replace(backward, on_failure=inn.Raise())
+    # a failed adjoint solve raises: the training loop skips the step and counts it
+    backward = make_backward(mode, cfg.k, 0.0, on_failure="raise")
     if setting == "monotone":
         solver = inn.PeacemanRachford(max_iter=cfg.t, tol=0.0, check_every=1)
         return MonotoneEquilibrium(784, cfg.width, 10, m=MONOTONE_MARGIN, solver=solver, backward=backward)
