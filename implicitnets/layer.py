@@ -14,9 +14,11 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .backward import AID, BackwardMode, Problem
+from .backward.functional_step import map_tensors
 from .errors import NonFiniteError
 from .solvers import ForwardSolver, SolverStats
 from .state import State, parts
+from .transforms import physical
 
 __all__ = ["fixed_point", "FixedPointLayer"]
 
@@ -84,8 +86,8 @@ class _FiniteInputs:
     """
 
     def __init__(self, named: list[tuple[str, Tensor]]) -> None:
-        self.named = named
-        self.sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for _, t in named]
+        self.named = [(name, physical(t)) for name, t in named]  # inside vmap: every mapped problem
+        self.sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for _, t in self.named]
 
     def check(self) -> None:
         """Raise :class:`NonFiniteError` naming the first input that holds NaN or Inf."""
@@ -164,11 +166,11 @@ def _solve(
             u = inject(x)
         else:
             u, step = x, f
-        params = tuple(p for p in module.parameters() if p.requires_grad) if module is not None else ()
+        names, params = map_tensors(module)
         needs_grad = torch.is_grad_enabled() and (
-            module is None or any(t.requires_grad for t in (*parts(x), *parts(u))) or bool(params)
+            module is None or any(t.requires_grad for t in (*parts(x), *parts(u), *params))
         )
-        problem = Problem(step, u, _initial_state(f, x, z0), solver, params, needs_grad, module, adjoint_x0)
+        problem = Problem(step, u, _initial_state(f, x, z0), solver, params, needs_grad, module, adjoint_x0, names)
         return backward.run(problem)
 
 

@@ -99,13 +99,6 @@ def test_torch_func_grad_and_vjp(backward):
     torch.testing.assert_close(gp["cell.A.weight"], cell.A.weight.grad, rtol=1e-6, atol=1e-7)
 
 
-def test_torch_func_refuses_aid_clearly():
-    layer = inn.FixedPointLayer(inn.maps.TanhMap(6, 5), solver=inn.FixedPointIteration(),
-                                backward=inn.AID(linear.GMRES()))
-    with pytest.raises(NotImplementedError, match="torch.func.*ITD\\(\\) or JacobianFree\\(\\)"):
-        torch.func.grad(lambda xi: layer(xi).sum())(torch.randn(3, 6))
-
-
 # compiled kernels fuse and reorder floating-point operations: the results agree to rounding,
 # ~1e-16 relative in float64 and ~1e-7 in float32 (15 forward and 15 adjoint iterations)
 @pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-12, 1e-14), (torch.float32, 1e-5, 1e-7)], ids=str)

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..linear import LinearInfo, LinearSolver
 from ..operator import IdentityMinus, LinearOperator
 
-__all__ = ["solve_adjoint", "adjoint_message"]
+__all__ = ["solve_adjoint", "adjoint_message", "check_finite"]
 
 
 def solve_adjoint(
@@ -29,7 +29,12 @@ def solve_adjoint(
     start = x0.detach().to(b) if x0 is not None and x0.shape == b.shape else None
     with torch.no_grad():
         v, info = linear_solver.solve(IdentityMinus(J).T, b, start)
-    return v, info, math.isfinite(info.residual) and _all_finite(v)
+    return v, info, check_finite(v, info)
+
+
+def check_finite(v: Tensor, info: LinearInfo) -> bool:
+    """Whether a linear solve's answer ``v`` and its residual are finite."""
+    return math.isfinite(info.residual) and _all_finite(v)
 
 
 def _all_finite(v: Tensor) -> bool:

@@ -9,16 +9,20 @@ map's closed form or from that step's graph), and lets autograd carry ``v`` thro
 ``fz``'s graph: ``∂₂Φᵀ v``.  This is the paper's AID at ``w_t``: ``∇₁E`` and ``∂Φ`` both at
 the solver's last iterate.  The backward sees exactly the forward's weights and dropout
 masks.  No tensor hooks.
+
+That first-order backward is the fast path.  When a derivative of the backward itself may be
+needed (``create_graph=True``: Hessian–vector products, MAML, gradient penalties), in
+forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``/``jacfwd``) and under every
+``torch.func`` transform, the rules of :mod:`implicitnets.backward.implicit` take over: the
+adjoint solve is itself an implicit function, so derivatives of every order are exact.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.utils import parametrize
 
 from ..bound_map import BoundMap
 from ..failure import AdjointFailure, FailurePolicy, Warn
@@ -26,8 +30,10 @@ from ..linear import LinearSolver
 from ..operator import GraphJacobian, LinearOperator, closed_form, needs_graph
 from ..solvers import SolverStats
 from ..state import State, map_parts, pack, parts
+from ..transforms import transforms_active
 from .adjoint import adjoint_message, solve_adjoint
-from .base import BackwardMode, Problem, transforms_active
+from .base import BackwardMode, Problem
+from .implicit import FixedPoint, make_spec
 
 __all__ = ["AID"]
 
@@ -42,9 +48,16 @@ class AID(BackwardMode):
     differentiable step, giving ``∂₂Φᵀ v``.  With ``warm_start=True`` a
     :class:`~implicitnets.FixedPointLayer` starts each solve from the previous call's
     ``v`` (kept in ``stats.adjoint``) when its shape matches.  ``on_failure`` chooses what
-    a failed solve does (:mod:`implicitnets.failure`).  Not available inside ``torch.func``
-    transforms (the backward runs its own autograd calls on the stored step); use ITD or
-    JacobianFree there.
+    a failed solve does (:mod:`implicitnets.failure`).
+
+    Derivatives of every order are exact at convergence: with ``create_graph=True`` the
+    backward is differentiable (its adjoint solve is one more implicit function), forward
+    mode solves ``(I − J) ẇ = ∂₂Φ · θ̇`` with the same linear solver, and every
+    ``torch.func`` transform (``grad``, ``vjp``, ``jvp``, ``jacrev``, ``jacfwd``, ``hessian``,
+    ``vmap``, ``functional_call``) composes with it.  The differentiable tensors are ``x``
+    and the parameters of an ``nn.Module`` map; a plain callable that captures other tensors
+    needing gradients gets its first-order gradient, and a higher-order one raises.
+    ``FallbackITD`` is first-order only (it raises inside a higher-order backward).
     """
 
     linear_solver: LinearSolver
@@ -65,12 +78,12 @@ class AID(BackwardMode):
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         if self.on_failure.needs_itd and problem.module is None:
             raise ValueError(f"AID(on_failure={self.on_failure!r}) needs the map to be an nn.Module")
-        if problem.needs_grad and any(transforms_active(t) for t in (*parts(problem.u), *parts(problem.z0))):
-            raise NotImplementedError(
-                "AID cannot run inside a torch.func transform (grad/vjp/jacrev/vmap): its backward solves "
-                "the adjoint system with autograd calls on the stored map step, which functorch does not "
-                "trace. Use ITD() or JacobianFree(), which compose with torch.func."
-            )
+        spec = make_spec(problem, self.linear_solver, self.on_failure)
+        inputs = (*parts(problem.z0), *parts(problem.u), *problem.params)
+        if any(transforms_active(t) for t in inputs):
+            # the solve runs inside the Function, on the transforms' plain tensors
+            out = FixedPoint.apply(spec, *inputs)
+            return pack(problem.z0, out), spec.stats
         with torch.no_grad():
             z, stats = problem.solver.solve(problem.map(), problem.z0)
         if not problem.needs_grad:
@@ -81,21 +94,22 @@ class AID(BackwardMode):
             z_in = map_parts(lambda t: t.detach().requires_grad_(graph), z)
             fz = problem.step(z_in, problem.u)
         J = closed(z_in, problem.u, fz) if closed is not None else GraphJacobian(fz, z_in)
-        node = _Node(self, problem, stats, J, z, fz)
-        extra = (*parts(problem.u), *problem.params) if self.on_failure.needs_itd else ()
-        n = len(parts(fz))
-        out = _AIDFunction.apply(node, n, *parts(fz), *extra)
-        return pack(fz, out if isinstance(out, tuple) else (out,)), stats
+        spec.stats = stats
+        spec.fast = _Eager(self, problem, stats, J, z, z_in, fz)
+        out = FixedPoint.apply(spec, *parts(fz), *inputs)
+        return pack(fz, out), stats
 
 
-class _Node:
-    """What AID's backward needs: the mode, the problem, the operator ``J``, the solution
-    ``z`` (the output's value) and the differentiable step ``fz``."""
+class _Eager:
+    """AID's first-order backward on the graph of the differentiable step ``fz = Φ(w*, x)``:
+    ``g ↦ v = (I − Jᵀ)⁻¹ g`` with the operator ``J`` built in the forward, handed back as
+    the cotangent of ``fz``."""
 
-    def __init__(self, mode: AID, problem: Problem, stats: SolverStats, J: LinearOperator, z: State, fz: State):
-        self.mode, self.problem, self.stats, self.J, self.fz = mode, problem, stats, J, fz
+    def __init__(self, mode: AID, problem: Problem, stats: SolverStats, J: LinearOperator, z: State,
+                 z_in: State, fz: State):
+        self.mode, self.problem, self.stats, self.J = mode, problem, stats, J
         self.z = tuple(t.detach() for t in parts(z))
-        self.shapes = [t.shape for t in parts(fz)]
+        self.z_in, self.fz = parts(z_in), parts(fz)
         self.single = isinstance(fz, Tensor)
 
     def flatten(self, grads: tuple[Tensor, ...]) -> Tensor:
@@ -111,47 +125,60 @@ class _Node:
         """Gradients w.r.t. ``(*parts(u), *params)`` of the solver's unrolled iterations."""
         p = self.problem
         u = map_parts(lambda t: t.detach().requires_grad_(), p.u)  # the path through u continues outside
-        with torch.enable_grad(), parametrize.cached():
+        params = tuple(t.detach().requires_grad_(t.requires_grad) for t in p.params)
+        phi = p.functional()
+        with torch.enable_grad(), phi.substituted(params):
             z, _ = p.solver.solve(BoundMap(p.step, u, p.map().map), p.z0)
-            return torch.autograd.grad(parts(z), (*parts(u), *p.params), self.unflatten(g, like), allow_unused=True)
+            wrt = (*parts(u), *params)
+            used = [t for t in wrt if t.requires_grad]
+            grads = iter(torch.autograd.grad(parts(z), used, self.unflatten(g, like), allow_unused=True))
+            return tuple(next(grads) if t.requires_grad else None for t in wrt)
 
-
-class _AIDFunction(torch.autograd.Function):
-    """The value of ``w*`` on the graph of ``fz = Φ(w*, x)``; backward maps ``g`` to ``(I − Jᵀ)⁻¹ g``."""
-
-    @staticmethod
-    def forward(ctx: Any, node: _Node, n: int, *tensors: Tensor) -> Any:
-        # (the combined forward(ctx, ...) form: a separate setup_context costs a signature bind per call)
-        ctx.node, ctx.n, ctx.n_extra = node, n, len(tensors) - n
-        outs = tuple(z.to(t.dtype, copy=True) for z, t in zip(node.z, tensors[:n]))  # w*'s value, a copy
-        return outs[0] if n == 1 else outs
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        node: _Node = ctx.node
-        mode, stats = node.mode, node.stats
-        fz = parts(node.fz)
+    def backward(self, grads: tuple[Tensor | None, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+        """The cotangents of ``fz`` and, after an ITD fallback, the gradients of ``(u, P)``."""
+        mode, stats, fz = self.mode, self.stats, self.fz
+        none_extra = (None,) * (len(parts(self.problem.u)) + len(self.problem.params))
         grads = tuple(torch.zeros_like(f) if g is None else g for g, f in zip(grads, fz))
-        g = node.flatten(grads)
-        v, info, finite = solve_adjoint(node.J, g, mode.linear_solver, node.problem.adjoint_x0)
+        g = self.flatten(grads)
+        v, info, finite = solve_adjoint(self.J, g, mode.linear_solver, self.problem.adjoint_x0)
         stats.backward_iterations = info.iterations
         stats.backward_residual = info.residual
         stats.backward_converged = info.converged
         stats.backward_fallback = None
-        none_extra = (None,) * ctx.n_extra
         if info.converged and finite:
             stats.adjoint = v.detach()
-            return (None, None, *node.unflatten(v, grads), *none_extra)
+            return self.unflatten(v, grads), none_extra
         failure = AdjointFailure(
             v=v,
             g=g,
             finite=finite,
             message=adjoint_message(mode.linear_solver, info, finite, "AID backward"),
-            itd=(lambda b: node.itd_gradients(b, grads)) if ctx.n_extra else None,
+            itd=(lambda b: self.itd_gradients(b, grads)) if mode.on_failure.needs_itd else None,
         )
         resolution = mode.on_failure.adjoint_failed(failure)
         stats.backward_fallback = resolution.fallback
-        cotangent = node.unflatten(resolution.v.to(g.dtype), grads)
-        extra = resolution.extra if resolution.extra is not None else none_extra
-        return (None, None, *cotangent, *extra)
+        cotangent = self.unflatten(resolution.v.to(g.dtype), grads)
+        return cotangent, resolution.extra if resolution.extra is not None else none_extra
+
+    def check_inputs(self) -> None:
+        """Refuse a higher-order derivative when the step depends on a tensor that needs a
+        gradient but is neither ``x`` nor a parameter of the map (e.g. one captured by a
+        closure): the higher-order rules could not see it."""
+        p = self.problem
+        known = {id(t) for t in (*self.z_in, *parts(p.u), *p.params)}
+        stops = {t.grad_fn for t in (*parts(p.u), *p.params) if t.grad_fn is not None}
+        seen, stack = set(), [f.grad_fn for f in self.fz if f.grad_fn is not None]
+        while stack:
+            node = stack.pop()
+            if node in seen or node in stops:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)
+            if leaf is not None and id(leaf) not in known:
+                raise NotImplementedError(
+                    "AID: a higher-order derivative (create_graph=True) was requested, but the map depends on a "
+                    f"tensor of shape {tuple(leaf.shape)} that needs a gradient and is neither the input x nor a "
+                    "parameter of an nn.Module map (e.g. one captured by a closure). Pass it through x, or make the "
+                    "map an nn.Module that owns it."
+                )
+            stack.extend(fn for fn, _ in node.next_functions if fn is not None)

@@ -12,6 +12,8 @@ from torch import Tensor
 from ..bound_map import BoundMap
 from ..solvers import ForwardSolver, SolverStats
 from ..state import State
+from ..transforms import transforms_active
+from .functional_step import FunctionalStep
 
 __all__ = ["BackwardMode", "Problem", "transforms_active"]
 
@@ -20,9 +22,11 @@ __all__ = ["BackwardMode", "Problem", "transforms_active"]
 class Problem:
     """One fixed-point problem ``z = step(z, u)`` as handed to a backward mode.
 
-    ``u`` is the (differentiable) injected input (a tensor or a tuple), ``z0`` the detached start, ``params`` the
-    map's trainable tensors, ``needs_grad`` whether any gradient is wanted, ``module`` the
-    map when it is an ``nn.Module``, ``adjoint_x0`` a warm start for an adjoint solve.
+    ``u`` is the (differentiable) injected input (a tensor or a tuple), ``z0`` the detached
+    start, ``params`` the map's tensors as the step uses them and ``names`` their names in
+    ``module`` (:func:`~implicitnets.backward.functional_step.map_tensors`), ``needs_grad``
+    whether any gradient is wanted, ``module`` the map when it is an ``nn.Module``,
+    ``adjoint_x0`` a warm start for an adjoint solve.
     """
 
     step: Callable[[State, State], State]
@@ -33,10 +37,15 @@ class Problem:
     needs_grad: bool
     module: torch.nn.Module | None = None
     adjoint_x0: Tensor | None = None
+    names: tuple[str, ...] = ()
 
     def map(self) -> BoundMap:
         """``z ↦ step(z, u)``, as the forward solver receives it."""
         return BoundMap(self.step, self.u, getattr(self.step, "__self__", self.step))
+
+    def functional(self) -> FunctionalStep:
+        """The step as a pure function ``φ(w, u, params)``."""
+        return FunctionalStep(self.step, self.module, self.names)
 
 
 class BackwardMode(abc.ABC):
@@ -49,10 +58,3 @@ class BackwardMode(abc.ABC):
     @abc.abstractmethod
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         """Solve ``problem`` and return the differentiable solution and its statistics."""
-
-
-def transforms_active(x: Tensor) -> bool:
-    """Whether ``x`` is being traced by a ``torch.func`` transform (grad, vjp, vmap, ...)."""
-    if torch.compiler.is_compiling():  # dynamo traces plain tensors here
-        return False
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from ..solvers import SolverStats
-from ..state import State, map_parts
+from ..state import State, map_parts, pack, parts
+from ..transforms import transforms_active
 from .base import BackwardMode, Problem
+from .implicit import FixedPoint, make_spec
 
 __all__ = ["JacobianFree"]
 
@@ -19,11 +21,20 @@ class JacobianFree(BackwardMode):
     differentiable step ``fz = Φ(w*, x)`` and let the gradient flow through it alone, i.e.
     ``v = ∇E`` instead of ``(I − Jᵀ)⁻¹∇E``.  The output has the value of the solver's ``w*``
     (like every backward mode) and the graph of ``fz``.  Composes with ``torch.func``
-    transforms."""
+    transforms (the solve then runs on the transforms' plain tensors).
+
+    Its derivatives of every order are those of the one step ``θ ↦ Φ(w*, x; θ)`` with ``w*``
+    held constant: an approximation by definition, not the derivatives of ``w*(θ)``."""
 
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
-        with torch.no_grad():
-            z, stats = problem.solver.solve(problem.map(), problem.z0)
+        inputs = (*parts(problem.z0), *parts(problem.u), *problem.params)
+        if any(transforms_active(t) for t in inputs):
+            spec = make_spec(problem, None, None, differentiable=False)
+            z = pack(problem.z0, FixedPoint.apply(spec, *inputs))
+            stats = spec.stats
+        else:
+            with torch.no_grad():
+                z, stats = problem.solver.solve(problem.map(), problem.z0)
         if not problem.needs_grad:
             return z, stats
         fz = problem.step(map_parts(torch.Tensor.detach, z), problem.u)

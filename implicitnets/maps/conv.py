@@ -26,6 +26,9 @@ class ConvCell(nn.Module):
 
     #: :meth:`jacobian` reads only values (no graph through ``w``), see ``operator.needs_graph``
     jacobian_needs_graph = False
+    #: each sample's output depends only on its own rows of ``w`` and ``x`` (``vmap`` may solve
+    #: the mapped problems as one batch)
+    row_separable = True
 
     def __init__(
         self,

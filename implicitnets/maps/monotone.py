@@ -38,6 +38,10 @@ class MonotoneMap(nn.Module, abc.ABC):
     with every forward solver and backward mode of the library.  States are tensors.
     """
 
+    #: each sample's output depends only on its own rows of ``w`` and ``x`` (``vmap`` may solve
+    #: the mapped problems as one batch)
+    row_separable = True
+
     m: float
 
     @abc.abstractmethod

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NonFiniteError
+from ..transforms import plain_value
 
 __all__ = ["PowerIterationBound"]
 
@@ -106,7 +107,9 @@ class PowerIterationBound(nn.Module):
         return steps
 
     def _refresh(self, weight: Tensor) -> None:
-        """Iterate to ``tol`` if ``weight`` differs from the one the vectors belong to."""
+        """Iterate to ``tol`` if ``weight`` differs from the one the vectors belong to (inside a
+        ``torch.func`` transform: the weight's plain value)."""
+        weight = plain_value(weight)
         key = (weight.untyped_storage().data_ptr(), weight._version, weight.dtype, weight.device)
         self.last_iterations = 0
         if key != self._seen and not torch.equal(weight.detach(), self._weight_seen):

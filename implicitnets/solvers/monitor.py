@@ -29,6 +29,7 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ..failure import FailurePolicy
 from ..state import State, batch_size, map_parts, parts
+from ..transforms import physical, under_vmap
 from .base import SolverStats
 from .rows import put_rows, restrict, take_rows, where_rows
 
@@ -123,12 +124,17 @@ class Monitor:
         freeze: bool = False,
         best: bool = False,
     ) -> None:
+        first = parts(like)[0]
+        #: inside ``vmap``: one iteration for all mapped problems, stopped on their joint
+        #: residual (read from the plain tensors under the transform), no per-sample control
+        self.joint = under_vmap(first)
+        if self.joint:
+            freeze = best = False
         if check_every is None:
             check_every = 1 if tol > 0 or best else max_iter
         self.name, self.max_iter, self.tol, self.check_every = name, max_iter, tol, check_every
         self.freeze, self.best = freeze and tol > 0, best
         self.per_sample = self.freeze or self.best
-        first = parts(like)[0]
         dtype, device = _work_dtype(first), first.device
         self.batch = self.n = batch_size(like)
         checks = -(-max_iter // check_every) + 1
@@ -163,6 +169,8 @@ class Monitor:
         if self.count % self.check_every and self.count != self.max_iter:
             return False
         num, den = sample_norms(fz, z, self.n)
+        if self.joint:
+            num, den = physical(num), physical(den)
         if self.per_sample:
             return self._record_samples(num, den, fz if out is None else out)
         self.num, self.den = num, den
