@@ -27,6 +27,7 @@ of the backward itself may be needed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,8 @@ class Spec:
     n_p: int
     row_separable: bool
     closed: Callable[..., LinearOperator] | None
+    #: the tensors ``P`` the map holds during the forward solve (their values need no substitution)
+    held: tuple[Tensor, ...] = ()
     stats: SolverStats | None = None
     record: SolverStats | None = None
     differentiable: bool = True
@@ -120,6 +123,7 @@ def make_spec(
         n_p=len(problem.params),
         row_separable=bool(getattr(owner, "row_separable", False)),
         closed=closed_form(problem.step) if not needs_graph(problem.step) else None,
+        held=problem.params,
         differentiable=differentiable,
     )
 
@@ -299,7 +303,8 @@ class FixedPoint(torch.autograd.Function):
         _, u, P = spec.split(tensors[n_fz:])
         if spec.fast is not None:  # solved already: w*'s value, a copy
             return tuple(z.to(f.dtype, copy=True) for z, f in zip(spec.fast.z, tensors[:n_fz]))
-        with spec.phi.substituted(P):
+        held = len(P) == len(spec.held) and all(a is b for a, b in zip(P, spec.held))
+        with contextlib.nullcontext() if held else spec.phi.substituted(P):
             z, stats = spec.solver.solve(BoundMap(spec.phi.step, u, spec.owner), spec.state(z0))
         spec.stats = stats
         return parts(z)
