@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 
-import harness
 import torch
 import torch.nn.functional as F
 
+import harness
 import implicitnets as inn
 from implicitnets import linear
 
