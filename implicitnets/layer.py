@@ -16,13 +16,14 @@ from torch.nn.utils import parametrize
 from .backward import AID, BackwardMode, Problem
 from .backward.functional_step import map_tensors
 from .errors import NonFiniteError
+from .maps.protocol import parts_of
 from .solvers import ForwardSolver, SolverStats
 from .state import State, parts
 from .transforms import physical
 
 __all__ = ["fixed_point", "FixedPointLayer"]
 
-Map = Callable[[State, State], State]
+MapFn = Callable[[State, State], State]
 
 
 def _check_options(solver: object, backward: object) -> None:
@@ -99,8 +100,7 @@ class _FiniteInputs:
                 raise NonFiniteError(f"{name} (shape {tuple(t.shape)}) contains NaN or Inf")
 
 
-def _initial_state(f: Map, x: State, z0: State | None) -> State:
-    init = getattr(f, "initial_state", None)
+def _initial_state(init: Callable[[State], State] | None, x: State, z0: State | None) -> State:
     if z0 is not None:
         z0 = _as_state(z0, "z0")
     if z0 is None:
@@ -119,7 +119,7 @@ def _initial_state(f: Map, x: State, z0: State | None) -> State:
 
 
 def fixed_point(
-    f: Map,
+    f: MapFn,
     x: State,
     *,
     solver: ForwardSolver,
@@ -155,22 +155,21 @@ def fixed_point(
 
 
 def _solve(
-    f: Map, x: State, solver: ForwardSolver, backward: BackwardMode, module: nn.Module | None,
+    f: MapFn, x: State, solver: ForwardSolver, backward: BackwardMode, module: nn.Module | None,
     z0: State | None, adjoint_x0: Tensor | None,
 ) -> tuple[State, SolverStats]:
     with parametrize.cached():
         if module is not None:
             _touch_parametrizations(module)
-        inject, step = getattr(f, "inject", None), getattr(f, "step", None)
-        if callable(inject) and callable(step):
-            u = inject(x)
-        else:
-            u, step = x, f
+        form = parts_of(f)
+        step = form.step
+        u = form.inject(x) if form.inject is not None else x
         names, params = map_tensors(module)
         needs_grad = torch.is_grad_enabled() and (
             module is None or any(t.requires_grad for t in (*parts(x), *parts(u), *params))
         )
-        problem = Problem(step, u, _initial_state(f, x, z0), solver, params, needs_grad, module, adjoint_x0, names)
+        z0 = _initial_state(form.initial_state, x, z0)
+        problem = Problem(step, u, z0, solver, params, needs_grad, module, adjoint_x0, names)
         return backward.run(problem)
 
 
@@ -183,7 +182,7 @@ class FixedPointLayer(nn.Module):
     adjoint solve starts from the previous one's solution.
     """
 
-    def __init__(self, cell: Map, *, solver: ForwardSolver, backward: BackwardMode) -> None:
+    def __init__(self, cell: MapFn, *, solver: ForwardSolver, backward: BackwardMode) -> None:
         super().__init__()
         _check_options(solver, backward)
         self.cell = cell

@@ -12,9 +12,7 @@ Neumann iteration ``v ← Jᵀ v + g``.
 :class:`GraphJacobian` builds ``J`` of a map at a point from one differentiable
 evaluation: ``Jᵀu`` is a vector–Jacobian product on that graph and ``J y`` differentiates
 the linear map ``u ↦ Jᵀu`` once more (built on first use).  A map may instead provide a
-closed form: a method ``jacobian(w, u, out) -> LinearOperator`` (``out = step(w, u)``
-recorded from leaves ``w``), which :func:`state_jacobian` prefers; a map whose ``jacobian``
-reads only values says so with ``jacobian_needs_graph = False`` (:func:`needs_graph`).
+closed form (:mod:`implicitnets.maps.jacobian` chooses between the two).
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .state import State, map_parts, parts
+from .state import State, parts
 
 __all__ = [
     "LinearOperator",
@@ -33,10 +31,6 @@ __all__ = [
     "IdentityMinus",
     "FunctionOperator",
     "GraphJacobian",
-    "closed_form",
-    "needs_graph",
-    "state_jacobian",
-    "linearize",
 ]
 
 
@@ -218,50 +212,3 @@ class GraphJacobian(LinearOperator):
             self._dual = (jtu, dummies)
         jtu, dummies = self._dual
         return self._join(self._grad(jtu, dummies, self._split(x, self.ws)), x.dtype)
-
-
-def closed_form(step: Callable[[State, Tensor], State]) -> Callable[[State, Tensor, State], LinearOperator] | None:
-    """The map's ``jacobian(w, u, out)`` when ``step`` is a bound method of an object that
-    has one, else ``None``."""
-    closed = getattr(getattr(step, "__self__", None), "jacobian", None)
-    return closed if callable(closed) else None
-
-
-def needs_graph(step: Callable[[State, Tensor], State]) -> bool:
-    """Whether ``J = ∂₁ step`` needs ``out = step(w, u)`` recorded from leaves ``w``.
-
-    True unless the map has a closed form and declares ``jacobian_needs_graph = False``
-    (its ``jacobian`` reads only the values of ``w``, ``u`` and ``out``); then AID records
-    its differentiable step without a graph through ``w``, and the backward computes no
-    gradient for ``w``.
-    """
-    closed = closed_form(step)
-    return closed is None or bool(getattr(step.__self__, "jacobian_needs_graph", True))
-
-
-def state_jacobian(step: Callable[[State, Tensor], State], w: State, u: Tensor, out: State) -> LinearOperator:
-    """``J = ∂₁ step(w, u)`` at ``w``, with ``out = step(w, u)`` recorded from leaves ``w``.
-
-    Uses the map's closed form (:func:`closed_form`) when it has one; otherwise the graph
-    of ``out``.
-    """
-    closed = closed_form(step)
-    if closed is not None:
-        return closed(w, u, out)
-    return GraphJacobian(out, w)
-
-
-def linearize(f: Callable[[State, Tensor], State], z: State, x: Tensor) -> LinearOperator:
-    """``J = ∂₁f(z, x)`` at ``z``, for a map ``f(w, x) -> w``.
-
-    A map with ``inject(x)`` and ``step(w, u)`` is linearised through ``step`` (and its
-    closed-form ``jacobian`` when it has one); any other callable through the graph of one
-    evaluation.  Vectors are shaped like ``z`` (flat for a tuple state).
-    """
-    inject, step = getattr(f, "inject", None), getattr(f, "step", None)
-    with torch.enable_grad():
-        w = map_parts(lambda t: t.detach().requires_grad_(), z)
-        if callable(inject) and callable(step):
-            u = inject(x)
-            return state_jacobian(step, w, u, step(w, u))
-        return GraphJacobian(f(w, x), w)

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import implicitnets as inn
-from implicitnets.operator import GraphJacobian, state_jacobian
+from implicitnets.maps.jacobian import state_jacobian
+from implicitnets.operator import GraphJacobian
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -16,7 +16,7 @@ from implicitnets.diagnostics import (
     jacobian_spectral_radius,
     lipschitz_bound,
 )
-from implicitnets.operator import linearize
+from implicitnets.maps.jacobian import linearize
 
 pytestmark = pytest.mark.usefixtures("float64")
 

@@ -11,7 +11,7 @@ import torch
 
 import implicitnets as inn
 from implicitnets import FunctionOperator, GraphJacobian, IdentityMinus, LinearOperator, Transposed, linear
-from implicitnets.operator import closed_form, needs_graph
+from implicitnets.maps.protocol import step_parts
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -55,7 +55,7 @@ def test_fused_products_of_the_closed_form(name):
     """``c + α J x`` and ``c + α Jᵀ x`` (one fused product each) against the dense Jacobian;
     the graph operator's default forms too.  (mv/rmv themselves: test_closed_form_jacobians.)"""
     cell, w, _, J, G, dense = at_a_point(MAPS[name])
-    assert closed_form(cell.step) is not None and not needs_graph(cell.step)
+    assert step_parts(cell.step).jacobian is not None and not step_parts(cell.step).jacobian_needs_graph
     gen = torch.Generator().manual_seed(1)
     x, c = (torch.randn(w.shape, generator=gen) for _ in range(2))
     for op in (J, G):
@@ -175,7 +175,7 @@ class _GraphBackedTanh(torch.nn.Module):
 def test_aid_keeps_the_graph_for_a_closed_form_that_needs_it():
     cell, x = tanh_map(1)
     other = _GraphBackedTanh(cell)
-    assert closed_form(other.step) is not None and needs_graph(other.step)
+    assert step_parts(other.step).jacobian is not None and step_parts(other.step).jacobian_needs_graph
     backward = inn.AID(linear.Neumann(max_iter=12, tol=0.0))
     solver = inn.FixedPointIteration(max_iter=20, tol=0.0)
     R = torch.randn(3, 6, generator=torch.Generator().manual_seed(7))

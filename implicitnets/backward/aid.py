@@ -27,7 +27,8 @@ from torch import Tensor
 from ..bound_map import BoundMap
 from ..failure import AdjointFailure, FailurePolicy, Warn
 from ..linear import LinearSolver
-from ..operator import GraphJacobian, LinearOperator, closed_form, needs_graph
+from ..maps.protocol import step_parts
+from ..operator import GraphJacobian, LinearOperator
 from ..solvers import SolverStats
 from ..state import State, map_parts, pack, parts
 from ..transforms import transforms_active
@@ -88,7 +89,8 @@ class AID(BackwardMode):
             z, stats = problem.solver.solve(problem.map(), problem.z0)
         if not problem.needs_grad:
             return z, stats
-        closed, graph = closed_form(problem.step), needs_graph(problem.step)
+        form = step_parts(problem.step)
+        closed, graph = form.jacobian, form.jacobian_needs_graph
         with torch.enable_grad():
             # a J that reads only values needs no graph through w (and the backward no w-gradient)
             z_in = map_parts(lambda t: t.detach().requires_grad_(graph), z)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..bound_map import BoundMap
+from ..maps.protocol import step_parts
 from ..solvers import ForwardSolver, SolverStats
 from ..state import State
 from ..transforms import transforms_active
@@ -41,7 +42,7 @@ class Problem:
 
     def map(self) -> BoundMap:
         """``z ↦ step(z, u)``, as the forward solver receives it."""
-        return BoundMap(self.step, self.u, getattr(self.step, "__self__", self.step))
+        return BoundMap(self.step, self.u, step_parts(self.step).owner)
 
     def functional(self) -> FunctionalStep:
         """The step as a pure function ``φ(w, u, params)``."""

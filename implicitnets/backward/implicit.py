@@ -38,7 +38,8 @@ from torch import Tensor
 from ..bound_map import BoundMap
 from ..failure import AdjointFailure, FailurePolicy
 from ..linear import LinearSolver
-from ..operator import FunctionOperator, IdentityMinus, LinearOperator, closed_form, needs_graph
+from ..maps.protocol import step_parts
+from ..operator import FunctionOperator, IdentityMinus, LinearOperator
 from ..solvers import ForwardSolver, SolverStats
 from ..state import State, pack, parts
 from .adjoint import adjoint_message, check_finite
@@ -109,10 +110,10 @@ def make_spec(
     problem: Problem, linear_solver: LinearSolver | None, on_failure: FailurePolicy | None, differentiable: bool = True
 ) -> Spec:
     """The :class:`Spec` of a backward mode's problem."""
-    owner = problem.map().map
+    form = step_parts(problem.step)
     return Spec(
         phi=problem.functional(),
-        owner=owner,
+        owner=form.owner,
         solver=problem.solver,
         linear_solver=linear_solver,
         on_failure=on_failure,
@@ -121,8 +122,8 @@ def make_spec(
         u_single=isinstance(problem.u, Tensor),
         n_u=len(parts(problem.u)),
         n_p=len(problem.params),
-        row_separable=bool(getattr(owner, "row_separable", False)),
-        closed=closed_form(problem.step) if not needs_graph(problem.step) else None,
+        row_separable=form.row_separable,
+        closed=form.jacobian if not form.jacobian_needs_graph else None,
         held=problem.params,
         differentiable=differentiable,
     )

@@ -10,11 +10,11 @@ wrong is a hypergradient.
 * :func:`perron_frobenius` — λ_pf of a non-negative (sparse) matrix, Collatz–Wielandt bounds.
 """
 
+from ..maps.perron_frobenius import PerronFrobenius, perron_frobenius
 from .divergence import DivergenceReport, detect_divergence
 from .hypergradient_error import HypergradientError, hypergradient_error
 from .jacobian_regularizer import jacobian_frobenius_sq
 from .lipschitz import lipschitz_bound
-from .perron_frobenius import PerronFrobenius, perron_frobenius
 from .spectral_estimate import SpectralEstimate
 from .spectral_norm import jacobian_spectral_norm
 from .spectral_radius import jacobian_spectral_radius

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
-from ..operator import linearize
+from ..maps.jacobian import linearize
 from ._flat import flat_operators, random_rows
 from .spectral_estimate import SpectralEstimate
 

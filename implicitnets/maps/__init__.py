@@ -1,5 +1,8 @@
 """Fixed-point maps ``Φ(w, x; θ)``: any callable ``f(w, x) -> w`` works; these are shipped.
 
+:class:`Map` is their base class and the protocol a map of your own may follow
+(:mod:`implicitnets.maps.protocol`: ``inject``, ``step`` and the optional parts).
+
 Each shipped map has ``lipschitz_bound()`` (the global Lipschitz constant of Φ(·, x) its
 parametrization implies, ``None`` when it implies none) and ``jacobian(w, u, out)`` (the
 closed-form ``J = ∂₁Φ`` as a :class:`~implicitnets.LinearOperator`, which AID and the
@@ -14,9 +17,13 @@ from .graph import GraphMap, normalized_adjacency
 from .monotone import MonotoneMap
 from .monotone_conv import MonotoneConv
 from .monotone_fc import MonotoneFC
+from .protocol import Map, MapParts, parts_of
 from .tanh import TanhMap
 
 __all__ = [
+    "Map",
+    "MapParts",
+    "parts_of",
     "TanhMap",
     "ConvCell",
     "GradientStep",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..parametrizations.conv import conv_operator_norm, conv_spectral_norm
+from .protocol import Map
 from .slope_jacobian import SlopeJacobian
 
 __all__ = ["ConvCell"]
@@ -14,7 +15,7 @@ __all__ = ["ConvCell"]
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
 
 
-class ConvCell(nn.Module):
+class ConvCell(Map):
     """``Φ(z, x) = act(A ⋆ z + B ⋆ x + b)`` on ``size`` = (H, W) feature maps.
 
     ``act`` (ReLU or tanh) is 1-Lipschitz, so Φ(·, x) is a γ-contraction when the operator
@@ -24,7 +25,7 @@ class ConvCell(nn.Module):
     closed-form :meth:`jacobian` that AID's adjoint solve uses.
     """
 
-    #: :meth:`jacobian` reads only values (no graph through ``w``), see ``operator.needs_graph``
+    #: :meth:`jacobian` reads only values (no graph through ``w``), see :mod:`implicitnets.maps.protocol`
     jacobian_needs_graph = False
     #: each sample's output depends only on its own rows of ``w`` and ``x`` (``vmap`` may solve
     #: the mapped problems as one batch)

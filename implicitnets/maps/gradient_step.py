@@ -6,17 +6,18 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..operator import GraphJacobian, LinearOperator
 from ..state import State
+from .protocol import Map
 
 __all__ = ["GradientStep"]
 
 StepSize = float | Callable[[State], Tensor]
 
 
-class GradientStep(nn.Module):
+class GradientStep(Map):
     """One gradient-descent step on an inner loss: ``Φ(w, x) = w − η ∇_w ℓ(w, x)``.
 
     Its fixed points are the stationary points of ℓ(·, x); for a μ-strongly convex, L-smooth

@@ -27,8 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from ..diagnostics.perron_frobenius import perron_frobenius
 from ..parametrizations.infinity_norm import InfNormBound, inf_norm, project_inf_norm_
+from .perron_frobenius import perron_frobenius
+from .protocol import Map
 from .sizes import check_sizes
 
 __all__ = ["GraphMap", "normalized_adjacency"]
@@ -65,7 +66,7 @@ def _sparse(indices: Tensor, values: Tensor, shape: tuple[int, int] | torch.Size
     return torch.sparse_coo_tensor(indices, values, shape, check_invariants=False).coalesce()
 
 
-class GraphMap(nn.Module):
+class GraphMap(Map):
     """``Φ(Z, X) = φ(W Z Â + Ω X Â)`` on a fixed graph, W kept in ``‖W‖_∞ ≤ κ / λ_pf(Â)``.
 
     ``adjacency`` is Â, square and non-negative, dense or ``torch.sparse`` (stored sparse).

@@ -19,14 +19,15 @@ import abc
 from collections.abc import Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..operator import LinearOperator
+from .protocol import Map
 
 __all__ = ["MonotoneMap"]
 
 
-class MonotoneMap(nn.Module, abc.ABC):
+class MonotoneMap(Map):
     """``Φ(z, x) = prox(W z + u)``, ``u = inject(x)``, with ``I − W ⪰ m I``; subclass it.
 
     Subclasses implement :meth:`inject`, :meth:`initial_state`, :meth:`weight_mv`,

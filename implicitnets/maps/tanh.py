@@ -6,13 +6,14 @@ import torch
 from torch import Tensor, nn
 
 from ..parametrizations.spectral import spectral_norm
+from .protocol import Map
 from .sizes import check_sizes
 from .slope_jacobian import SlopeJacobian
 
 __all__ = ["TanhMap"]
 
 
-class TanhMap(nn.Module):
+class TanhMap(Map):
     """``Φ(w, x) = tanh(A w + B x + c)`` with ``A`` of shape (width, width).
 
     tanh is 1-Lipschitz, so Φ(·, x) is a ``contraction``-contraction when ‖A‖₂ ≤
@@ -24,7 +25,7 @@ class TanhMap(nn.Module):
     global ``‖A‖₂``.
     """
 
-    #: :meth:`jacobian` reads only values (no graph through ``w``), see ``operator.needs_graph``
+    #: :meth:`jacobian` reads only values (no graph through ``w``), see :mod:`implicitnets.maps.protocol`
     jacobian_needs_graph = False
     #: each sample's output depends only on its own rows of ``w`` and ``x`` (``vmap`` may solve
     #: the mapped problems as one batch)
