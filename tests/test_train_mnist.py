@@ -39,7 +39,7 @@ def run(tmp_path: Path, *args: str) -> dict:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("backward", ["itd", "itd:3", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb"])
@@ -312,7 +312,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed: make it longer"
     proc.kill()
     proc.wait()
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)  # loads: complete
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # loads: complete
     assert ckpt["epoch"] in (2, 3)  # the last epoch end before the kill
     resumed = mnist.main([*common, "--out", str(out), "--resume"])
     assert resumed["epochs_completed"] == 4

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DataError", "Split", "MNISTData", "load", "read_idx_gz", "EMBEDDED", "DOWNLOADS", "DATASETS"]
+__all__ = ["DataError", "Split", "MNISTData", "DeviceData", "load", "on_device", "read_idx_gz", "EMBEDDED", "DOWNLOADS",
+           "DATASETS"]
 
 EMBEDDED = Path(__file__).resolve().parent / "data" / "mnist-5k"
 DOWNLOADS = Path(__file__).resolve().parents[1] / "runs" / "data"  # the repository's runs/ (git-ignored)
@@ -161,3 +162,26 @@ def load(name: str = "mnist-5k", root: str | os.PathLike | None = None) -> MNIST
         return MNISTData(name, train, test, str(EMBEDDED))
     train, test, source = _load_torchvision(name, root_path)
     return MNISTData(name, train, test, source)
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """A data set on the training device: raw training images (to be augmented, then
+    normalised, per batch), normalised test images, and the training set's pixel ``mean`` and
+    ``std`` used for both."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+def on_device(data: MNISTData, device: torch.device, dtype: torch.dtype, test_limit: int = 0) -> DeviceData:
+    """``data`` moved to ``device`` as ``dtype``; only the first ``test_limit`` test images (0: all)."""
+    train_x, train_y = data.train.images.to(device, dtype), data.train.labels.to(device)
+    mean, std = train_x.mean(), train_x.std()
+    test_x = (data.test.images[: test_limit or None].to(device, dtype) - mean) / std
+    return DeviceData(data.name, train_x, train_y, test_x, data.test.labels[: test_limit or None].to(device), mean, std)
