@@ -68,8 +68,11 @@ def test_two_step_smoke_baselines(tmp_path, model):
     assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0
 
 
-def test_baseline_trained_in_the_same_run(tmp_path):
+def test_baseline_trained_in_the_same_run(tmp_path, capsys):
     summary = mnist.main([*SMALL[:-5], "--test-limit", "200", "--out", str(tmp_path), "--max-steps", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-4].startswith("fc test accuracy: ") and lines[-3].startswith("model")  # the DEQ, then the table
+    assert summary["activation"] == summary["config"]["activation"] == "tanh"  # the FC model's, not --activation
     base = summary["baseline"]
     assert base["model"] == "mlp" and base["steps"] == summary["steps"] == 3
     assert abs(base["parameters"] - summary["parameters"]) / summary["parameters"] < 0.01  # same size
@@ -249,6 +252,14 @@ def test_every_option_has_help(script):
     assert [f.name for f in dataclasses.fields(script.Config) if f.name not in comments] == []
     text = config_parser(script.Config, "prog", None).format_help()
     assert "--threads THREADS     CPU cores" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "train.mnist", "--device", "cuda", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip() == proc.stderr.strip().splitlines()[0]
+    assert proc.stderr.startswith("error: --device cuda, but this machine has no CUDA device")
 
 
 def test_command_line_reports_bad_option_in_one_line(tmp_path):

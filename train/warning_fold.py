@@ -24,10 +24,11 @@ KINDS = {inn.ConvergenceWarning: "solver warnings", RuntimeWarning: "warnings"}
 
 class FoldedWarnings:
     """Collect the warnings of a ``with`` block; on exit fold each kind of :data:`KINDS` into
-    one line naming ``where``.  ``convergence``: the number of convergence warnings."""
+    one line naming ``where`` (with ``reissue=False``: only count them).  ``convergence``: the
+    number of convergence warnings."""
 
-    def __init__(self, where: str) -> None:
-        self.where = where
+    def __init__(self, where: str, reissue: bool = True) -> None:
+        self.where, self.reissue = where, reissue
         self.convergence = 0
         self._catcher = warnings.catch_warnings(record=True)
 
@@ -46,7 +47,7 @@ class FoldedWarnings:
             else:
                 folded[kind].append(w)
         for kind, found in folded.items():
-            if found:
+            if found and self.reissue:
                 warnings.warn(f"{self.where}: {len(found)} {KINDS[kind]}, first: {found[0].message}", kind,
                               stacklevel=2)
         self.convergence = len(folded[inn.ConvergenceWarning])
