@@ -27,9 +27,6 @@ from train.config import config_parser, field_comments
 from train.data import DOWNLOADS, EMBEDDED, DataError, load
 
 ROOT = Path(__file__).resolve().parents[1]
-# the project's shared data sets (torchvision layout) beside the checkout, or IMPLICITNETS_DATA_ROOT
-SHARED = os.environ.get("IMPLICITNETS_DATA_ROOT", str(ROOT.parent / "shared" / "data"))
-needs_shared = pytest.mark.skipif(not Path(SHARED).is_dir(), reason=f"no shared data folder at {SHARED}")
 
 SMALL = ["--no-progress", "--no-plot", "--no-baseline", "--test-limit", "200", "--threads", "1"]
 
@@ -186,10 +183,33 @@ def test_training_on_a_torchvision_copy_offline(tmp_path):
     assert summary["data"] == "fashion-mnist" and summary["steps"] == 2
 
 
-@needs_shared
-def test_the_shared_fashion_mnist_copy_is_complete():
-    data = load("fashion-mnist", SHARED)
-    assert len(data.train) == 60000 and len(data.test) == 10000
+def test_the_embedded_fashion_subset_is_real_and_balanced():
+    data = load("fashion-5k")
+    assert data.train.images.shape == (5000, 1, 28, 28) and data.test.images.shape == (2000, 1, 28, 28)
+    assert torch.bincount(data.train.labels).tolist() == [500] * 10
+    assert torch.bincount(data.test.labels).tolist() == [200] * 10
+    assert not torch.equal(data.train.images[:100], load("mnist-5k").train.images[:100])
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    """torchvision's download fails part-way (no network is touched: it is replaced)."""
+    from torchvision import datasets
+
+    def broken_download(self):
+        raw = Path(self.raw_folder)
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(datasets.FashionMNIST, "download", broken_download)
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match="could not be downloaded: network is unreachable .*fashion-5k"):
+        load("fashion-mnist", root, download=True)
+    assert not root.exists()
+    root.mkdir()
+    with pytest.raises(DataError, match="could not be downloaded"):
+        load("fashion-mnist", root, download=True)
+    assert root.is_dir() and list(root.iterdir()) == []  # the user's folder stays, what was made in it goes
 
 
 def test_bad_data_path_is_a_clear_error(tmp_path):

@@ -249,7 +249,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    data = on_device(load(cfg.data, cfg.data_root or None), device, dtype, cfg.test_limit)
+    data = on_device(load(cfg.data, cfg.data_root or None, cfg.download), device, dtype, cfg.test_limit)
     if data.train_x.shape[0] < cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {data.train_x.shape[0]} training images")
     torch.manual_seed(cfg.seed)

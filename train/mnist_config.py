@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from train.cli import make_backward
 from train.config import check_choices, config_parser, parse_config
+from train.data import DATASETS
 from train.schedule import SCHEDULES
 
 __all__ = ["Config", "PRESETS", "MODEL_DEFAULTS", "BASELINE", "MATCHED_SIZE", "ACTIVATION", "parse_args",
@@ -52,8 +53,9 @@ class Config:
     amp: bool = False  # bfloat16 autocast (meant for cuda)
     dtype: str = "float32"  # float32 | float64
     threads: int = 0  # CPU cores each process computes on (0: all of them, split evenly among torchrun's processes)
-    data: str = "mnist-5k"  # mnist-5k | mnist | fashion-mnist
-    data_root: str = ""  # read an existing copy with download=False
+    data: str = "mnist-5k"  # mnist-5k | fashion-5k (embedded) | mnist | fashion-mnist (full: downloaded into runs/data)
+    data_root: str = ""  # read an existing copy of the full set from this folder (offline)
+    download: bool = False  # with --data-root: download the full set into that folder with torchvision
     test_limit: int = 0  # evaluate on the first N test images only (0: all)
     eval_batch_size: int = 1000  # test images per forward pass
     max_steps: int = 0  # stop after this many optimiser steps in total (0: no limit)
@@ -105,7 +107,7 @@ CHOICES = dict(
     model=("fc", "conv", "mlp", "cnn", "mon", "monconv"), solver=("fp", "anderson", "broyden", "pr", "fb"),
     contraction=("spectral", "projection", "none"),
     optimizer=("adam", "sgd"), schedule=SCHEDULES, device=("auto", "cpu", "cuda"),
-    dtype=("float32", "float64"), data=("mnist-5k", "mnist", "fashion-mnist"), activation=("relu", "tanh"),
+    dtype=("float32", "float64"), data=DATASETS, activation=("relu", "tanh"),
 )
 
 
