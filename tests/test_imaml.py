@@ -28,7 +28,7 @@ def quadratic_task(seed: int = 0, step: float = 1.0):
     grad = LAM * torch.linalg.solve(H, C.T @ (C @ w_star - d))
     alpha = step / float(torch.linalg.eigvalsh(H).max())
     phi = imaml.inner_map(lambda w: 0.5 * w @ A @ w - b @ w, LAM, alpha)
-    query = lambda w: 0.5 * ((C @ w - d) ** 2).sum()  # noqa: E731
+    query = lambda w: 0.5 * ((C @ w - d) ** 2).sum()
     return phi, query, theta, w_star, grad
 
 

@@ -13,24 +13,21 @@ on the embedded 5,000 MNIST digits and then, with the same recipe (100 epochs of
 1e-3 on a cosine schedule, batch 100, random shifts of up to 2 pixels), the explicit
 784-200-200-10 tanh network of the same size, and prints the two side by side.
 
-Backward modes (``--backward``): ``itd``, ``itd:K`` (last K steps), ``aid-fp`` / ``aid-cg`` /
-``aid-normalcg`` / ``aid-gmres`` (k iterations of that linear solver on (I − Jᵀ) v = g),
-``jfb`` (Jacobian-free).  ``aid-cg`` assumes a symmetric Jacobian, which these models do not
-have: its gradient is biased; prefer ``aid-normalcg`` or ``aid-gmres``.  Monotone models
-(``mon``, ``monconv``): ``z = ReLU(W z + U x + b)`` with ``I − W ⪰ m I``, solved by operator
-splitting (``--solver pr`` or ``fb``, step ``--alpha``), with their own defaults under any
-option given explicitly, and a baseline whose size matches their parameter count.
+``--backward``: ``itd``, ``itd:K``, ``aid-fp`` / ``aid-normalcg`` / ``aid-gmres`` / ``aid-cg``
+(k steps of that linear solver; CG assumes a symmetric Jacobian, which these models lack), or
+``jfb``.  Monotone models (``mon``, ``monconv``: ``z = ReLU(W z + U x + b)``, ``I − W ⪰ m I``)
+use operator splitting (``--solver pr`` / ``fb``) and their own defaults.
 
 Reads top to bottom: model and processes, one epoch of guarded steps (a non-finite step is
-skipped and logged), evaluation, one run (resume, JSON lines, checkpoints, summary.json,
-curves.png), main.  Randomness comes from generators seeded by (seed, epoch) and the global
-batch does not depend on the number of processes: ``--resume`` and ``torchrun`` reproduce a
-single uninterrupted run.
+skipped and logged), evaluation, one run, main.  Random draws are seeded by (seed, epoch) and
+the global batch does not depend on the number of processes: ``--resume`` and ``torchrun``
+reproduce an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -63,9 +60,7 @@ from train.warning_fold import FoldedWarnings
 # options (train.mnist_config), the model of --model, and the processes
 
 
-def parse_args(argv: list[str] | None = None) -> Config:
-    """``argv`` (default: the command line) as a :class:`~train.mnist_config.Config`."""
-    return parse_options(argv, description=__doc__)
+parse_args = functools.partial(parse_options, description=__doc__)  # argv → Config; --help shows this docstring
 
 
 def build_model(cfg: Config) -> nn.Module:
