@@ -164,7 +164,7 @@ def _load_torchvision(name: str, root: Path | None, download: bool) -> tuple[Spl
             how = "could not be downloaded" if download else "could not be read (download=False)"
             split = "train" if train else "test"
             raise DataError(f"{name} {split} split under {base / cls.__name__ / 'raw'} {how}: "
-                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__} "
+                            f"{' '.join(str(err).split())[:300] or type(err).__name__} "
                             f"(the embedded {' and '.join(EMBEDDED_SETS)} need no download)") from err
         splits.append(_split(ds.data, ds.targets, f"{base / cls.__name__ / 'raw'}"))
     return splits[0], splits[1], str(base)
