@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +118,7 @@ class Run:
     model: nn.Module
     raw_model: nn.Module
     optimizer: torch.optim.Optimizer
-    project: object
+    project: Callable[[], None] | None
     data: DeviceData
     rank: int
     world: int
