@@ -52,7 +52,7 @@ def main() -> int:
         with torch.no_grad(), parametrize.cached():
             u = f.inject(x)
             z0 = f.initial_state(x)
-            g = lambda w: f.step(w, u)  # noqa: E731
+            g = lambda w: f.step(w, u)
 
             def limit():
                 w = z0

@@ -213,7 +213,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title:
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     if title:
         print(f"\n### {title}\n")
-    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
     print(line(cells[0]))
     print("|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|")
     for r in cells[1:]:

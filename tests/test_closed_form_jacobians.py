@@ -26,7 +26,7 @@ def _conv():
 def _gradient_step():
     g = torch.Generator().manual_seed(2)
     X, y = torch.randn(30, 5, generator=g), torch.randn(30, generator=g)
-    loss = lambda w, hp: 0.5 * ((X @ w - y) ** 2).mean() + 0.5 * (hp[0] * w * w).sum()  # noqa: E731
+    loss = lambda w, hp: 0.5 * ((X @ w - y) ** 2).mean() + 0.5 * (hp[0] * w * w).sum()
     return inn.maps.GradientStep(loss, 0.2), (torch.rand(5, generator=g) + 0.1,)
 
 

@@ -49,7 +49,7 @@ def _with_eigenvalues(eigs: list[complex], seed: int) -> torch.Tensor:
 
 def test_linearization_matches_jacobian():
     W = torch.randn(5, 5, generator=_gen(1))
-    f = lambda w, x: torch.tanh(w @ W.T + x)  # noqa: E731
+    f = lambda w, x: torch.tanh(w @ W.T + x)
     z, x = torch.randn(3, 5, generator=_gen(2)), torch.randn(3, 5, generator=_gen(3))
     lin = linearize(f, z, x)
     v = torch.randn(3, 5, generator=_gen(4))

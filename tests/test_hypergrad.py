@@ -94,7 +94,7 @@ def test_closed_form_ridge_matches_dense_reference(ridge: Ridge) -> None:
 
 def test_closed_form_ridge_matches_finite_differences() -> None:
     r = Ridge(n=40, p=4, lam=0.3, seed=3)
-    f = lambda lam: hg.ridge_outer_loss(r.Xv, r.yv, hg.ridge_solution(r.X, r.y, lam))  # noqa: E731
+    f = lambda lam: hg.ridge_outer_loss(r.Xv, r.yv, hg.ridge_solution(r.X, r.y, lam))
     h = 1e-3
     fd = torch.empty(4)
     for i in range(4):

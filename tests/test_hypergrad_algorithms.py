@@ -57,8 +57,8 @@ def fd4(f, x: torch.Tensor, h: float = 1e-3) -> torch.Tensor:
 
 def test_heavy_ball_lr_and_momentum_hypergradients_match_finite_differences() -> None:
     Xt, yt, Xv, yv = logistic_data()
-    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()  # noqa: E731
-    outer = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)  # noqa: E731
+    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()
+    outer = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)
     opt = hg.HeavyBall(lr=lambda hp: hp[1].exp(), momentum=lambda hp: torch.sigmoid(hp[2]))
     w0 = torch.full((4,), 0.1)
     hp = (torch.full((4,), 0.3), torch.tensor(-0.5), torch.tensor(0.2))
@@ -76,7 +76,7 @@ def test_heavy_ball_lr_and_momentum_hypergradients_match_finite_differences() ->
 
 def test_gradient_descent_lr_hypergradient_passes_gradcheck() -> None:
     Xt, yt, Xv, yv = logistic_data(seed=1)
-    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()  # noqa: E731
+    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()
     opt = hg.GradientDescent(lr=lambda hp: hp[1])
     w0 = torch.zeros(4)
 
@@ -124,8 +124,8 @@ def test_rtho_continues_the_run_across_calls() -> None:
 def test_rtho_decreases_the_outer_loss() -> None:
     X, y, Xv, yv, lam = small_ridge(lam=1.0)
     phi = inn.maps.GradientStep(lambda w, hp: hg.ridge_inner_loss(X, y, w, hp[0]), 0.3)
-    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)  # noqa: E731
-    clamp = lambda hp: tuple(h.clamp_min(0.0) for h in hp)  # noqa: E731
+    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)
+    clamp = lambda hp: tuple(h.clamp_min(0.0) for h in hp)
     res = hg.optimize(hg.RTHO(period=5), hg.Bilevel(phi, E), lam, torch.zeros(10), steps=30, lr=2.0, project=clamp)
     start = float(E(hg.ridge_solution(X, y, lam), ()))
     end = float(E(hg.ridge_solution(X, y, res.hparams[0]), ()))
@@ -143,7 +143,7 @@ def _stochastic_ridge():
         Xb, yb = X[idx], y[idx]
         return w - alpha * (Xb.T @ (Xb @ w - yb) / idx.numel() + hp[0] * w)
 
-    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)  # noqa: E731
+    E = lambda w, hp: hg.ridge_outer_loss(Xv, yv, w)
     return X, y, Xv, yv, lam, phi, E
 
 
@@ -228,8 +228,8 @@ def test_logistic_hpo_halves_the_validation_loss() -> None:
     y = ((X @ w_oracle + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)) > 0).double()
     perm = torch.randperm(n, generator=g)
     Xv, yv, Xt, yt = X[perm[:500]], y[perm[:500]], X[perm[500:]], y[perm[500:]]
-    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()  # noqa: E731
-    outer = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)  # noqa: E731
+    inner = lambda w, hp: F.binary_cross_entropy_with_logits(Xt @ w, yt) + 0.5 * (hp[0] * w * w).sum()
+    outer = lambda w, hp: F.binary_cross_entropy_with_logits(Xv @ w, yv)
     problem = hg.Bilevel(inn.maps.GradientStep(inner, 0.1), outer)
     itd = hg.Backprop(steps(100), inn.ITD())
     lam = torch.ones(d, requires_grad=True)

@@ -1,20 +1,13 @@
 """train.imaml: the meta-gradients against the closed-form implicit gradient of a quadratic
-task (float64), and a short run of the script on the shared Fashion-MNIST copy."""
+task (float64), and a short run of the script on the embedded Fashion-MNIST subset."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from implicitnets import hypergrad as hg
 from train import imaml
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("IMPLICITNETS_DATA_ROOT", ROOT.parent / "shared" / "data"))
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"no shared data folder at {SHARED}")
 
 D, LAM = 6, 0.7
 
@@ -35,7 +28,7 @@ def quadratic_task(seed: int = 0, step: float = 1.0):
     grad = LAM * torch.linalg.solve(H, C.T @ (C @ w_star - d))
     alpha = step / float(torch.linalg.eigvalsh(H).max())
     phi = imaml.inner_map(lambda w: 0.5 * w @ A @ w - b @ w, LAM, alpha)
-    query = lambda w: 0.5 * ((C @ w - d) ** 2).sum()  # noqa: E731
+    query = lambda w: 0.5 * ((C @ w - d) ** 2).sum()
     return phi, query, theta, w_star, grad
 
 
@@ -101,9 +94,8 @@ def test_first_order_maml_is_the_query_gradient_at_the_adapted_weights():
     assert rel(g, want) < 1e-11
 
 
-@needs_shared
 def test_quick_run_meta_trains_every_method(tmp_path):
-    results = imaml.main(["--quick", "--data-root", str(SHARED), "--out", str(tmp_path)])
+    results = imaml.main(["--quick", "--out", str(tmp_path)])  # the embedded fashion-5k
     trained = [r for r in results if r["method"] != "no meta-training"]
     assert sorted(r["method"] for r in trained) == sorted(imaml.METHODS)
     for r in trained:
@@ -121,7 +113,8 @@ def test_quick_run_meta_trains_every_method(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="--data-root"):
-        imaml.main(["--quick", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="error: data root not found: .*--data-root"):
+        imaml.main(["--quick", "--data", "fashion-mnist", "--data-root", str(tmp_path / "nowhere"), "--out",
+                    str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown --methods"):
         imaml.main(["--quick", "--methods", "maml++", "--out", str(tmp_path)])

@@ -115,7 +115,7 @@ def test_anderson_survives_samples_that_converge_exactly(grad):
     Anderson least-squares system singular: no NaN, the fixed point is reached."""
     torch.manual_seed(0)
     x = torch.randn(8, 3, dtype=torch.float32)
-    f = lambda w, x: torch.tanh(0.5 * w + x)  # noqa: E731
+    f = lambda w, x: torch.tanh(0.5 * w + x)
     with torch.set_grad_enabled(grad):
         z, stats = inn.fixed_point(f, x, solver=inn.Anderson(max_iter=60, tol=1e-12, memory=5),
                                    backward=inn.ITD() if grad else inn.JacobianFree())
@@ -139,7 +139,7 @@ def test_anderson_in_place_history_equals_the_autograd_path():
 
 
 def test_damped_iteration_converges_where_plain_oscillates():
-    g = lambda z, x: -1.5 * z + x  # noqa: E731  fixed point x / 2.5, plain iteration diverges
+    g = lambda z, x: -1.5 * z + x
     x = torch.ones(3)
     z, stats = inn.fixed_point(g, x, solver=inn.FixedPointIteration(200, 1e-12, damping=0.5), backward=inn.ITD())
     assert stats.converged and torch.allclose(z, x / 2.5, rtol=1e-10, atol=0)
@@ -152,7 +152,7 @@ def test_nan_in_input_raises():
 
 
 def test_nan_from_the_map_raises():
-    f = lambda w, x: w * math.inf + x  # noqa: E731
+    f = lambda w, x: w * math.inf + x
     with pytest.raises(inn.NonFiniteError, match="NaN/Inf"):
         inn.fixed_point(f, torch.ones(3), solver=inn.FixedPointIteration(10, 1e-6), backward=inn.ITD(),
                         z0=torch.ones(3))
@@ -161,7 +161,7 @@ def test_nan_from_the_map_raises():
 
 
 def test_map_output_shape_mismatch_raises():
-    f = lambda w, x: torch.cat([w, w])  # noqa: E731
+    f = lambda w, x: torch.cat([w, w])
     with pytest.raises(ValueError, match="shape"):
         inn.fixed_point(f, torch.ones(3), solver=inn.FixedPointIteration(), backward=inn.ITD())
 

@@ -26,7 +26,7 @@ class Coupled(nn.Module):
     def __init__(self, seed: int = 0, features: int = 4) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        r = lambda *s: nn.Parameter(0.3 * torch.randn(*s, generator=g))  # noqa: E731
+        r = lambda *s: nn.Parameter(0.3 * torch.randn(*s, generator=g))
         self.A, self.P, self.U = r(3, 3), r(3, 4), r(3, features)
         self.Q, self.V = r(4, 3), r(4, features)
 
@@ -305,7 +305,7 @@ def test_tuple_input_matches_dense_implicit_gradient_in_every_mode():
     g = torch.Generator().manual_seed(3)
     A = 0.4 * torch.randn(5, 5, generator=g) / 5**0.5
     U = torch.randn(5, 4, generator=g)
-    f = lambda w, xs: torch.tanh(w @ A.T + xs[0] @ U.T + xs[1])  # noqa: E731
+    f = lambda w, xs: torch.tanh(w @ A.T + xs[0] @ U.T + xs[1])
     x, s = torch.randn(3, 4, generator=g), torch.randn(3, 5, generator=g)
     R = torch.randn(3, 5, generator=g)
     with torch.no_grad():

@@ -24,7 +24,7 @@ def _rel(a, b):
 def test_fixed_point_equals_fixed_point_iteration_on_a_contraction():
     cell = make_cell(q=0.9)
     x = torch.randn(4, 5)
-    g = lambda z: cell(z, x)  # noqa: E731
+    g = lambda z: cell(z, x)
     with torch.no_grad():
         ref, s_fp = inn.FixedPointIteration(max_iter=2000, tol=1e-15).solve(g, torch.zeros(4, 6))
         z, s_b = inn.Broyden(max_iter=200, tol=1e-13).solve(g, torch.zeros(4, 6))
@@ -48,7 +48,7 @@ def _symmetric(n: int, q: float, spectrum: str) -> torch.Tensor:
 def test_fewer_iterations_than_fixed_point_iteration_on_a_hard_linear_contraction(spectrum):
     M = _symmetric(100, 0.99, spectrum)
     b = torch.randn(8, 100, generator=torch.Generator().manual_seed(1))
-    g = lambda z: z @ M + b  # noqa: E731
+    g = lambda z: z @ M + b
     with torch.no_grad():
         _, fp = inn.FixedPointIteration(max_iter=5000, tol=1e-8).solve(g, torch.zeros_like(b))
         z, br = inn.Broyden(max_iter=5000, tol=1e-8, memory=10).solve(g, torch.zeros_like(b))
@@ -79,7 +79,7 @@ def test_a_sample_at_its_fixed_point_takes_plain_steps(grad):
     converge as they would alone."""
     x = torch.randn(4, 3)
     x[0] = 0.0
-    f = lambda z: torch.tanh(0.5 * z + x)  # noqa: E731  fixed point 0 for sample 0
+    f = lambda z: torch.tanh(0.5 * z + x)
     with torch.set_grad_enabled(grad):
         z, stats = inn.Broyden(max_iter=60, tol=1e-13, memory=5).solve(f, torch.zeros(4, 3))
         alone, _ = inn.Broyden(max_iter=60, tol=1e-13, memory=5).solve(lambda w: f(torch.cat([w[:1] * 0, w]))[1:],

@@ -27,9 +27,6 @@ from train.config import config_parser, field_comments
 from train.data import DOWNLOADS, EMBEDDED, DataError, load
 
 ROOT = Path(__file__).resolve().parents[1]
-# the project's shared data sets (torchvision layout) beside the checkout, or IMPLICITNETS_DATA_ROOT
-SHARED = os.environ.get("IMPLICITNETS_DATA_ROOT", str(ROOT.parent / "shared" / "data"))
-needs_shared = pytest.mark.skipif(not Path(SHARED).is_dir(), reason=f"no shared data folder at {SHARED}")
 
 SMALL = ["--no-progress", "--no-plot", "--no-baseline", "--test-limit", "200", "--threads", "1"]
 
@@ -39,7 +36,7 @@ def run(tmp_path: Path, *args: str) -> dict:
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
-    return torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("backward", ["itd", "itd:3", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb"])
@@ -68,8 +65,11 @@ def test_two_step_smoke_baselines(tmp_path, model):
     assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0
 
 
-def test_baseline_trained_in_the_same_run(tmp_path):
+def test_baseline_trained_in_the_same_run(tmp_path, capsys):
     summary = mnist.main([*SMALL[:-5], "--test-limit", "200", "--out", str(tmp_path), "--max-steps", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-4].startswith("fc test accuracy: ") and lines[-3].startswith("model")  # the DEQ, then the table
+    assert summary["activation"] == summary["config"]["activation"] == "tanh"  # the FC model's, not --activation
     base = summary["baseline"]
     assert base["model"] == "mlp" and base["steps"] == summary["steps"] == 3
     assert abs(base["parameters"] - summary["parameters"]) / summary["parameters"] < 0.01  # same size
@@ -183,10 +183,33 @@ def test_training_on_a_torchvision_copy_offline(tmp_path):
     assert summary["data"] == "fashion-mnist" and summary["steps"] == 2
 
 
-@needs_shared
-def test_the_shared_fashion_mnist_copy_is_complete():
-    data = load("fashion-mnist", SHARED)
-    assert len(data.train) == 60000 and len(data.test) == 10000
+def test_the_embedded_fashion_subset_is_real_and_balanced():
+    data = load("fashion-5k")
+    assert data.train.images.shape == (5000, 1, 28, 28) and data.test.images.shape == (2000, 1, 28, 28)
+    assert torch.bincount(data.train.labels).tolist() == [500] * 10
+    assert torch.bincount(data.test.labels).tolist() == [200] * 10
+    assert not torch.equal(data.train.images[:100], load("mnist-5k").train.images[:100])
+
+
+def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
+    """torchvision's download fails part-way (no network is touched: it is replaced)."""
+    from torchvision import datasets
+
+    def broken_download(self):
+        raw = Path(self.raw_folder)
+        raw.mkdir(parents=True, exist_ok=True)
+        (raw / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(datasets.FashionMNIST, "download", broken_download)
+    root = tmp_path / "root"
+    with pytest.raises(DataError, match="could not be downloaded: network is unreachable .*fashion-5k"):
+        load("fashion-mnist", root, download=True)
+    assert not root.exists()
+    root.mkdir()
+    with pytest.raises(DataError, match="could not be downloaded"):
+        load("fashion-mnist", root, download=True)
+    assert root.is_dir() and list(root.iterdir()) == []  # the user's folder stays, what was made in it goes
 
 
 def test_bad_data_path_is_a_clear_error(tmp_path):
@@ -251,6 +274,14 @@ def test_every_option_has_help(script):
     assert "--threads THREADS     CPU cores" in text
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "train.mnist", "--device", "cuda", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip() == proc.stderr.strip().splitlines()[0]
+    assert proc.stderr.startswith("error: --device cuda, but this machine has no CUDA device")
+
+
 def test_command_line_reports_bad_option_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "train.mnist", "--backward", "nope", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -312,7 +343,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed: make it longer"
     proc.kill()
     proc.wait()
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)  # loads: complete
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # loads: complete
     assert ckpt["epoch"] in (2, 3)  # the last epoch end before the kill
     resumed = mnist.main([*common, "--out", str(out), "--resume"])
     assert resumed["epochs_completed"] == 4

@@ -15,7 +15,12 @@ and trained transductively, full batch, with Adam and a bias-free per-node linea
 
 For each L the script reports test accuracy of both models; chance is ``1 / classes``.
 
-    python -m train.chains --out train/results/chains
+    python -m train.chains                             # writes runs/chains
+    python -m train.chains --quick                     # one short length, a few seconds
+    python -m train.chains --out train/results/chains  # refresh the committed results
+
+A solve that stops at its iteration limit is counted (``solver_warnings`` per row), not
+printed.
 """
 
 from __future__ import annotations
@@ -32,28 +37,30 @@ from torch import Tensor, nn
 import implicitnets as inn
 from implicitnets.maps import GraphMap, normalized_adjacency
 from train.atomic import pyplot, write_atomic, write_csv, write_png
+from train.baseline import matched_size
 from train.config import parse_config
+from train.warning_fold import FoldedWarnings
 
 
 @dataclass
 class Config:
-    out: str = "train/results/chains"
-    lengths: str = "5,10,20,40,60,80,100"
-    classes: int = 2
-    chains_per_class: int = 10
-    train_fraction: float = 0.2
+    out: str = "runs/chains"  # folder for chains.csv, chains.png and summary.json
+    lengths: str = "5,10,20,40,60,80,100"  # chain lengths L, comma-separated
+    classes: int = 2  # labels (chance: 1 / classes)
+    chains_per_class: int = 10  # chains of each label
+    train_fraction: float = 0.2  # share of each class's nodes used for training
     width: int = 16  # m, the implicit model's state size per node
-    kappa: float = 0.95
+    kappa: float = 0.95  # bound on ‖W‖_∞ · λ_pf(Â): the GraphMap's contraction factor
     depth: int = 4  # GCN layers
-    epochs: int = 200
-    lr: float = 0.01
+    epochs: int = 200  # full-batch Adam steps
+    lr: float = 0.01  # Adam's learning rate
     forward_iters: int = 1000  # implicit model: at most this many Picard iterations ...
     forward_tol: float = 1e-7  # ... stopping at this relative residual
-    backward_iters: int = 1000
-    backward_tol: float = 1e-6  # float32 reaches ~1e-7 at best
-    seed: int = 0
-    threads: int = 1
-    quick: bool = False
+    backward_iters: int = 1000  # Neumann iterations of the adjoint solve ...
+    backward_tol: float = 1e-6  # ... stopping at this relative residual (float32 reaches ~1e-7 at best)
+    seed: int = 0  # chains, split and initial weights
+    threads: int = 1  # CPU threads (torch.set_num_threads)
+    quick: bool = False  # one short length, fewer epochs
 
 
 QUICK = {"lengths": "12", "chains_per_class": 3, "epochs": 100, "width": 8, "forward_iters": 200, "forward_tol": 1e-6,
@@ -136,8 +143,7 @@ def parameters(model: nn.Module) -> int:
 
 def gcn_width(cfg: Config, target: int, adjacency: Tensor) -> int:
     """The hidden width whose GCN parameter count is closest to ``target``."""
-    return min(range(1, 4 * cfg.width + 1),
-               key=lambda h: abs(parameters(GCN(cfg.classes, h, cfg.depth, adjacency)) - target))
+    return matched_size(lambda h: parameters(GCN(cfg.classes, h, cfg.depth, adjacency)), target)
 
 
 def train_one(model: nn.Module, data: dict[str, Tensor], cfg: Config) -> dict[str, float]:
@@ -145,13 +151,14 @@ def train_one(model: nn.Module, data: dict[str, Tensor], cfg: Config) -> dict[st
     x, y, train = data["features"], data["labels"], data["train"]
     start = time.perf_counter()
     losses = []
-    for _ in range(cfg.epochs):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x)[train], y[train])
-        loss.backward()
-        opt.step()
-        model.after_step()
-        losses.append(float(loss.detach()))
+    with FoldedWarnings("chains", reissue=False) as folded:
+        for _ in range(cfg.epochs):
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x)[train], y[train])
+            loss.backward()
+            opt.step()
+            model.after_step()
+            losses.append(float(loss.detach()))
     seconds = time.perf_counter() - start
     with torch.no_grad():
         correct = model(x).argmax(1) == y
@@ -159,7 +166,7 @@ def train_one(model: nn.Module, data: dict[str, Tensor], cfg: Config) -> dict[st
     far = test & (data["distance"] > cfg.depth)  # beyond the GCN's receptive field
     return {"train_loss": losses[-1], "test_acc": float(correct[test].float().mean()),
             "far_acc": float(correct[far].float().mean()) if far.any() else float("nan"),
-            "seconds": seconds, "parameters": parameters(model),
+            "seconds": seconds, "parameters": parameters(model), "solver_warnings": folded.convergence,
             "finite": all(map(torch.isfinite, map(torch.tensor, losses)))}
 
 
@@ -201,10 +208,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(row)
             print(f"L={length:4d} {name:8s} params={row['parameters']:5d} test={100 * row['test_acc']:6.2f}% "
                   f"beyond {cfg.depth} hops={100 * row['far_acc']:6.2f}% loss={row['train_loss']:.4f} "
-                  f"({row['seconds']:.1f} s)", flush=True)
+                  f"({row['seconds']:.1f} s, {row['solver_warnings']} unconverged solves)", flush=True)
     os.makedirs(cfg.out, exist_ok=True)
     keys = ["length", "model", "parameters", "test_acc", "far_acc", "train_loss", "seconds", "well_posedness",
-            "forward_iterations"]
+            "forward_iterations", "solver_warnings"]
     write_csv(os.path.join(cfg.out, "chains.csv"), [{k: r.get(k, "") for k in keys} for r in rows])
     summary = json.dumps({"config": asdict(cfg), "rows": rows}, indent=1)
     write_atomic(os.path.join(cfg.out, "summary.json"), summary.encode())

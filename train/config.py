@@ -15,7 +15,7 @@ import io
 import tokenize
 from typing import Any, TypeVar
 
-__all__ = ["config_parser", "parse_config", "field_comments"]
+__all__ = ["config_parser", "parse_config", "field_comments", "check_choices"]
 
 T = TypeVar("T")
 
@@ -79,3 +79,15 @@ def parse_config(
                 parser.error(f"unknown --{preset_field} {chosen!r}; choose one of {', '.join(presets)}")
             parser.set_defaults(**presets[chosen])
     return cls(**vars(parser.parse_args(argv)))
+
+
+def check_choices(cfg: Any, choices: dict[str, tuple], at_least_one: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` naming the option if a field of ``cfg`` is not one of its
+    ``choices`` or a field named in ``at_least_one`` is below 1."""
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                             f"got {getattr(cfg, name)!r}")
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")

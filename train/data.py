@@ -1,12 +1,16 @@
-"""MNIST-style data sets as tensors: the embedded 5k set, or torchvision's MNIST / Fashion-MNIST.
+"""MNIST-style data sets as tensors: two embedded subsets, or torchvision's MNIST / Fashion-MNIST.
 
-* ``mnist-5k`` (default): 5,000 real MNIST training digits (500 per class, stored sorted by
-  class — shuffle!) and the full real 10,000-digit test set, shipped with the project as
-  idx gzip files in ``train/data/mnist-5k/`` and parsed here directly (no network).
-* ``mnist`` / ``fashion-mnist``: ``torchvision.datasets.MNIST`` / ``FashionMNIST``.  Without a
-  data root they are downloaded (``download=True``) into ``runs/data/<name>`` inside the
-  repository (ignored by git); with ``root`` the files must already be there
-  (``download=False``, read offline).
+* ``mnist-5k``: 5,000 real MNIST training digits (500 per class, stored sorted by class —
+  shuffle!) and the full real 10,000-digit test set, shipped with the project as idx gzip
+  files in ``train/data/mnist-5k/`` and parsed here directly (no network).
+* ``fashion-5k``: real Fashion-MNIST, the first 500 images of each class of the official
+  training split and the first 200 of each class of the official test split (5,000 + 2,000,
+  in their original order), shipped the same way in ``train/data/fashion-5k/``.
+* ``mnist`` / ``fashion-mnist``: the full ``torchvision.datasets.MNIST`` / ``FashionMNIST``.
+  Without a data root they are downloaded (``download=True``) into ``runs/data/<name>``
+  inside the repository (ignored by git); with ``root`` the files must already be there
+  (read offline), unless ``download=True`` asks torchvision to fetch them into ``root``.  A
+  failed download removes the folders it created.
 
 A root may be the torchvision root itself (``<root>/MNIST/raw/...``) or a folder holding one
 sub-folder per data set (``<root>/mnist-5k/MNIST/raw/...``, ``<root>/fashion-mnist/...``).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -25,11 +30,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DataError", "Split", "MNISTData", "load", "read_idx_gz", "EMBEDDED", "DOWNLOADS", "DATASETS"]
+__all__ = ["DataError", "Split", "MNISTData", "DeviceData", "load", "on_device", "read_idx_gz", "EMBEDDED", "DOWNLOADS",
+           "DATASETS", "EMBEDDED_SETS"]
 
-EMBEDDED = Path(__file__).resolve().parent / "data" / "mnist-5k"
+EMBEDDED_SETS = {name: Path(__file__).resolve().parent / "data" / name for name in ("mnist-5k", "fashion-5k")}
+EMBEDDED = EMBEDDED_SETS["mnist-5k"]
 DOWNLOADS = Path(__file__).resolve().parents[1] / "runs" / "data"  # the repository's runs/ (git-ignored)
-DATASETS = ("mnist-5k", "mnist", "fashion-mnist")
+DATASETS = ("mnist-5k", "fashion-5k", "mnist", "fashion-mnist")
+_TORCHVISION = {"mnist": "MNIST", "mnist-5k": "MNIST", "fashion-mnist": "FashionMNIST", "fashion-5k": "FashionMNIST"}
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -126,38 +134,80 @@ def _resolve_root(root: Path, name: str, cls_name: str) -> Path:
     )
 
 
-def _load_torchvision(name: str, root: Path | None) -> tuple[Split, Split, str]:
-    from torchvision import datasets  # imported lazily: the embedded set does not need it
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None if ``path`` exists)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
 
-    cls = datasets.FashionMNIST if name == "fashion-mnist" else datasets.MNIST
-    download = root is None
+
+def _load_torchvision(name: str, root: Path | None, download: bool) -> tuple[Split, Split, str]:
+    from torchvision import datasets  # imported lazily: the embedded sets do not need it
+
+    cls = datasets.FashionMNIST if _TORCHVISION[name] == "FashionMNIST" else datasets.MNIST
+    download = download or root is None
     if root is None:
         base = DOWNLOADS / name
+    elif download:
+        base = root
     else:
         base = _resolve_root(root, name, cls.__name__)
+    created = _first_missing(base / cls.__name__ / "raw") if download else None
     splits = []
     for train in (True, False):
         try:
             ds = cls(str(base), train=train, download=download)
         except Exception as err:  # torchvision raises RuntimeError / OSError / AssertionError
+            if created is not None and created.exists():
+                shutil.rmtree(created)  # a failed download leaves no (empty or partial) folders behind
             how = "could not be downloaded" if download else "could not be read (download=False)"
             split = "train" if train else "test"
-            raise DataError(f"{name} {split} split under {base / cls.__name__ / 'raw'} {how}: {err}") from err
+            raise DataError(f"{name} {split} split under {base / cls.__name__ / 'raw'} {how}: "
+                            f"{' '.join(str(err).split())[:300] or type(err).__name__} "
+                            f"(the embedded {' and '.join(EMBEDDED_SETS)} need no download)") from err
         splits.append(_split(ds.data, ds.targets, f"{base / cls.__name__ / 'raw'}"))
     return splits[0], splits[1], str(base)
 
 
-def load(name: str = "mnist-5k", root: str | os.PathLike | None = None) -> MNISTData:
+def load(name: str = "mnist-5k", root: str | os.PathLike | None = None, download: bool = False) -> MNISTData:
     """Load ``name`` (one of :data:`DATASETS`) as tensors.
 
-    ``mnist-5k`` without ``root`` reads the embedded gzip files; with ``root`` it reads the
+    An embedded set without ``root`` reads the shipped gzip files; with ``root`` it reads the
     torchvision layout under it (``download=False``), like ``mnist`` and ``fashion-mnist``.
+    The full sets without ``root`` are downloaded into :data:`DOWNLOADS`; ``download=True``
+    downloads them into ``root``.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     root_path = None if root is None else Path(root).expanduser()
-    if name == "mnist-5k" and root_path is None:
-        train, test = _load_gz_folder(EMBEDDED)
-        return MNISTData(name, train, test, str(EMBEDDED))
-    train, test, source = _load_torchvision(name, root_path)
+    if name in EMBEDDED_SETS and root_path is None:
+        train, test = _load_gz_folder(EMBEDDED_SETS[name])
+        return MNISTData(name, train, test, str(EMBEDDED_SETS[name]))
+    if name in EMBEDDED_SETS and download:
+        raise ValueError(f"{name} is a subset shipped with the project: nothing to download")
+    train, test, source = _load_torchvision(name, root_path, download)
     return MNISTData(name, train, test, source)
+
+
+@dataclass(frozen=True)
+class DeviceData:
+    """A data set on the training device: raw training images (to be augmented, then
+    normalised, per batch), normalised test images, and the training set's pixel ``mean`` and
+    ``std`` used for both."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    mean: Tensor
+    std: Tensor
+
+
+def on_device(data: MNISTData, device: torch.device, dtype: torch.dtype, test_limit: int = 0) -> DeviceData:
+    """``data`` moved to ``device`` as ``dtype``; only the first ``test_limit`` test images (0: all)."""
+    train_x, train_y = data.train.images.to(device, dtype), data.train.labels.to(device)
+    mean, std = train_x.mean(), train_x.std()
+    test_x = (data.test.images[: test_limit or None].to(device, dtype) - mean) / std
+    return DeviceData(data.name, train_x, train_y, test_x, data.test.labels[: test_limit or None].to(device), mean, std)

@@ -28,11 +28,15 @@ training images, the others from the test images).  Every method meta-trains fro
 initial θ on the same task sequence and is evaluated on the same ``test_tasks`` tasks;
 accuracy is reported with a 95% normal interval (1.96 · std / √tasks).
 
-    python -m train.imaml --data-root ../shared/data --out train/results/imaml
+    python -m train.imaml --quick                  # a few meta-steps, seconds
+    python -m train.imaml                          # embedded Fashion-MNIST subset (fashion-5k), writes runs/imaml
+    python -m train.imaml --data fashion-mnist     # the full set, downloaded by torchvision into runs/data
+    python -m train.imaml --data fashion-mnist --data-root DIR --out train/results/imaml   # the committed results
 
-Fashion-MNIST is not shipped with the project: ``--data-root`` must point at a folder with
-``FashionMNIST/raw`` (or ``fashion-mnist/FashionMNIST/raw``) in torchvision's layout; it is
-read with ``download=False``.
+The default data set, ``fashion-5k``, ships with the project (500 training and 200 test
+images per class, see :mod:`train.data`).  ``--data-root DIR`` reads an existing copy of the
+full set (``DIR/FashionMNIST/raw`` or ``DIR/fashion-mnist/FashionMNIST/raw``, torchvision's
+layout) offline; add ``--download`` to fetch it into ``DIR``.
 """
 
 from __future__ import annotations
@@ -57,13 +61,14 @@ from train.config import parse_config
 from train.data import DataError, load
 
 METHODS = ("imaml-cg", "imaml-fp", "fomaml", "itd")
-DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # holds only mnist-5k
 
 
 @dataclass
 class Config:
-    out: str = "train/results/imaml"
-    data_root: str = DEFAULT_ROOT
+    out: str = "runs/imaml"  # folder for imaml_table.md, imaml.csv, summary.json, losses.json, imaml.png
+    data: str = "fashion-5k"  # fashion-5k (embedded) | fashion-mnist (the full set)
+    data_root: str = ""  # a folder holding a copy of the full set (read offline; --download fetches it there)
+    download: bool = False  # with --data-root: download the full set into it with torchvision
     methods: str = ",".join(METHODS)
     shots: str = "1,5"  # K, one experiment per value
     ways: int = 5  # N
@@ -238,18 +243,17 @@ def meta_train(method: Method, theta0: Tensor, pool: list[Tensor], cfg: Config, 
 
 
 def load_pools(cfg: Config) -> tuple[list[Tensor], list[Tensor]]:
+    if cfg.data not in ("fashion-5k", "fashion-mnist"):
+        raise SystemExit(f"error: --data must be fashion-5k or fashion-mnist, got {cfg.data!r}")
     try:
-        data = load("fashion-mnist", cfg.data_root)
-    except DataError as err:
-        raise SystemExit(
-            f"train.imaml needs Fashion-MNIST, which is not shipped with the project: {err}.\n"
-            "Pass --data-root DIR, DIR holding FashionMNIST/raw or fashion-mnist/FashionMNIST/raw "
-            "(torchvision layout, read with download=False)."
-        ) from err
+        data = load(cfg.data, cfg.data_root or None, download=cfg.download)
+    except (DataError, ValueError) as err:
+        raise SystemExit(f"error: {err} (--data-root DIR reads DIR/FashionMNIST/raw offline; --data fashion-5k "
+                         "is embedded)") from err
     train_classes = [int(c) for c in cfg.train_classes.split(",")]
     test_classes = [c for c in range(10) if c not in train_classes]
     if len(train_classes) < cfg.ways or len(test_classes) < cfg.ways:
-        raise SystemExit(f"--ways {cfg.ways} needs at least that many classes in both pools; "
+        raise SystemExit(f"error: --ways {cfg.ways} needs at least that many classes in both pools; "
                          f"meta-train {train_classes}, meta-test {test_classes}")
     return (by_class(data.train.images, data.train.labels, train_classes),
             by_class(data.test.images, data.test.labels, test_classes))
@@ -294,11 +298,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     methods = [m for m in cfg.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"error: unknown --methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     try:
         make_failure_policy(cfg.on_failure)
     except ValueError as err:
-        raise SystemExit(str(err)) from None
+        raise SystemExit(f"error: {err}") from None
     torch.set_num_threads(cfg.threads)
     train_pool, test_pool = load_pools(cfg)
     shapes = net_shapes(cfg.channels, cfg.ways)

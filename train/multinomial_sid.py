@@ -13,9 +13,11 @@ Adam; they differ in how each hypergradient is estimated:
 Cost is counted in epochs of per-sample gradient or Hessian-vector evaluations on the
 training set (a full gradient or a full HVP is one epoch; validation passes are free).
 
-    python -m train.multinomial_sid                          # Fashion-MNIST, downloaded once by torchvision
-    python -m train.multinomial_sid --data-root DIR          # an existing copy (torchvision layout), offline
-    python -m train.multinomial_sid --dataset mnist-5k --n-train 2500 --n-val 2500   # the embedded digits
+    python -m train.multinomial_sid                          # embedded Fashion-MNIST subset (fashion-5k)
+    python -m train.multinomial_sid --dataset mnist-5k       # the embedded digits
+    python -m train.multinomial_sid --dataset fashion-mnist --n-train 10000 --n-val 10000   # the full set
+                                                             # (downloaded by torchvision into runs/data)
+    python -m train.multinomial_sid --dataset fashion-mnist --data-root DIR ...   # an existing copy, offline
 
 Data are read by :func:`train.data.load` (see :mod:`train.data` for the folder layouts); a
 missing or corrupt file is an error naming it.
@@ -42,10 +44,11 @@ from train.config import parse_config
 @dataclass
 class Config:
     out: str = "runs/multinomial_sid"
-    data_root: str = ""  # a folder holding an existing copy (no download); "": see train.data.load
-    dataset: str = "fashion-mnist"  # fashion-mnist | mnist-5k
-    n_train: int = 10000
-    n_val: int = 10000
+    data_root: str = ""  # a folder holding a copy of a full set (read offline; --download fetches it there)
+    download: bool = False  # with --data-root: download the full set into it with torchvision
+    dataset: str = "fashion-5k"  # fashion-5k | mnist-5k (embedded) | fashion-mnist | mnist (full sets)
+    n_train: int = 2500  # training images (taken from the training split)
+    n_val: int = 2500  # validation images (the next ones of the training split)
     epochs: float = 100.0  # budget per method
     aid_inner: int = 3  # t (full-batch steps per outer step)
     aid_linear: int = 3  # k (CG iterations per outer step)
@@ -66,9 +69,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def load(cfg: Config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Train/validation split of the training set and the official test set."""
-    if cfg.dataset not in ("fashion-mnist", "mnist-5k"):
-        raise ValueError(f"--dataset must be fashion-mnist or mnist-5k, got {cfg.dataset!r}")
-    loaded = data.load(cfg.dataset, cfg.data_root or None)
+    if cfg.dataset not in data.DATASETS:
+        raise ValueError(f"--dataset must be one of {', '.join(data.DATASETS)}, got {cfg.dataset!r}")
+    loaded = data.load(cfg.dataset, cfg.data_root or None, download=cfg.download)
     n = len(loaded.train)
     if cfg.n_train + cfg.n_val > n:
         raise ValueError(f"{cfg.dataset} has {n} training images < --n-train + --n-val = {cfg.n_train + cfg.n_val}")

@@ -2,7 +2,7 @@
 
     python -m train.stability                     # full grid (5 modes × 7 settings × 3 seeds, 3 epochs)
     python -m train.stability --quick             # reduced grid, a few minutes
-    python -m train.stability --figures docs/figures
+    python -m train.stability --figures train/results   # also refresh the committed figures
 
 Trains the FC equilibrium classifier ``w = tanh(A w + B x + c)``, ``logits = H w + h``
 (:class:`models.FCEquilibrium`, width 200) on the embedded MNIST-5k digits with t = 20
@@ -86,7 +86,7 @@ class Config:
     train_limit: int = 0  # use the first N (shuffled) training digits only (0: all 5,000)
     test_limit: int = 0  # evaluate on the first N test digits only (0: all 10,000)
     threads: int = 1  # CPU cores to compute on (the runs are small: more than one rarely helps)
-    figures: str = ""  # also write the PNGs and table.md into this folder (e.g. docs/figures)
+    figures: str = ""  # also write the PNGs and table.md into this folder (e.g. train/results)
     resume: bool = True  # reuse finished runs found under --out/runs
     quick: bool = False  # a reduced grid: 0.9 and none, seed 0, 2 epochs
     progress: bool = True  # one line per epoch of every run
