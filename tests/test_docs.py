@@ -29,6 +29,8 @@ def test_python_blocks_run_without_warnings(page):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            # torch's own deprecation notice, raised inside torch.func.jacfwd on its first call
+            warnings.filterwarnings("ignore", message=r"`torch.jit.script` is deprecated", category=FutureWarning)
             for i, block in enumerate(python_blocks(page)):
                 exec(compile(block, f"{page.name} python block {i}", "exec"), module.__dict__)
     finally:
