@@ -19,7 +19,7 @@ from .errors import NonFiniteError
 from .maps.protocol import parts_of
 from .solvers import ForwardSolver, SolverStats
 from .state import State, parts
-from .transforms import physical
+from .transforms import host_read, physical
 
 __all__ = ["fixed_point", "FixedPointLayer"]
 
@@ -90,6 +90,7 @@ class _FiniteInputs:
         self.named = [(name, physical(t)) for name, t in named]  # inside vmap: every mapped problem
         self.sums = [t.sum(dtype=torch.promote_types(t.dtype, torch.float32)) for _, t in self.named]
 
+    @host_read
     def check(self) -> None:
         """Raise :class:`NonFiniteError` naming the first input that holds NaN or Inf."""
         sums = self.sums[0] if len(self.sums) == 1 else torch.stack(self.sums)

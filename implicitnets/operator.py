@@ -63,7 +63,7 @@ class LinearOperator(abc.ABC):
         return torch.add(c, self.rmv(y), alpha=alpha)
 
     @property
-    def T(self) -> LinearOperator:  # noqa: N802 (the usual name of a transpose)
+    def T(self) -> LinearOperator:
         """The transposed operator ``Aᵀ``."""
         return Transposed(self)
 
@@ -95,7 +95,7 @@ class Transposed(LinearOperator):
         return self.op.mv_add(y, c, alpha)
 
     @property
-    def T(self) -> LinearOperator:  # noqa: N802
+    def T(self) -> LinearOperator:
         return self.op
 
 
@@ -116,7 +116,7 @@ class IdentityMinus(LinearOperator):
         return self.op.rmv_add(y, y, -1.0)
 
     @property
-    def T(self) -> LinearOperator:  # noqa: N802
+    def T(self) -> LinearOperator:
         """``(I − A)ᵀ = I − Aᵀ``."""
         return IdentityMinus(self.op.T)
 

@@ -7,10 +7,16 @@ without data-dependent control flow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 from torch import Tensor
 
-__all__ = ["transforms_active", "under_vmap", "plain_value", "physical"]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+__all__ = ["transforms_active", "under_vmap", "plain_value", "physical", "host_read", "read"]
 
 
 def transforms_active(x: Tensor) -> bool:
@@ -40,6 +46,8 @@ def plain_value(x: Tensor) -> Tensor:
     """
     functorch = torch._C._functorch
     x = x.detach()
+    if torch.compiler.is_compiling():
+        return x
     while functorch.is_functorch_wrapped_tensor(x):
         if functorch.is_batchedtensor(x):
             raise NotImplementedError("this value cannot be read inside vmap: it differs between the mapped problems")
@@ -53,6 +61,21 @@ def physical(x: Tensor) -> Tensor:
     stopping test, a NaN check), which are then read on the host outside the transform."""
     functorch = torch._C._functorch
     x = x.detach()
+    if torch.compiler.is_compiling():
+        return x
     while functorch.is_functorch_wrapped_tensor(x):
         x = functorch.get_unwrapped(x)
     return x
+
+
+def host_read(fn: Callable[P, R]) -> Callable[P, R]:
+    """Mark ``fn`` as reading tensor values on the host (a stopping test, a NaN check,
+    statistics): ``torch.compile`` runs it eagerly, one graph break without a warning,
+    instead of tracing into the read."""
+    return torch.compiler.disable(fn)
+
+
+@host_read
+def read(t: Tensor) -> float | list:
+    """``t``'s values on the host (``t.tolist()``): the one kind of read the solvers make."""
+    return t.tolist()

@@ -119,3 +119,20 @@ def test_torch_compile_matches_eager(backward, dtype, rtol, atol):
     torch.testing.assert_close(out_c, out, rtol=rtol, atol=atol)
     for a, b in zip(grads_c, eager):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("tol", [0.0, 1e-4], ids=lambda t: f"tol={t}")
+def test_torch_compile_prints_no_graph_break_warning(tol, caplog):
+    """The library's host reads (NaN checks, stopping tests, statistics) are marked for Dynamo
+    (``transforms.host_read``): it runs them eagerly without a multi-line graph-break warning."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        inn.FixedPointLayer(inn.maps.TanhMap(12, 10, contraction=0.8),
+                            solver=inn.FixedPointIteration(max_iter=15, tol=tol),
+                            backward=inn.AID(linear.GMRES(max_iter=15, tol=tol))),
+        torch.nn.Linear(10, 3),
+    )
+    with caplog.at_level("WARNING"):
+        torch.compile(model)(torch.randn(4, 12)).sum().backward()
+    assert not [r for r in caplog.records if "Graph break" in r.getMessage()]

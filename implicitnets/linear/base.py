@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
+from ..transforms import read
 
 __all__ = ["LinearSolver", "LinearInfo"]
 
@@ -79,14 +80,14 @@ def check_shape(out: Tensor, shape: torch.Size, name: str) -> None:
         raise ValueError(f"op.{name} returned shape {tuple(out.shape)}, expected b's shape {tuple(shape)}")
 
 
-def flat_mv(op: LinearOperator, p: Problem, transpose: bool = False) -> MatVec:
+def flat_mv(op: LinearOperator, p: LinearSystem, transpose: bool = False) -> MatVec:
     """``A x`` (or ``Aᵀ x``) acting on flat vectors; checks on the first product that it
     preserves ``b``'s shape."""
     return _FlatProduct(op, p, transpose)
 
 
 class _FlatProduct:
-    def __init__(self, op: LinearOperator, p: Problem, transpose: bool) -> None:
+    def __init__(self, op: LinearOperator, p: LinearSystem, transpose: bool) -> None:
         self.product = op.rmv if transpose else op.mv
         self.shape, self.name, self.checked = p.shape, "rmv" if transpose else "mv", False
 
@@ -98,7 +99,7 @@ class _FlatProduct:
         return out.reshape(-1)
 
 
-class Problem:
+class LinearSystem:
     """Flattened ``b``, the start ``x0`` (``None``: zero), and the bookkeeping shared by all solvers.
 
     The norm of ``b`` is read before the loop (one host synchronisation; a stopping
@@ -113,7 +114,7 @@ class Problem:
         self.b = b.reshape(-1)
         self.x0 = None if x0 is None else x0.detach().to(b).reshape(-1).clone()
         self.warm = x0 is not None
-        self.bnorm = None if defer else float(norm(self.b))  # the one host sync before the loop
+        self.bnorm = None if defer else read(norm(self.b))  # the one host sync before the loop
 
     def trivial(self) -> tuple[Tensor, LinearInfo] | None:
         """The answer without iterating when ``b == 0`` (x = 0) or ``b`` is non-finite
@@ -128,7 +129,7 @@ class Problem:
 
     def finish(self, x: Tensor, r: Tensor, iterations: int, tol: float) -> tuple[Tensor, LinearInfo]:
         """Package ``x`` (any shape of ``b``'s size) with the true residual ``r = b − A x``."""
-        rnorm, bnorm, total = torch.stack([norm(r), norm(self.b), x.sum()]).tolist()  # the one host sync
+        rnorm, bnorm, total = read(torch.stack([norm(r), norm(self.b), x.sum()]))  # the one host sync
         x = x.view(self.shape)
         if bnorm == 0.0:  # b = 0: x = 0, whatever the iteration did
             return torch.zeros_like(x), LinearInfo(iterations, 0.0, True)
@@ -140,7 +141,7 @@ class Problem:
         return x, LinearInfo(iterations, res, converged)
 
 
-def threshold(p: Problem, tol: float) -> float:
+def threshold(p: LinearSystem, tol: float) -> float:
     """``tol · ‖b‖``, the stopping threshold on ``‖r‖`` (0 for ``tol = 0``)."""
     return tol * p.bnorm if tol > 0 and p.bnorm is not None else 0.0
 
@@ -151,7 +152,7 @@ def stop(rnorm: Tensor, threshold: float, r: Tensor | None = None) -> bool:
     A norm that overflows while the residual ``r`` itself is finite does not stop the
     solve: a diverging iteration runs on until its iterate is non-finite, as with ``tol = 0``.
     """
-    value = float(rnorm)
+    value = read(rnorm)
     if value <= threshold or math.isnan(value):
         return True
     if math.isinf(value):
@@ -162,7 +163,7 @@ def stop(rnorm: Tensor, threshold: float, r: Tensor | None = None) -> bool:
 Inner = Callable[[MatVec, Tensor, Tensor, int, float], tuple[Tensor, int]]
 
 
-def restarted(inner: Inner, mv: MatVec, p: Problem, max_iter: int, tol: float) -> tuple[Tensor, LinearInfo]:
+def restarted(inner: Inner, mv: MatVec, p: LinearSystem, max_iter: int, tol: float) -> tuple[Tensor, LinearInfo]:
     """Run ``inner(mv, x, r, budget, threshold) -> (x, used)`` from the true residual.
 
     After each run the true residual is recomputed; if ``inner``'s own estimate claimed

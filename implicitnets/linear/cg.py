@@ -10,11 +10,12 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
+from ..transforms import read
 from .base import (
     LinearInfo,
     LinearSolver,
+    LinearSystem,
     MatVec,
-    Problem,
     check_options,
     dot,
     flat_mv,
@@ -52,8 +53,7 @@ def _symmetry_mismatch(mv: MatVec, like: Tensor) -> float:
     u = torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
     w = torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
     au, aw = mv(u), mv(w)
-    scale = float(norm(w) * norm(au) + norm(aw) * norm(u))
-    gap = float((dot(w, au) - dot(aw, u)).abs())
+    scale, gap = read(torch.stack([norm(w) * norm(au) + norm(aw) * norm(u), (dot(w, au) - dot(aw, u)).abs()]))
     return gap / scale if scale > 0 else 0.0
 
 
@@ -81,7 +81,7 @@ class CG(LinearSolver):
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` (``A`` symmetric positive definite)."""
-        p = Problem("CG", b, x0, defer=self.tol == 0)
+        p = LinearSystem("CG", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
         mv = flat_mv(op, p)
@@ -116,7 +116,7 @@ class NormalCG(LinearSolver):
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` through ``Aᵀ A x = Aᵀ b`` (uses ``op.rmv``)."""
-        p = Problem("NormalCG", b, x0, defer=self.tol == 0)
+        p = LinearSystem("NormalCG", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
         rmv = flat_mv(op, p, transpose=True)

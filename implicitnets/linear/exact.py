@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
-from .base import LinearInfo, LinearSolver, Problem, flat_mv
+from .base import LinearInfo, LinearSolver, LinearSystem, flat_mv
 
 __all__ = ['Exact']
 
@@ -27,7 +27,7 @@ class Exact(LinearSolver):
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` exactly; ``x0`` is unused."""
-        p = Problem("Exact", b, None)
+        p = LinearSystem("Exact", b, None)
         if (done := p.trivial()) is not None:
             return done
         mv, n = flat_mv(op, p), p.b.numel()

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
-from .base import LinearInfo, LinearSolver, MatVec, Problem, check_options, flat_mv, norm, restarted
+from ..transforms import read
+from .base import LinearInfo, LinearSolver, LinearSystem, MatVec, check_options, flat_mv, norm, restarted
 
 __all__ = ['GMRES']
 
@@ -80,7 +81,7 @@ def _gmres_cycle(mv: MatVec, x: Tensor, r: Tensor, m: int, threshold: float) -> 
     beta = norm(r)
     torch.div(r, beta.clamp_min(tiny), out=V[0])
     columns: list[Tensor] = []
-    ls = _HessenbergLeastSquares(float(beta), torch.finfo(r.dtype).eps) if threshold > 0 else None
+    ls = _HessenbergLeastSquares(read(beta), torch.finfo(r.dtype).eps) if threshold > 0 else None
     for j in range(m):
         w = mv(V[j])
         basis = V[: j + 1]
@@ -92,11 +93,11 @@ def _gmres_cycle(mv: MatVec, x: Tensor, r: Tensor, m: int, threshold: float) -> 
         torch.div(w, rest.clamp_min(tiny), out=V[j + 1])
         columns.append(torch.cat([h, h2, rest.view(1)]))
         if ls is not None:
-            values = columns[-1].tolist()
+            values = read(columns[-1])
             if not ls.add(values[: j + 1], values[j + 1: -1], values[-1]) > threshold:  # also stops on NaN
                 break
     if ls is None:
-        flat = torch.cat([beta.view(1), *columns]).tolist()  # the one host sync of the cycle
+        flat = read(torch.cat([beta.view(1), *columns]))  # the one host sync of the cycle
         ls, offset = _HessenbergLeastSquares(flat[0], torch.finfo(r.dtype).eps), 1
         for j in range(len(columns)):
             ls.add(flat[offset: offset + j + 1], flat[offset + j + 1: offset + 2 * j + 2], flat[offset + 2 * j + 2])
@@ -129,7 +130,7 @@ class GMRES(LinearSolver):
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` with ``matvec(x) = A x``."""
-        p = Problem("GMRES", b, x0, defer=self.tol == 0)
+        p = LinearSystem("GMRES", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
 

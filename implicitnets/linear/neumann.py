@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
-from .base import LinearInfo, LinearSolver, Problem, check_options, check_shape, norm, stop, threshold
+from ..transforms import read
+from .base import LinearInfo, LinearSolver, LinearSystem, check_options, check_shape, norm, stop, threshold
 
 __all__ = ['Neumann']
 
@@ -36,7 +37,7 @@ class Neumann(LinearSolver):
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` with ``(I − A) x + b = op.identity_minus().mv_add(x, b)``."""
-        p = Problem("Neumann", b, x0, defer=self.tol == 0)
+        p = LinearSystem("Neumann", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
         M, shape, limit = op.identity_minus(), p.shape, threshold(p, self.tol)
@@ -63,7 +64,7 @@ class Neumann(LinearSolver):
                 r = y if x is None else y - x
                 rnorm = norm(r)
                 if stop(rnorm, limit, r):
-                    if not float(rnorm) <= limit:  # diverged: hand back the non-finite iterate
+                    if not read(rnorm) <= limit:  # diverged: hand back the non-finite iterate
                         x = y
                     break
             x = y

@@ -83,7 +83,7 @@ class _Updates:
 
     def select(self, keep: Tensor) -> None:
         """Keep the samples ``keep`` (rows of the active set)."""
-        pick = lambda t: t.index_select(0, keep)  # noqa: E731
+        pick = lambda t: t.index_select(0, keep)
         self.x = pick(self.x)
         if self.F is not None:
             self.F, self.BF, self.p = pick(self.F), pick(self.BF), pick(self.p)

@@ -29,7 +29,7 @@ from torch import Tensor
 from ..errors import NonFiniteError
 from ..failure import FailurePolicy
 from ..state import State, batch_size, map_parts, parts
-from ..transforms import physical, under_vmap
+from ..transforms import host_read, physical, read, under_vmap
 from .base import SolverStats
 from .rows import put_rows, restrict, take_rows, where_rows
 
@@ -180,7 +180,7 @@ class Monitor:
         self.checks += 1
         if not self.tol > 0:
             return False
-        value = float(r)
+        value = read(r)
         if not math.isfinite(value):
             raise NonFiniteError(
                 f"{self.name}: the map produced NaN/Inf (relative residual {value}) at "
@@ -216,7 +216,7 @@ class Monitor:
                 tn, td = tn.masked_fill(gone, 0.0), td.masked_fill(gone, 0.0)
             r = _ratio(torch.linalg.vector_norm(tn), torch.linalg.vector_norm(td))
             self.buffer[self.checks] = r
-            value, leaving = torch.stack([r, leave.sum().to(r.dtype)]).tolist()  # one host sync
+            value, leaving = read(torch.stack([r, leave.sum().to(r.dtype)]))  # one host sync
         self.checks += 1
         if not math.isfinite(value) and not self.best:
             raise NonFiniteError(
@@ -273,6 +273,7 @@ class Monitor:
             return g
         return restrict(g, self.index, self.result)
 
+    @host_read
     def finish(self, out: State, policy: FailurePolicy) -> tuple[State, SolverStats]:
         """The full-batch result (``out`` for the active samples) and the statistics; a
         solve that did not converge goes to ``policy.forward_failed``."""
