@@ -12,6 +12,7 @@ linear solvers, backward modes and failure policies are open: subclass
 
 from . import diagnostics, hypergrad, linear, maps, parametrizations
 from .backward import AID, ITD, BackwardMode, JacobianFree, Problem
+from .backward_stats import BackwardStats
 from .bound_map import BoundMap
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .failure import AdjointFailure, FailurePolicy, FallbackITD, FallbackJacobianFree, Raise, Resolution, Warn
@@ -39,6 +40,7 @@ __all__ = [
     "ForwardBackward",
     "PeacemanRachford",
     "SolverStats",
+    "BackwardStats",
     "BackwardMode",
     "Problem",
     "ITD",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .backward import AID, BackwardMode, Problem
+from .backward import BackwardMode, Problem
 from .backward.functional_step import map_tensors
 from .errors import NonFiniteError
 from .maps.protocol import parts_of
@@ -178,9 +178,10 @@ class FixedPointLayer(nn.Module):
     """An implicit layer: ``forward(x)`` returns ``w*`` with ``w* = cell(w*, x)``.
 
     ``solver`` runs the forward solve, ``backward`` chooses how gradients flow.  After each
-    call ``self.stats`` holds the solve's :class:`SolverStats` (filled in by backward too);
-    under ``torch.no_grad()`` no graph is built.  With ``AID(..., warm_start=True)`` each
-    adjoint solve starts from the previous one's solution.
+    call ``self.stats`` holds the solve's :class:`SolverStats` (``stats.backward``: the backward pass's);
+    under ``torch.no_grad()`` no graph is built.  Each call's backward solve starts where the
+    backward mode says (:meth:`BackwardMode.next_start`): with ``AID(..., warm_start=True)``,
+    from the previous call's adjoint solution.
     """
 
     def __init__(self, cell: MapFn, *, solver: ForwardSolver, backward: BackwardMode) -> None:
@@ -192,8 +193,7 @@ class FixedPointLayer(nn.Module):
         self.stats: SolverStats | None = None
 
     def forward(self, x: State, z0: State | None = None) -> State:
-        warm = isinstance(self.backward, AID) and self.backward.warm_start and self.stats is not None
-        adjoint_x0 = self.stats.adjoint if warm else None
+        adjoint_x0 = self.backward.next_start(self.stats) if self.stats is not None else None
         z, self.stats = fixed_point(
             self.cell, x, solver=self.solver, backward=self.backward, z0=z0, adjoint_x0=adjoint_x0
         )

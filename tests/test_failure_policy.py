@@ -93,7 +93,7 @@ def test_warn_warns_and_keeps_the_finite_gradient():
     x, y = _data()
     with pytest.warns(inn.ConvergenceWarning, match="did not converge"):
         grads, stats = _grads(f, inn.AID(DIVERGING, on_failure=inn.Warn()), x, y)
-    assert stats.backward_converged is False and stats.backward_fallback is None
+    assert stats.backward.converged is False and stats.backward.fallback is None
     assert all(torch.isfinite(g).all() for g in grads)
 
 
@@ -122,7 +122,7 @@ def test_fallback_jacobian_free_equals_jacobian_free():
     reference, _ = _grads(copy.deepcopy(f), inn.JacobianFree(), x, y)
     with pytest.warns(inn.ConvergenceWarning, match="falling back to the Jacobian-free gradient"):
         grads, stats = _grads(f, inn.AID(DIVERGING, on_failure=inn.FallbackJacobianFree()), x, y)
-    assert stats.backward_fallback == "JacobianFree" and stats.backward_converged is False
+    assert stats.backward.fallback == "JacobianFree" and stats.backward.converged is False
     _close(grads, reference, rtol=1e-13)
 
 
@@ -134,7 +134,7 @@ def test_fallback_itd_equals_itd_through_the_same_computation():
     reference, _ = _grads(copy.deepcopy(f), inn.ITD(), x, y, solver=inn.FixedPointIteration(max_iter=T, tol=0.0))
     with pytest.warns(inn.ConvergenceWarning, match="falling back to ITD"):
         grads, stats = _grads(f, inn.AID(DIVERGING, on_failure=inn.FallbackITD()), x, y)
-    assert stats.backward_fallback == "ITD" and stats.backward_converged is False
+    assert stats.backward.fallback == "ITD" and stats.backward.converged is False
     _close(grads, reference)
 
 
@@ -143,7 +143,7 @@ def test_fallback_itd_is_finite_and_reported():
     x, y = _data()
     with pytest.warns(inn.ConvergenceWarning, match="falling back to ITD"):
         grads, stats = _grads(f, inn.AID(DIVERGING, on_failure=inn.FallbackITD()), x, y)
-    assert stats.backward_fallback == "ITD"
+    assert stats.backward.fallback == "ITD"
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
@@ -166,7 +166,7 @@ def test_fallback_itd_sees_the_forward_weights_under_spectral_norm(exact):
     reference, _ = _grads(copy.deepcopy(f), inn.ITD(), x, y, solver=tight)
     with pytest.warns(inn.ConvergenceWarning, match="falling back to ITD"):
         grads, stats = _grads(f, inn.AID(starved, on_failure=inn.FallbackITD()), x, y, solver=tight)
-    assert stats.backward_fallback == "ITD"
+    assert stats.backward.fallback == "ITD"
     _close(grads, reference, rtol=1e-9)
 
 
@@ -184,7 +184,7 @@ def test_no_nan_in_parameters_after_optimiser_steps(policy):
         for _ in range(3):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(head(layer(x)), labels).backward()
-            failures += layer.stats.backward_converged is False
+            failures += layer.stats.backward.converged is False
             opt.step()
             for p in [*f.parameters(), *head.parameters()]:
                 assert torch.isfinite(p).all()
@@ -218,6 +218,6 @@ def test_converged_solve_does_not_trigger_the_policy():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         grads, stats = _grads(f, inn.AID(inn.linear.GMRES(max_iter=50, tol=1e-12), on_failure=inn.Raise()), x, y, tight)
-    assert stats.backward_converged is True and stats.backward_fallback is None
+    assert stats.backward.converged is True and stats.backward.fallback is None
     exact, _ = _grads(f, inn.AID(inn.linear.Exact()), x, y, tight)
     _close(grads, exact, rtol=1e-9)

@@ -69,8 +69,8 @@ def test_matches_dense_implicit_gradient(backward, solver):
     for name, g, r in zip(["A", "B", "c", "x"], grads, reference):
         assert rel(g, r) <= 1e-8, (name, rel(g, r))
     if isinstance(backward, inn.AID):
-        assert stats.backward_converged and stats.backward_iterations >= 1
-        assert stats.backward_residual <= 1e-12
+        assert stats.backward.converged and stats.backward.iterations >= 1
+        assert stats.backward.residual <= 1e-12
 
 
 ALL_MODES = EXACT_MODES + [inn.ITD(truncate=5), inn.JacobianFree()]
@@ -188,7 +188,7 @@ def test_ridge_regression_gradient_step_cg_matches_closed_form():
         exact = -g_w @ torch.linalg.solve(H, w_star)
     assert rel(w.detach(), w_star) <= 1e-10
     assert abs(float(grad - exact)) <= 1e-8 * abs(float(exact))
-    assert stats.backward_converged
+    assert stats.backward.converged
 
 
 def test_jacobian_free_gradient_is_its_definition():

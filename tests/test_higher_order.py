@@ -345,7 +345,7 @@ def test_a_failed_adjoint_solve_in_a_higher_order_backward_is_never_silent(polic
     else:
         with pytest.warns(inn.ConvergenceWarning):
             hvp(lay, x)
-    assert lay.stats.backward_converged is False
+    assert lay.stats.backward.converged is False
 
 
 def test_a_closure_captured_tensor_gets_its_first_order_gradient_and_a_higher_order_one_raises():

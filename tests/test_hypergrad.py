@@ -262,7 +262,7 @@ def test_aid_reports_non_convergence(ridge: Ridge) -> None:
 def test_aid_warm_start_returns_and_reuses_the_adjoint(ridge: Ridge) -> None:
     exact = hg.Backprop(steps(1), inn.AID(linear.CG(max_iter=200, tol=1e-13))).hypergradient(
         ridge.problem, ridge.lam, ridge.w_star)
-    assert exact.v is not None and exact.stats.backward_converged
+    assert exact.v is not None and exact.stats.backward.converged
     one_step = inn.AID(linear.CG(max_iter=1, tol=0.0), warm_start=True)
     warm = hg.Backprop(steps(1), one_step).hypergradient(ridge.problem, ridge.lam, exact)
     assert ridge.rel(warm.grads) < 1e-10

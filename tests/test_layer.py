@@ -63,8 +63,8 @@ def test_stats_after_backward():
     layer = make_layer(inn.AID(linear.GMRES(max_iter=40, tol=1e-9)))
     layer(torch.randn(3, 4)).sum().backward()
     s = layer.stats
-    assert s.converged and s.backward_converged and s.backward_fallback is None
-    assert 1 <= s.backward_iterations <= 40 and s.backward_residual <= 1e-9
+    assert s.converged and s.backward.converged and s.backward.fallback is None
+    assert 1 <= s.backward.iterations <= 40 and s.backward.residual <= 1e-9
     assert len(s.trace) == s.iterations
 
 
@@ -216,7 +216,7 @@ def test_aid_non_convergence_reported_and_warned():
     out = layer(torch.randn(2, 4)).sum()
     with pytest.warns(inn.ConvergenceWarning, match="Neumann"):
         out.backward()
-    assert layer.stats.backward_converged is False and layer.stats.backward_iterations == 2
+    assert layer.stats.backward.converged is False and layer.stats.backward.iterations == 2
 
 
 def test_cg_on_a_non_symmetric_map_warns():

@@ -223,7 +223,7 @@ def test_gradients_match_the_dense_implicit_gradient(problem, solver, backward):
     for g, r in zip(grads, reference):
         assert rel(g, r) <= 1e-8, rel(g, r)
     if backward is GMRES:
-        assert stats.backward_converged and stats.backward_residual <= 1e-12
+        assert stats.backward.converged and stats.backward.residual <= 1e-12
 
 
 @pytest.mark.parametrize("backward", [GMRES, inn.ITD(), inn.ITD(truncate=5), inn.JacobianFree()], ids=repr)

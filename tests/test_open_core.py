@@ -205,7 +205,7 @@ def test_user_linear_solver_in_aid():
     cell, x, R, ref = _tanh_problem()
     solver = DenseSolve()
     grads, layer = _layer_grads(cell, x, R, TIGHT, inn.AID(solver))
-    assert solver.calls == 1 and layer.stats.backward_converged
+    assert solver.calls == 1 and layer.stats.backward.converged
     for g, r in zip(grads, ref):
         assert _rel(g, r) < 1e-9
 
@@ -214,7 +214,7 @@ def test_user_failure_policy_in_aid():
     cell, x, R, _ = _tanh_problem()
     starved = inn.AID(linear.Neumann(max_iter=1, tol=1e-14), on_failure=ZeroGradient())
     grads, layer = _layer_grads(cell, x, R, TIGHT, starved)
-    assert layer.stats.backward_fallback == "zero" and layer.stats.backward_converged is False
+    assert layer.stats.backward.fallback == "zero" and layer.stats.backward.converged is False
     assert all(float(g.abs().max()) == 0.0 for g in grads)
 
 
@@ -256,8 +256,8 @@ def test_aid_warm_start_reuses_previous_adjoint():
     for _ in range(2):
         cell.zero_grad()
         (R * layer(x)).sum().backward()
-        iterations.append(layer.stats.backward_iterations)
-        assert layer.stats.adjoint is not None
+        iterations.append(layer.stats.backward.iterations)
+        assert layer.stats.backward.adjoint is not None
     assert iterations[1] < iterations[0]
     assert _rel(cell.A.weight.grad, ref[0]) < 1e-9
 

@@ -144,8 +144,8 @@ def test_aid_gradients_closed_form_equal_graph(name, backward):
 
     closed, s1 = grads(cell)
     graph, s2 = grads(_as_graph_map(cell))
-    assert s1.backward_iterations == s2.backward_iterations and s1.backward_converged and s2.backward_converged
-    assert s1.backward_residual == pytest.approx(s2.backward_residual, rel=1e-9)
+    assert s1.backward.iterations == s2.backward.iterations and s1.backward.converged and s2.backward.converged
+    assert s1.backward.residual == pytest.approx(s2.backward.residual, rel=1e-9)
     for a, b in zip(closed, graph):
         assert rel(a, b) <= 1e-12
 

@@ -53,7 +53,7 @@ def test_autocast_every_solver_and_mode(solver, backward, dtype):
     assert out.dtype == dtype  # the state keeps the map's output dtype
     assert stats.iterations == 20 and all(isinstance(r, float) for r in stats.trace)
     if isinstance(backward, inn.AID):
-        assert stats.backward_converged
+        assert stats.backward.converged
     # half precision carries 8 (bf16) or 11 (fp16) mantissa bits; 20 solver steps and the
     # adjoint solve stay within a few units of its rounding
     limit = 0.03 if dtype == torch.bfloat16 else 0.005

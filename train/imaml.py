@@ -175,7 +175,7 @@ def meta_gradient(method: Method, phi: inn.maps.GradientStep, query_loss: Callab
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", inn.ConvergenceWarning)  # counted by the caller
         result = hg.Backprop(inner_steps, backward).hypergradient(problem, (theta,), theta)
-    return result.grads[0], result.w, result.stats is not None and result.stats.backward_converged is False
+    return result.grads[0], result.w, result.stats is not None and result.stats.backward.converged is False
 
 
 # --- tasks -----------------------------------------------------------------------------------

@@ -180,9 +180,9 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
             if stats is not None:
                 f_iters.append(stats.iterations)
                 f_resid.append(stats.residual)
-                if stats.backward_iterations is not None:
-                    b_iters.append(stats.backward_iterations)
-                    b_resid.append(stats.backward_residual)
+                if stats.backward.iterations is not None:
+                    b_iters.append(stats.backward.iterations)
+                    b_resid.append(stats.backward.residual)
             if rank == 0 and cfg.progress and i % 10 == 0:
                 bar.set_postfix(loss=f"{float(outcome.loss.detach()) * cfg.batch_size / world / yb.shape[0]:.4f}")
     bar.close()

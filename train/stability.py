@@ -179,8 +179,8 @@ def diagnose(model: FCEquilibrium, x: torch.Tensor, y: torch.Tensor, seed: int) 
         m.deq.solver = MONOTONE_REFERENCE_SOLVER if monotone else REFERENCE_SOLVER
         m.deq.backward = REFERENCE_BACKWARD
         reference, stats = _grads(m, x, y)
-    out.update(ref_forward_residual=stats.residual, ref_backward_residual=stats.backward_residual,
-               ref_valid=bool(stats.converged and stats.backward_converged))
+    out.update(ref_forward_residual=stats.residual, ref_backward_residual=stats.backward.residual,
+               ref_valid=bool(stats.converged and stats.backward.converged))
     if approx is None:
         out.update(hypergrad_error=math.inf, hypergrad_cosine=math.nan)
     else:
@@ -236,7 +236,7 @@ def run_one(cfg: Config, data: dict, mode: str, setting: str, seed: int) -> dict
                 outcome = guarded_step(params, optimizer, forward, after_step=project)
             stats = model.stats
             rec["forward_residual"].append(stats.residual if stats is not None else math.nan)
-            bres = stats.backward_residual if stats is not None else None
+            bres = stats.backward.residual if stats is not None else None
             rec["backward_residual"].append(math.nan if bres is None else bres)
             if stats is not None and diag.detect_divergence(stats.trace).diverged:
                 rec["forward_divergence"] += 1

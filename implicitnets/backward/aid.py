@@ -29,6 +29,7 @@ from ..failure import AdjointFailure, FailurePolicy, Warn
 from ..linear import LinearSolver
 from ..maps.protocol import step_parts
 from ..operator import GraphJacobian, LinearOperator
+from ..options import check_bool, check_instance
 from ..solvers import SolverStats
 from ..state import State, map_parts, pack, parts
 from ..transforms import transforms_active
@@ -48,7 +49,7 @@ class AID(BackwardMode):
     :class:`~implicitnets.linear.LinearSolver`) and passes ``v`` through the forward's
     differentiable step, giving ``∂₂Φᵀ v``.  With ``warm_start=True`` a
     :class:`~implicitnets.FixedPointLayer` starts each solve from the previous call's
-    ``v`` (kept in ``stats.adjoint``) when its shape matches.  ``on_failure`` chooses what
+    ``v`` (kept in ``stats.backward.adjoint``) when its shape matches.  ``on_failure`` chooses what
     a failed solve does (:mod:`implicitnets.failure`).
 
     Derivatives of every order are exact at convergence: with ``create_graph=True`` the
@@ -66,15 +67,13 @@ class AID(BackwardMode):
     warm_start: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.linear_solver, LinearSolver):
-            raise ValueError(
-                "AID: linear_solver must be an implicitnets.linear.LinearSolver (e.g. linear.GMRES(...)); "
-                f"got {self.linear_solver!r}"
-            )
-        if not isinstance(self.on_failure, FailurePolicy):
-            raise ValueError(f"AID: on_failure must be a FailurePolicy (e.g. Warn(), Raise()); got {self.on_failure!r}")
-        if not isinstance(self.warm_start, bool):
-            raise ValueError(f"AID: warm_start must be a bool, got {self.warm_start!r}")
+        check_instance("AID", "linear_solver", self.linear_solver, LinearSolver, "linear.GMRES(...)")
+        check_instance("AID", "on_failure", self.on_failure, FailurePolicy, "Warn(), Raise()")
+        check_bool("AID", "warm_start", self.warm_start)
+
+    def next_start(self, previous: SolverStats) -> Tensor | None:
+        """The previous adjoint solution ``v`` when ``warm_start`` (used if its shape matches)."""
+        return previous.backward.adjoint if self.warm_start else None
 
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         if self.on_failure.needs_itd and problem.module is None:
@@ -143,12 +142,12 @@ class _Eager:
         grads = tuple(torch.zeros_like(f) if g is None else g for g, f in zip(grads, fz))
         g = self.flatten(grads)
         v, info, finite = solve_adjoint(self.J, g, mode.linear_solver, self.problem.adjoint_x0)
-        stats.backward_iterations = info.iterations
-        stats.backward_residual = info.residual
-        stats.backward_converged = info.converged
-        stats.backward_fallback = None
+        stats.backward.iterations = info.iterations
+        stats.backward.residual = info.residual
+        stats.backward.converged = info.converged
+        stats.backward.fallback = None
         if info.converged and finite:
-            stats.adjoint = v.detach()
+            stats.backward.adjoint = v.detach()
             return self.unflatten(v, grads), none_extra
         failure = AdjointFailure(
             v=v,
@@ -158,7 +157,7 @@ class _Eager:
             itd=(lambda b: self.itd_gradients(b, grads)) if mode.on_failure.needs_itd else None,
         )
         resolution = mode.on_failure.adjoint_failed(failure)
-        stats.backward_fallback = resolution.fallback
+        stats.backward.fallback = resolution.fallback
         cotangent = self.unflatten(resolution.v.to(g.dtype), grads)
         return cotangent, resolution.extra if resolution.extra is not None else none_extra
 

@@ -59,3 +59,8 @@ class BackwardMode(abc.ABC):
     @abc.abstractmethod
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         """Solve ``problem`` and return the differentiable solution and its statistics."""
+
+    def next_start(self, previous: SolverStats) -> Tensor | None:
+        """The start of the backward solve of a layer's next call, from the statistics of its
+        previous call (``Problem.adjoint_x0``); ``None`` (the default) starts from zero."""
+        return None

@@ -231,10 +231,10 @@ class LinearFixedPoint(torch.autograd.Function):
         x, info = spec.linear_solver.solve(op, rhs)
         finite = check_finite(x, info)
         if spec.record is not None:
-            spec.record.backward_iterations = info.iterations
-            spec.record.backward_residual = info.residual
-            spec.record.backward_converged = info.converged
-            spec.record.backward_fallback = None
+            spec.record.backward.iterations = info.iterations
+            spec.record.backward.residual = info.residual
+            spec.record.backward.converged = info.converged
+            spec.record.backward.fallback = None
         if not (info.converged and finite):
             failure = AdjointFailure(
                 v=x, g=rhs, finite=finite,
@@ -247,7 +247,7 @@ class LinearFixedPoint(torch.autograd.Function):
                 )
             resolution = spec.on_failure.adjoint_failed(failure)
             if spec.record is not None:
-                spec.record.backward_fallback = resolution.fallback
+                spec.record.backward.fallback = resolution.fallback
             x = resolution.v
         return x.to(b.dtype)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConvergenceWarning
+from ..options import check_int
 from ..solvers import SolverStats
 from ..state import State
 from .base import BackwardMode, Problem
@@ -30,10 +31,7 @@ class ITD(BackwardMode):
     truncate: int | None = None
 
     def __post_init__(self) -> None:
-        if self.truncate is not None and (
-            isinstance(self.truncate, bool) or not isinstance(self.truncate, int) or self.truncate < 1
-        ):
-            raise ValueError(f"ITD: truncate must be None or an int >= 1, got {self.truncate!r}")
+        check_int("ITD", "truncate", self.truncate, optional=True)
 
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         solver, g = problem.solver, problem.map()

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
+from ..options import check_int
 from ..state import State, map_parts, pack, parts
 
 __all__ = ["Hparams", "InnerMap", "OuterLoss"]
@@ -68,8 +69,7 @@ def check_finite(name: str, tensors: Sequence[Tensor]) -> None:
 
 
 def check_steps(name: str, field: str, value: object, minimum: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: {field} must be an int >= {minimum}, got {value!r}")
+    check_int(name, field, value, minimum)
 
 
 def outer_grads(outer_loss: OuterLoss, state: State, hparams: Hparams) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:

@@ -71,4 +71,4 @@ class Backprop(HypergradientMethod):
             raw = torch.autograd.grad(loss, hp, allow_unused=True) if loss.requires_grad else (None,) * len(hp)
         grads = fill_none(raw, hp)
         check_finite("Backprop", grads)
-        return Hypergradient(grads, detach(w), stats.adjoint, stats)
+        return Hypergradient(grads, detach(w), stats.backward.adjoint, stats)

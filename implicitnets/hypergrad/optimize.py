@@ -70,7 +70,7 @@ def optimize(
         trajectory.hparams, trajectory.last = hp, result
         trajectory.outer_losses.append(loss)
         trajectory.inner_iterations.append(None if result.stats is None else result.stats.iterations)
-        trajectory.backward_iterations.append(None if result.stats is None else result.stats.backward_iterations)
+        trajectory.backward_iterations.append(None if result.stats is None else result.stats.backward.iterations)
         if callback is not None:
             callback(k, hp, result)
         current = result

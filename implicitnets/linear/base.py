@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
+from ..options import check_int, check_real
 from ..transforms import read
 
 __all__ = ["LinearSolver", "LinearInfo"]
@@ -54,10 +55,9 @@ class LinearInfo:
 
 
 def check_options(name: str, max_iter: int, tol: float) -> None:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"{name}: tol must be a finite number >= 0, got {tol!r}")
+    """Validate the options every built-in linear solver has."""
+    check_int(name, "max_iter", max_iter)
+    check_real(name, "tol", tol, low=0)
 
 
 def dot(a: Tensor, b: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
+from ..options import check_bool
 from ..transforms import read
 from .base import (
     LinearInfo,
@@ -74,8 +75,7 @@ class CG(LinearSolver):
 
     def __post_init__(self) -> None:
         check_options("CG", self.max_iter, self.tol)
-        if not isinstance(self.check_symmetry, bool):
-            raise ValueError(f"CG: check_symmetry must be a bool, got {self.check_symmetry!r}")
+        check_bool("CG", "check_symmetry", self.check_symmetry)
 
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
+from ..options import check_int
 from ..transforms import read
 from .base import LinearInfo, LinearSolver, LinearSystem, MatVec, check_options, flat_mv, norm, restarted
 
@@ -123,8 +124,7 @@ class GMRES(LinearSolver):
 
     def __post_init__(self) -> None:
         check_options("GMRES", self.max_iter, self.tol)
-        if isinstance(self.restart, bool) or not isinstance(self.restart, int) or self.restart < 1:
-            raise ValueError(f"GMRES: restart must be an int >= 1, got {self.restart!r}")
+        check_int("GMRES", "restart", self.restart)
 
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import NonFiniteError
+from ..options import check_int, check_real
 from ..transforms import plain_value
 
 __all__ = ["PowerIterationBound"]
@@ -38,16 +39,13 @@ _CHECK_EVERY = 4  # power steps between stopping checks (host syncs)
 
 def check_bound(name: str, bound: float) -> None:
     """Raise ``ValueError`` unless ``bound`` is a finite number > 0."""
-    if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not (math.isfinite(bound) and bound > 0):
-        raise ValueError(f"{name}: bound must be a finite number > 0, got {bound!r}")
+    check_real(name, "bound", bound, low=0, low_open=True)
 
 
 def check_power_options(name: str, tol: float, max_iter: int) -> None:
     """Raise ``ValueError`` unless ``0 <= tol < 1`` and ``max_iter`` is an int >= 1."""
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1:
-        raise ValueError(f"{name}: tol must be a number in [0, 1), got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
+    check_real(name, "tol", tol, low=0, high=1, high_open=True)
+    check_int(name, "max_iter", max_iter)
 
 
 def _normalize(t: Tensor) -> Tensor:

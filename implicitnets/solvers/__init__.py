@@ -13,7 +13,7 @@ of :class:`ForwardSolver` works wherever these do.
 """
 
 from .anderson import Anderson
-from .base import ForwardSolver, SolverStats
+from .base import ForwardSolver, IterativeSolver, SolverStats
 from .broyden import Broyden
 from .fixed_point import FixedPointIteration
 from .forward_backward import ForwardBackward
@@ -23,6 +23,7 @@ from .splitting import SplittingSolver
 __all__ = [
     "ForwardSolver",
     "SolverStats",
+    "IterativeSolver",
     "FixedPointIteration",
     "Anderson",
     "Broyden",

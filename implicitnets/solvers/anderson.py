@@ -8,17 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..failure import FailurePolicy, Warn
+from ..options import check_int, check_real
 from ..state import State
-from .base import ForwardSolver, SolverStats
+from .base import IterativeSolver, SolverStats
 from .flat import solve_flat
-from .monitor import check_common, check_memory
 
 __all__ = ["Anderson"]
 
 
 @dataclass(frozen=True)
-class Anderson(ForwardSolver):
+class Anderson(IterativeSolver):
     """Anderson acceleration (type II) of ``z = g(z)``, batched per sample.
 
     With the last ``m = memory`` iterates x_i, images f_i = g(x_i) and residuals
@@ -38,25 +37,15 @@ class Anderson(ForwardSolver):
     :class:`FixedPointIteration` (a frozen sample's history is dropped).
     """
 
-    max_iter: int = 50
-    tol: float = 1e-5
     memory: int = 5
     mixing: float = 1.0
     regularization: float = 1e-10
-    check_every: int | None = None
-    on_failure: FailurePolicy = Warn()
-    freeze_converged: bool = False
-    return_best: bool = False
 
     def __post_init__(self) -> None:
-        check_common(self)
-        check_memory("Anderson", self.memory)
-        if isinstance(self.mixing, bool) or not isinstance(self.mixing, (int, float)) or not 0 < self.mixing <= 1:
-            raise ValueError(f"Anderson: mixing must be in (0, 1], got {self.mixing!r}")
-        if isinstance(self.regularization, bool) or not isinstance(self.regularization, (int, float)) or not (
-            self.regularization >= 0
-        ):
-            raise ValueError(f"Anderson: regularization must be >= 0, got {self.regularization!r}")
+        super().__post_init__()
+        check_int("Anderson", "memory", self.memory)
+        check_real("Anderson", "mixing", self.mixing, low=0, high=1, low_open=True)
+        check_real("Anderson", "regularization", self.regularization, low=0)
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return ``g`` of the last extrapolated point and the stats."""

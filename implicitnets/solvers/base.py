@@ -10,10 +10,12 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from ..backward_stats import BackwardStats
 from ..failure import FailurePolicy, Warn
+from ..options import check_bool, check_instance, check_int, check_real
 from ..state import State
 
-__all__ = ["ForwardSolver", "SolverStats"]
+__all__ = ["ForwardSolver", "IterativeSolver", "SolverStats"]
 
 
 @dataclass
@@ -33,9 +35,9 @@ class SolverStats:
     is at most ``tol`` (and finite), ``sample_iterations`` the map evaluations that updated
     it (fewer than ``iterations`` for a sample frozen early).
 
-    ``backward_fallback`` names the method a failure policy fell back to, if any;
-    ``adjoint`` is the adjoint solution ``v`` of the last AID backward (detached; the warm
-    start of the next one).
+    ``backward`` holds the statistics of the backward pass through this solve
+    (:class:`~implicitnets.BackwardStats`), which the backward mode fills in; the solver
+    itself never touches them.
     """
 
     iterations: int = 0
@@ -45,11 +47,7 @@ class SolverStats:
     sample_residual: Tensor | None = field(default=None, repr=False)
     sample_converged: Tensor | None = field(default=None, repr=False)
     sample_iterations: Tensor | None = field(default=None, repr=False)
-    backward_iterations: int | None = None
-    backward_residual: float | None = None
-    backward_converged: bool | None = None
-    backward_fallback: str | None = None
-    adjoint: Tensor | None = field(default=None, repr=False)
+    backward: BackwardStats = field(default_factory=BackwardStats)
 
 
 class ForwardSolver(abc.ABC):
@@ -87,3 +85,33 @@ class ForwardSolver(abc.ABC):
         if any(f.name == "on_failure" for f in dataclasses.fields(self)):
             changes["on_failure"] = Warn()
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class IterativeSolver(ForwardSolver):
+    """The options every built-in solver shares, declared and validated once.
+
+    ``max_iter`` (map evaluations) and ``tol`` (relative residual; ``0`` runs exactly
+    ``max_iter``) come first and may be given by position; the rest are keywords:
+    ``check_every`` (evaluations between stopping tests; ``None``: every one when
+    ``tol > 0``), ``on_failure`` (what a solve that misses ``tol`` does),
+    ``freeze_converged`` and ``return_best`` (per-sample control, see
+    :class:`~implicitnets.FixedPointIteration`).  Subclasses add their own options between
+    ``tol`` and these, and validate them in ``__post_init__`` after calling this one.
+    """
+
+    max_iter: int = 50
+    tol: float = 1e-5
+    check_every: int | None = field(default=None, kw_only=True)
+    on_failure: FailurePolicy = field(default=Warn(), kw_only=True)
+    freeze_converged: bool = field(default=False, kw_only=True)
+    return_best: bool = field(default=False, kw_only=True)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_int(name, "max_iter", self.max_iter)
+        check_real(name, "tol", self.tol, low=0)
+        check_int(name, "check_every", self.check_every, optional=True)
+        check_instance(name, "on_failure", self.on_failure, FailurePolicy, "Warn(), Raise()")
+        check_bool(name, "freeze_converged", self.freeze_converged)
+        check_bool(name, "return_best", self.return_best)

@@ -8,17 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..failure import FailurePolicy, Warn
+from ..options import check_int
 from ..state import State
-from .base import ForwardSolver, SolverStats
+from .base import IterativeSolver, SolverStats
 from .flat import solve_flat
-from .monitor import check_common, check_memory
 
 __all__ = ["Broyden"]
 
 
 @dataclass(frozen=True)
-class Broyden(ForwardSolver):
+class Broyden(IterativeSolver):
     """Broyden's ("good") quasi-Newton method on the residual ``F(z) = g(z) − z``.
 
     Each sample keeps a low-rank approximation ``B = −I + Σ_i u_i v_iᵀ`` of the inverse
@@ -46,17 +45,11 @@ class Broyden(ForwardSolver):
     ``return_best`` when some samples may be far from their fixed point.
     """
 
-    max_iter: int = 50
-    tol: float = 1e-5
     memory: int = 10
-    check_every: int | None = None
-    on_failure: FailurePolicy = Warn()
-    freeze_converged: bool = False
-    return_best: bool = False
 
     def __post_init__(self) -> None:
-        check_common(self)
-        check_memory("Broyden", self.memory)
+        super().__post_init__()
+        check_int("Broyden", "memory", self.memory)
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return ``g`` of the last point and the stats."""

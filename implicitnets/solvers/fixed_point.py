@@ -7,17 +7,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..failure import FailurePolicy, Warn
+from ..options import check_real
 from ..state import State, map_parts
-from .base import ForwardSolver, SolverStats
-from .monitor import Monitor, check_common, check_structure
+from .base import IterativeSolver, SolverStats
+from .monitor import Monitor, check_structure
 from .rows import take_rows
 
 __all__ = ["FixedPointIteration"]
 
 
 @dataclass(frozen=True)
-class FixedPointIteration(ForwardSolver):
+class FixedPointIteration(IterativeSolver):
     """Damped fixed-point iteration ``z ← (1 − β) z + β g(z)`` for ``z = g(z)``.
 
     ``damping`` is β ∈ (0, 1]; β = 1 is plain Picard iteration.  Converges linearly with
@@ -38,18 +38,11 @@ class FixedPointIteration(ForwardSolver):
     statistics.
     """
 
-    max_iter: int = 50
-    tol: float = 1e-5
     damping: float = 1.0
-    check_every: int | None = None
-    on_failure: FailurePolicy = Warn()
-    freeze_converged: bool = False
-    return_best: bool = False
 
     def __post_init__(self) -> None:
-        check_common(self)
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not 0 < self.damping <= 1:
-            raise ValueError(f"FixedPointIteration: damping must be in (0, 1], got {self.damping!r}")
+        super().__post_init__()
+        check_real("FixedPointIteration", "damping", self.damping, low=0, high=1, low_open=True)
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return the last iterate and its :class:`SolverStats`."""

@@ -33,34 +33,7 @@ from ..transforms import host_read, physical, read, under_vmap
 from .base import SolverStats
 from .rows import put_rows, restrict, take_rows, where_rows
 
-__all__ = ["Monitor", "check_common", "check_memory", "check_structure", "sample_norms"]
-
-
-def check_common(solver: object) -> None:
-    """Validate the options every built-in solver has (``max_iter``, ``tol``, ``check_every``,
-    ``on_failure``, ``freeze_converged``, ``return_best``); raise ValueError naming the solver."""
-    name = type(solver).__name__
-    max_iter, tol, check_every = solver.max_iter, solver.tol, solver.check_every
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{name}: max_iter must be an int >= 1, got {max_iter!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
-        raise ValueError(f"{name}: tol must be a finite number >= 0, got {tol!r}")
-    if check_every is not None and (
-        isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
-    ):
-        raise ValueError(f"{name}: check_every must be None or an int >= 1, got {check_every!r}")
-    if not isinstance(solver.on_failure, FailurePolicy):
-        raise ValueError(
-            f"{name}: on_failure must be a FailurePolicy (e.g. Warn(), Raise()), got {solver.on_failure!r}"
-        )
-    for option in ("freeze_converged", "return_best"):
-        if not isinstance(getattr(solver, option), bool):
-            raise ValueError(f"{name}: {option} must be a bool, got {getattr(solver, option)!r}")
-
-
-def check_memory(name: str, memory: object) -> None:
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-        raise ValueError(f"{name}: memory must be an int >= 1, got {memory!r}")
+__all__ = ["Monitor", "check_structure", "sample_norms"]
 
 
 def check_structure(fz: State, z: State) -> None:

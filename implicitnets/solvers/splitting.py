@@ -14,18 +14,17 @@ other solver; they differ in the points they visit (:meth:`SplittingSolver.itera
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from ..bound_map import BoundMap
-from ..failure import FailurePolicy, Warn
 from ..maps.monotone import MonotoneMap
+from ..options import check_real
 from ..state import State
-from .base import ForwardSolver, SolverStats
-from .monitor import Monitor, check_common
+from .base import IterativeSolver, SolverStats
+from .monitor import Monitor
 
 __all__ = ["SplittingSolver", "monotone_map_of"]
 
@@ -47,7 +46,7 @@ def monotone_map_of(name: str, g: object, z0: object) -> MonotoneMap:
 
 
 @dataclass(frozen=True)
-class SplittingSolver(ForwardSolver):
+class SplittingSolver(IterativeSolver):
     """An operator-splitting solver of a monotone map with step size ``alpha`` > 0.
 
     :meth:`iterates` yields the points ``z`` of the iteration with the map's value ``Φ(z)``
@@ -60,20 +59,11 @@ class SplittingSolver(ForwardSolver):
     independent, so the others go on exactly as before).
     """
 
-    max_iter: int = 50
-    tol: float = 1e-5
     alpha: float = 1.0
-    check_every: int | None = None
-    on_failure: FailurePolicy = Warn()
-    freeze_converged: bool = False
-    return_best: bool = False
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-        check_common(self)
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"{name}: alpha must be a finite number > 0, got {alpha!r}")
+        super().__post_init__()
+        check_real(type(self).__name__, "alpha", self.alpha, low=0, low_open=True)
 
     @abc.abstractmethod
     def iterates(self, f: MonotoneMap, z0: Tensor, u: Tensor) -> Generator[tuple[Tensor, Tensor], Tensor | None, None]:
