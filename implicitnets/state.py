@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["State", "parts", "pack", "map_parts", "Flattener"]
+__all__ = ["State", "parts", "pack", "map_parts", "Flattener", "flat_vector", "from_flat_vector"]
 
 State = Tensor | tuple[Tensor, ...]
 
@@ -31,6 +31,20 @@ def pack(like: State, tensors: Sequence[Tensor]) -> State:
 def map_parts(fn: Callable[..., Tensor], *states: State) -> State:
     """Apply ``fn`` part by part to states of one structure."""
     return pack(states[0], [fn(*ts) for ts in zip(*(parts(s) for s in states))])
+
+
+def flat_vector(tensors: tuple[Tensor, ...], single: bool) -> Tensor:
+    """The parts of a state as the one vector a linear system acts on: the tensor itself for
+    a tensor state (``single``), the flat concatenation of the parts otherwise."""
+    return tensors[0] if single else torch.cat([t.reshape(-1) for t in tensors])
+
+
+def from_flat_vector(v: Tensor, like: tuple[Tensor, ...], single: bool) -> tuple[Tensor, ...]:
+    """:func:`flat_vector` undone: parts shaped (and typed) like ``like``."""
+    if single:
+        return (v.to(like[0].dtype),)
+    chunks = torch.split(v, [t.numel() for t in like])
+    return tuple(c.reshape(t.shape).to(t.dtype) for c, t in zip(chunks, like))
 
 
 def batch_size(state: State) -> int:

@@ -382,22 +382,24 @@ class Halving(inn.ForwardSolver):
         return z, inn.SolverStats(iterations=k, residual=change, converged=change <= self.tol)
 
 
-class DenseSolve(linear.LinearSolver):
-    """A user's linear solver: build the matrix from ``op.mv`` and solve densely."""
+class Richardson(linear.LinearSolver):
+    """A user's linear solver: ``x ← x + (b − A x)`` until the relative residual is tiny."""
 
     def solve(self, op, b, x0=None):
-        n = b.numel()
-        eye = torch.eye(n, dtype=b.dtype)
-        A = torch.stack([op.mv(eye[i].reshape(b.shape)).reshape(-1) for i in range(n)], 1)
-        x = torch.linalg.solve(A, b.reshape(-1)).reshape(b.shape)
-        residual = float(torch.linalg.vector_norm(b - op.mv(x)) / torch.linalg.vector_norm(b))
-        return x, linear.LinearInfo(n, residual, residual < 1e-10)
+        x = torch.zeros_like(b) if x0 is None else x0.clone()
+        iterations = 0
+        while True:
+            r = b - op.mv(x)
+            residual = float(torch.linalg.vector_norm(r) / torch.linalg.vector_norm(b))
+            if residual < 1e-14 or iterations == 500:
+                return x, linear.LinearInfo(iterations, residual, residual < 1e-12)
+            x, iterations = x + r, iterations + 1
 
 
 @pytest.mark.parametrize("kind", ["tanh", "tuple"])
 def test_user_defined_solvers_under_every_transform(kind):
     cell, x = make_map(kind), inputs()
-    lay = layer(cell, inn.AID(DenseSolve()), Halving())
+    lay = layer(cell, inn.AID(Richardson()), Halving())
     reference_layer = layer(cell, inn.ITD())
     for a, b in zip(hvp(lay, x), hvp(reference_layer, x)):
         assert rel(a, b) < RTOL

@@ -31,7 +31,7 @@ from ..maps.protocol import step_parts
 from ..operator import GraphJacobian, LinearOperator
 from ..options import check_bool, check_instance
 from ..solvers import SolverStats
-from ..state import State, map_parts, pack, parts
+from ..state import State, flat_vector, from_flat_vector, map_parts, pack, parts
 from ..transforms import transforms_active
 from .adjoint import adjoint_message, solve_adjoint
 from .base import BackwardMode, Problem
@@ -114,13 +114,10 @@ class _Eager:
         self.single = isinstance(fz, Tensor)
 
     def flatten(self, grads: tuple[Tensor, ...]) -> Tensor:
-        return grads[0] if self.single else torch.cat([g.reshape(-1) for g in grads])
+        return flat_vector(grads, self.single)
 
     def unflatten(self, v: Tensor, like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        if self.single:
-            return (v.to(like[0].dtype),)
-        chunks = torch.split(v, [t.numel() for t in like])
-        return tuple(c.reshape(t.shape).to(t.dtype) for c, t in zip(chunks, like))
+        return from_flat_vector(v, like, self.single)
 
     def itd_gradients(self, g: Tensor, like: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
         """Gradients w.r.t. ``(*parts(u), *params)`` of the solver's unrolled iterations."""

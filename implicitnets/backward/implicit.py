@@ -41,7 +41,7 @@ from ..linear import LinearSolver
 from ..maps.protocol import step_parts
 from ..operator import FunctionOperator, IdentityMinus, LinearOperator
 from ..solvers import ForwardSolver, SolverStats
-from ..state import State, pack, parts
+from ..state import State, flat_vector, from_flat_vector, pack, parts
 from .adjoint import adjoint_message, check_finite
 from .base import Problem
 from .functional_step import FunctionalStep
@@ -97,13 +97,10 @@ class Spec:
 
     def flatten(self, w: tuple[Tensor, ...]) -> Tensor:
         """A state as the vector the linear systems act on (itself for a tensor state)."""
-        return w[0] if self.state_single else torch.cat([t.reshape(-1) for t in w])
+        return flat_vector(w, self.state_single)
 
     def unflatten(self, x: Tensor, like: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        if self.state_single:
-            return (x.to(like[0].dtype),)
-        chunks = torch.split(x, [t.numel() for t in like])
-        return tuple(c.reshape(t.shape).to(t.dtype) for c, t in zip(chunks, like))
+        return from_flat_vector(x, like, self.state_single)
 
 
 def make_spec(
