@@ -24,8 +24,11 @@ class ITD(BackwardMode):
     ``max_iter − K`` iterations without autograd (stopping at ``tol``), then exactly K
     differentiable iterations of the same solver (Shaban et al. 2019); ``stats.converged``
     then says whether the whole solve reached ``tol``.  From a converged ``w*`` this equals
-    AID with ``linear.Neumann(max_iter=K)``.  ITD composes with ``torch.func`` transforms
-    when the solver is written in differentiable operations (both built-ins are).
+    AID with ``linear.Neumann(max_iter=K)``.  Its derivatives of every order are those of the
+    unrolled iterations (of the last K, from a constant start, when truncated).  ITD composes
+    with ``torch.func`` transforms when the solver is written in differentiable operations
+    (the built-ins are); inside ``vmap`` a solver with ``tol > 0`` stops when every mapped
+    problem has converged (their joint residual), so it may run more iterations than a loop.
     """
 
     truncate: int | None = None
