@@ -28,10 +28,12 @@ from .solvers import (
     PeacemanRachford,
     SolverStats,
 )
+from .warm_start import SampleCache
 
 __all__ = [
     "fixed_point",
     "FixedPointLayer",
+    "SampleCache",
     "ForwardSolver",
     "BoundMap",
     "FixedPointIteration",

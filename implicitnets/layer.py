@@ -192,8 +192,12 @@ class FixedPointLayer(nn.Module):
         self.backward = backward
         self.stats: SolverStats | None = None
 
-    def forward(self, x: State, z0: State | None = None) -> State:
-        adjoint_x0 = self.backward.next_start(self.stats) if self.stats is not None else None
+    def forward(self, x: State, z0: State | None = None, adjoint_x0: Tensor | None = None) -> State:
+        """``w*`` for the input ``x``, solved from ``z0`` (default: the map's initial state);
+        ``adjoint_x0`` starts the backward solve (default: ``backward.next_start``), e.g. rows
+        of a :class:`~implicitnets.SampleCache`."""
+        if adjoint_x0 is None and self.stats is not None:
+            adjoint_x0 = self.backward.next_start(self.stats)
         z, self.stats = fixed_point(
             self.cell, x, solver=self.solver, backward=self.backward, z0=z0, adjoint_x0=adjoint_x0
         )

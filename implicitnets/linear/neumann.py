@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..operator import LinearOperator
+from ..options import check_bool
 from ..transforms import read
 from .base import LinearInfo, LinearSolver, LinearSystem, check_options, check_shape, norm, stop, threshold
 
@@ -25,13 +26,20 @@ class Neumann(LinearSolver):
     the adjoint operator one fused ``Jᵀ x + b``); the product that gives the last iterate's
     true residual also gives the next iterate, which is discarded.  ``max_iter`` iterations
     cost exactly ``max_iter`` products (``+ 1`` with a warm start).
+
+    ``per_sample=True`` (with ``tol > 0``) stops when every sample — every row of ``b``'s
+    first axis, as the forward solve counts them — has a relative residual
+    ``‖b_i − (A x)_i‖ / ‖b_i‖`` of at most ``tol``, instead of the whole batch's: a batch
+    with one large right-hand side no longer stops while the small ones are still far off.
     """
 
     max_iter: int = 50
     tol: float = 1e-10
+    per_sample: bool = False
 
     def __post_init__(self) -> None:
         check_options("Neumann", self.max_iter, self.tol)
+        check_bool("Neumann", "per_sample", self.per_sample)
 
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
@@ -42,6 +50,10 @@ class Neumann(LinearSolver):
             return done
         M, shape, limit = op.identity_minus(), p.shape, threshold(p, self.tol)
         b = p.b.view(shape)
+        rows = b.reshape(b.shape[0], -1) if self.per_sample and b.dim() > 1 else None
+        if rows is not None:  # per sample: the worst ‖r_i‖ / ‖b_i‖ against tol
+            scale = 1.0 / torch.linalg.vector_norm(rows, dim=1).clamp_min(torch.finfo(b.dtype).tiny)
+            limit = self.tol
 
         def step(x: Tensor) -> Tensor:
             """The next iterate ``(I − A) x + b``; ``step(x) − x`` is x's residual ``b − A x``."""
@@ -62,7 +74,10 @@ class Neumann(LinearSolver):
         while used < self.max_iter:
             if self.tol > 0:
                 r = y if x is None else y - x
-                rnorm = norm(r)
+                if rows is None:
+                    rnorm = norm(r)
+                else:  # a residual that is NaN somewhere makes the maximum NaN: stop, as below
+                    rnorm = (torch.linalg.vector_norm(r.reshape(rows.shape), dim=1) * scale).max()
                 if stop(rnorm, limit, r):
                     if not read(rnorm) <= limit:  # diverged: hand back the non-finite iterate
                         x = y
