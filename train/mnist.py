@@ -35,6 +35,7 @@ explicit baseline gets the width (channels) that matches their parameter count.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import io
 import json
 import math
@@ -65,7 +66,7 @@ from train.atomic import pyplot, write_atomic, write_png
 from train.cli import make_backward, make_optimizer, make_solver
 from train.config import config_parser, parse_config
 from train.data import DataError, load
-from train.step import guarded_step
+from train.step import PeerLostError, guarded_step
 
 BASELINE = {"fc": "mlp", "conv": "cnn", "mon": "mlp", "monconv": "cnn"}  # equilibrium model → explicit network
 # the baseline's size option set to match a monotone model's parameter count
@@ -106,6 +107,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bfloat16 autocast (meant for cuda)
     dtype: str = "float32"  # float32 | float64
+    dist_timeout: float = 1800.0  # seconds a process waits for the others in a collective before it stops with an error
     threads: int = 0  # CPU cores each process computes on (0: all of them, split evenly among torchrun's processes)
     data: str = "mnist-5k"  # mnist-5k | mnist | fashion-mnist
     data_root: str = ""  # read an existing copy with download=False
@@ -178,6 +180,8 @@ def check_config(cfg: Config) -> None:
         raise ValueError(f"--solver {cfg.solver} is an operator-splitting solver: only for --model mon or monconv")
     if not (cfg.alpha > 0 and cfg.m > 0):
         raise ValueError("--alpha and --m must be > 0")
+    if not cfg.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
     make_backward(cfg.backward, cfg.k, cfg.backward_tol, on_failure=cfg.on_failure)  # raises on an unknown mode
 
 
@@ -270,7 +274,8 @@ def init_processes(cfg: Config) -> tuple[torch.device, int, int]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     elif world > 1 and device.type == "cpu":
@@ -299,7 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(comparison(summary))
     finally:
         if world > 1 and dist.is_initialized():
-            dist.barrier()
+            if not isinstance(sys.exc_info()[1], PeerLostError):  # a lost process: no barrier to wait in
+                dist.barrier()
             dist.destroy_process_group()
     return summary
 
@@ -472,11 +478,12 @@ def train_epoch(cfg: Config, model: nn.Module, raw_model: nn.Module, optimizer: 
             def forward(xb=xb, yb=yb):
                 with autocast:
                     logits = model(xb).float()
-                # sum over the local share / global batch · world: DDP's mean gives the global mean
+                # sum over the local share / global batch · world: the mean over processes gives the global mean
                 loss = F.cross_entropy(logits, yb, reduction="sum", label_smoothing=cfg.label_smoothing)
                 return loss * (world / cfg.batch_size), logits
 
-            outcome = guarded_step(list(raw_model.parameters()), optimizer, forward, after_step=project)
+            outcome = guarded_step(list(raw_model.parameters()), optimizer, forward, after_step=project,
+                                   ddp=model if world > 1 else None)
             step += 1
             if outcome.skipped:
                 skipped.append(step - 1)
@@ -578,5 +585,6 @@ def plot(history: list[dict], path: str, title: str) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, DataError, CheckpointError) as err:  # a bad option, data file or checkpoint: one clear line
+    except (ValueError, DataError, CheckpointError, PeerLostError) as err:  # a bad option, data file, checkpoint
+        # or a lost process: one clear line
         sys.exit(f"error: {err}")
