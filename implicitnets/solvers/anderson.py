@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,9 +55,9 @@ class Anderson(ForwardSolver):
         if isinstance(self.mixing, bool) or not isinstance(self.mixing, (int, float)) or not 0 < self.mixing <= 1:
             raise ValueError(f"Anderson: mixing must be in (0, 1], got {self.mixing!r}")
         if isinstance(self.regularization, bool) or not isinstance(self.regularization, (int, float)) or not (
-            self.regularization >= 0
+            math.isfinite(self.regularization) and self.regularization >= 0
         ):
-            raise ValueError(f"Anderson: regularization must be >= 0, got {self.regularization!r}")
+            raise ValueError(f"Anderson: regularization must be a finite number >= 0, got {self.regularization!r}")
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return ``g`` of the last extrapolated point and the stats."""
