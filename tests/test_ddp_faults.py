@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from train import mnist
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "ddp_worker.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -163,3 +165,9 @@ def test_mnist_under_torchrun_killed_mid_epoch_resumes_to_the_uninterrupted_weig
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("timeout", ["0", "-5", "nan"])
+def test_a_bad_dist_timeout_is_a_value_error(timeout):
+    with pytest.raises(ValueError, match="--dist-timeout"):
+        mnist.check_config(mnist.parse_args(["--dist-timeout", timeout]))

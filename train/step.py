@@ -135,7 +135,9 @@ def guarded_step(
 
     Under ``torch.distributed`` (more than one process) the gradients are averaged here:
     pass the ``DistributedDataParallel`` wrapper that ``forward`` calls as ``ddp`` so that
-    DDP itself does not reduce them inside the backward.
+    DDP itself does not reduce them inside the backward.  ``forward`` must call that model
+    on every process before anything in it can raise (DDP's forward broadcasts the buffers,
+    a collective); the layer's own input checks run inside the model.
     """
     optimizer.zero_grad(set_to_none=True)
     distributed = _distributed()
