@@ -29,6 +29,7 @@ def one_thread():
 settings.register_profile(
     "implicitnets",
     derandomize=True,  # the same examples on every run and machine
+    database=None,  # nothing saved between runs (no .hypothesis folder)
     deadline=None,  # timings on a shared CI machine are not a property
     max_examples=10,
     suppress_health_check=[HealthCheck.too_slow],
