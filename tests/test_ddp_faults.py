@@ -113,6 +113,41 @@ def test_the_survivor_of_a_killed_or_hung_process_stops_with_a_clear_error(tmp_p
     assert [e["step"] for e in log0] == list(range(FAULT_STEP))  # it stopped at the fault, not before
 
 
+MNIST = ["-m", "train.mnist", "--no-progress", "--no-plot", "--no-baseline", "--test-limit", "100", "--threads", "1",
+         "--width", "16", "--batch-size", "100", "--t", "8", "--k", "8", "--augment", "1"]
+
+
+def test_mnist_survivor_of_a_killed_process_exits_with_one_line_within_the_timeout(tmp_path):
+    """Two plain ``train.mnist`` processes (no torchrun agent): rank 1 is killed in the
+    second epoch; rank 0 exits by itself, with one ``error:`` line naming the lost process."""
+    port, procs = _free_port(), []
+    for rank in (0, 1):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, *MNIST, "--epochs", "30", "--dist-timeout", "10",
+                                       "--out", str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 90
+        while time.monotonic() < deadline and procs[0].poll() is None and not metrics.is_file():
+            time.sleep(0.02)
+        time.sleep(0.5)  # inside the second epoch's training steps
+        assert procs[0].poll() is None and procs[1].poll() is None, "the run ended before it could be killed"
+        procs[1].kill()
+        start = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        assert time.monotonic() - start < 10 + 20  # the process-group timeout, plus slack for a loaded machine
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert procs[0].returncode == 1
+    last = err.strip().splitlines()[-1]
+    expected = "error: rank 0: the all_reduce of the failure flags failed: another process died"
+    assert last.startswith(expected), err[-3000:]
+
+
 def _rank_pid(agent: subprocess.Popen, rank: int) -> int | None:
     """The pid of torchrun's worker of ``rank`` (read from /proc), or None if not started yet."""
     try:
@@ -131,9 +166,7 @@ def _rank_pid(agent: subprocess.Popen, rank: int) -> int | None:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers through /proc")
 def test_mnist_under_torchrun_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
-    common = ["-m", "train.mnist", "--no-progress", "--no-plot", "--no-baseline", "--test-limit", "100",
-              "--threads", "1", "--epochs", "3", "--width", "16", "--batch-size", "100", "--t", "8", "--k", "8",
-              "--augment", "1", "--dist-timeout", "10"]
+    common = [*MNIST, "--epochs", "3", "--dist-timeout", "10"]
     proc = _torchrun(*common, "--out", str(tmp_path / "straight"))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
