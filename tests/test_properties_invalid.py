@@ -98,6 +98,26 @@ def test_invalid_map_sizes_raise_value_error(in_features, width, which):
         maps.MonotoneFC(**sizes)
 
 
+@given(in_channels=bad_count, channels=bad_count, side=bad_count,
+       size=st.sampled_from([5, (5,), (5, 5, 1), "55", None]), which=st.integers(0, 3))
+def test_invalid_conv_cell_sizes_raise_value_error(in_channels, channels, side, size, which):
+    options = [dict(in_channels=in_channels, channels=3, size=(5, 5)),
+               dict(in_channels=2, channels=channels, size=(5, 5)),
+               dict(in_channels=2, channels=3, size=(5, side)),
+               dict(in_channels=2, channels=3, size=size)][which]
+    with pytest.raises(ValueError):
+        maps.ConvCell(**options)
+
+
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=5).filter(lambda s: s[1:] != [2, 5, 4]),
+       mode=st.sampled_from([inn.ITD(), inn.AID(linear.GMRES(max_iter=5)), inn.JacobianFree()]))
+def test_a_wrongly_shaped_image_raises_value_error(shape, mode):
+    layer = inn.FixedPointLayer(maps.ConvCell(2, 3, (5, 4), contraction=0.8),
+                                solver=inn.FixedPointIteration(max_iter=5), backward=mode)
+    with pytest.raises(ValueError, match="ConvCell expects x of shape"):
+        layer(torch.randn(*shape))
+
+
 @given(contraction=st.one_of(junk.filter(lambda v: v is not None), floats(max_value=0.0),
                              st.sampled_from([NAN, INF]), st.booleans()))
 def test_an_invalid_contraction_bound_raises_value_error(contraction):
