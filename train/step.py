@@ -133,9 +133,10 @@ def guarded_step(
     """Zero the gradients, run ``forward() -> (loss, output)``, backpropagate ``loss``, and take
     ``optimizer.step()`` (then ``after_step()``, e.g. a projection) under the policy above.
 
-    Under ``torch.distributed`` (more than one process) the gradients are averaged here:
-    pass the ``DistributedDataParallel`` wrapper that ``forward`` calls as ``ddp`` so that
-    DDP itself does not reduce them inside the backward.  ``forward`` must call that model
+    Under ``torch.distributed`` (more than one process) the gradients of ``params`` (every
+    trainable parameter of the replicated model) are averaged here: pass the
+    ``DistributedDataParallel`` wrapper that ``forward`` calls as ``ddp`` so that DDP itself
+    does not reduce them inside the backward.  ``forward`` must call that model
     on every process before anything in it can raise (DDP's forward broadcasts the buffers,
     a collective); the layer's own input checks run inside the model.
     """
