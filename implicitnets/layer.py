@@ -116,6 +116,11 @@ def _initial_state(init: Callable[[State], State] | None, x: State, z0: State | 
     for t in parts(z0):
         if t.dtype != first.dtype or t.device != first.device:
             raise ValueError(f"z0 has dtype {t.dtype} on {t.device} but x has dtype {first.dtype} on {first.device}")
+        if t.numel() == 0:
+            raise ValueError(
+                f"the state has no entries (shapes {[tuple(p.shape) for p in parts(z0)]}; x has shapes "
+                f"{[tuple(p.shape) for p in parts(x)]}): an empty batch has no fixed point to solve for, skip it"
+            )
     return tuple(t.detach() for t in z0) if isinstance(z0, tuple) else z0.detach()
 
 

@@ -1,9 +1,11 @@
-"""Shared fixtures: modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+"""Shared fixtures (modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``) and the
+hypothesis profile of the property tests: a fixed seed, no deadline, few examples."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 
 @pytest.fixture
@@ -22,3 +24,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+settings.register_profile(
+    "implicitnets",
+    derandomize=True,  # the same examples on every run and machine
+    database=None,  # nothing saved between runs (no .hypothesis folder)
+    deadline=None,  # timings on a shared CI machine are not a property
+    max_examples=10,
+    suppress_health_check=[HealthCheck.too_slow],
+    print_blob=True,
+)
+settings.load_profile("implicitnets")

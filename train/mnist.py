@@ -27,6 +27,7 @@ reproduce an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -54,7 +55,7 @@ from train.mnist_config import ACTIVATION, BASELINE, MATCHED_SIZE, Config, check
 from train.mnist_config import parse_args as parse_options
 from train.plots import training_curves
 from train.schedule import learning_rate
-from train.step import guarded_step
+from train.step import PeerLostError, guarded_step
 from train.warning_fold import FoldedWarnings
 
 # -----------------------------------------------------------------------------------------
@@ -95,7 +96,8 @@ def init_processes(cfg: Config) -> tuple[torch.device, int, int]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     elif world > 1 and device.type == "cpu":
@@ -162,11 +164,12 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
             def forward(xb=xb, yb=yb):
                 with run.autocast:
                     logits = run.model(xb).float()
-                # sum over the local share / global batch · world: DDP's mean gives the global mean
+                # sum over the local share / global batch · world: the mean over processes gives the global mean
                 loss = F.cross_entropy(logits, yb, reduction="sum", label_smoothing=cfg.label_smoothing)
                 return loss * (world / cfg.batch_size), logits
 
-            outcome = guarded_step(list(run.raw_model.parameters()), run.optimizer, forward, after_step=run.project)
+            outcome = guarded_step(list(run.raw_model.parameters()), run.optimizer, forward, after_step=run.project,
+                                   ddp=run.model if world > 1 else None)
             step += 1
             if outcome.skipped:
                 skipped.append(step - 1)
@@ -333,7 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
                 print(comparison(summary))
     finally:
         if world > 1 and dist.is_initialized():
-            dist.barrier()
+            if not isinstance(sys.exc_info()[1], PeerLostError):  # a lost process: no barrier to wait in
+                dist.barrier()
             dist.destroy_process_group()
     return summary
 
@@ -341,5 +345,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, DataError, CheckpointError) as err:  # a bad option, data file or checkpoint: one clear line
+    except (ValueError, DataError, CheckpointError, PeerLostError) as err:  # bad option/data/checkpoint, lost peer
         sys.exit(f"error: {err}")

@@ -52,6 +52,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bfloat16 autocast (meant for cuda)
     dtype: str = "float32"  # float32 | float64
+    dist_timeout: float = 1800.0  # seconds a process waits for the others in a collective before it stops with an error
     threads: int = 0  # CPU cores each process computes on (0: all of them, split evenly among torchrun's processes)
     data: str = "mnist-5k"  # mnist-5k | fashion-5k (embedded) | mnist | fashion-mnist (full: downloaded into runs/data)
     data_root: str = ""  # read an existing copy of the full set from this folder (offline)
@@ -116,6 +117,8 @@ def check_config(cfg: Config) -> None:
     check_choices(cfg, CHOICES, at_least_one=("t", "k", "epochs", "batch_size", "eval_batch_size"))
     if not (cfg.lr > 0 and cfg.gamma > 0 and cfg.tol >= 0 and cfg.backward_tol >= 0 and cfg.augment >= 0):
         raise ValueError("--lr and --gamma must be > 0; --tol, --backward-tol and --augment must be >= 0")
+    if not cfg.dist_timeout > 0:
+        raise ValueError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
     if cfg.solver in ("pr", "fb") and cfg.model not in MATCHED_SIZE:
         raise ValueError(f"--solver {cfg.solver} is an operator-splitting solver: only for --model mon or monconv")
     if not (cfg.alpha > 0 and cfg.m > 0):

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..parametrizations.conv import conv_operator_norm, conv_spectral_norm
 from .protocol import Map
+from .sizes import check_sizes
 from .slope_jacobian import SlopeJacobian
 
 __all__ = ["ConvCell"]
@@ -42,11 +43,16 @@ class ConvCell(Map):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
+        check_sizes("ConvCell", in_channels=in_channels, channels=channels)
+        if not (isinstance(size, (tuple, list)) and len(size) == 2):
+            raise ValueError(f"ConvCell: size must be (H, W), got {size!r}")
+        check_sizes("ConvCell", height=size[0], width=size[1])
         if activation not in _ACTIVATIONS:
             raise ValueError(f"ConvCell: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size % 2 != 1:
             raise ValueError(f"ConvCell: kernel_size must be an odd int, got {kernel_size!r}")
-        self.channels, self.size, self.contraction, self.activation = channels, tuple(size), contraction, activation
+        self.in_channels, self.channels, self.size = in_channels, channels, tuple(size)
+        self.contraction, self.activation = contraction, activation
         self.padding = kernel_size // 2
         self.A = nn.Conv2d(channels, channels, kernel_size, padding=self.padding, bias=False)
         self.B = nn.Conv2d(in_channels, channels, kernel_size, padding=self.padding)
@@ -58,6 +64,11 @@ class ConvCell(Map):
 
     def inject(self, x: Tensor) -> Tensor:
         """``u = B ⋆ x + b``, computed once per solve."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.size:
+            raise ValueError(
+                f"ConvCell expects x of shape (batch, {self.in_channels}, {self.size[0]}, {self.size[1]}), "
+                f"got {tuple(x.shape)}"
+            )
         return self.B(x)
 
     def step(self, z: Tensor, u: Tensor) -> Tensor:
