@@ -55,11 +55,23 @@ class LinearOperator(abc.ABC):
         """``Aᵀ y``."""
 
     def mv_add(self, x: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
-        """``c + α A x`` (a new tensor; override it to fuse the sum into the product)."""
+        """``c + α A x`` (a new tensor; override it to fuse the sum into the product).
+
+        Args:
+            x: A vector shaped like :attr:`like`.
+            c: The vector added, shaped like :attr:`like`.
+            alpha: The scalar ``α``.
+        """
         return torch.add(c, self.mv(x), alpha=alpha)
 
     def rmv_add(self, y: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
-        """``c + α Aᵀ y`` (a new tensor; override it to fuse the sum into the product)."""
+        """``c + α Aᵀ y`` (a new tensor; override it to fuse the sum into the product).
+
+        Args:
+            y: A vector shaped like :attr:`like`.
+            c: The vector added, shaped like :attr:`like`.
+            alpha: The scalar ``α``.
+        """
         return torch.add(c, self.rmv(y), alpha=alpha)
 
     @property
@@ -73,7 +85,11 @@ class LinearOperator(abc.ABC):
 
 
 class Transposed(LinearOperator):
-    """``Aᵀ`` of an operator ``A``."""
+    """``Aᵀ`` of an operator ``A``.
+
+    Args:
+        op: The operator ``A``.
+    """
 
     def __init__(self, op: LinearOperator) -> None:
         self.op = op
@@ -100,7 +116,11 @@ class Transposed(LinearOperator):
 
 
 class IdentityMinus(LinearOperator):
-    """``I − A``; each product is one ``A.mv_add`` (``x − A x``)."""
+    """``I − A``; each product is one ``A.mv_add`` (``x − A x``).
+
+    Args:
+        op: The operator ``A``.
+    """
 
     def __init__(self, op: LinearOperator) -> None:
         self.op = op
@@ -126,7 +146,17 @@ class IdentityMinus(LinearOperator):
 
 
 class FunctionOperator(LinearOperator):
-    """An operator from callables: ``mv`` and, optionally, ``rmv`` (else ``rmv`` raises)."""
+    """An operator from callables: ``mv`` and, optionally, ``rmv`` (else ``rmv`` raises).
+
+    Args:
+        mv: The product ``x ↦ A x``.
+        like: A tensor of the shape, dtype and device of the vectors ``A`` acts on.
+        rmv: The product ``y ↦ Aᵀ y``, or ``None`` (then ``rmv`` raises
+            ``NotImplementedError``).
+
+    Raises:
+        ValueError: ``mv`` (or a given ``rmv``) is not callable.
+    """
 
     def __init__(self, mv: Callable[[Tensor], Tensor], like: Tensor, rmv: Callable[[Tensor], Tensor] | None = None):
         if not callable(mv) or (rmv is not None and not callable(rmv)):
@@ -158,6 +188,13 @@ class GraphJacobian(LinearOperator):
     concatenation of the parts.  Products run in the dtype of ``out`` (e.g. bfloat16 under
     autocast) and return the dtype of their argument.  The graph is kept for as many
     products as asked (``retain_graph``).
+
+    Args:
+        out: The recorded output ``Φ(w, ·)``, a tensor or a tuple of tensors.
+        w: The input state, tensors that require grad, of the structure and shapes of ``out``.
+
+    Raises:
+        ValueError: ``out`` and ``w`` differ in structure or shapes.
     """
 
     def __init__(self, out: State, w: State) -> None:

@@ -60,6 +60,15 @@ class AID(BackwardMode):
     and the parameters of an ``nn.Module`` map; a plain callable that captures other tensors
     needing gradients gets its first-order gradient, and a higher-order one raises.
     ``FallbackITD`` is first-order only (it raises inside a higher-order backward).
+
+    Args:
+        linear_solver: The :class:`~implicitnets.linear.LinearSolver` of the adjoint system.
+        on_failure: The :class:`~implicitnets.FailurePolicy` of a failed adjoint solve;
+            ``FallbackITD()`` needs the map to be an ``nn.Module``.
+        warm_start: Start a layer's adjoint solve from the previous call's solution.
+
+    Raises:
+        ValueError: An option is of the wrong type.
     """
 
     linear_solver: LinearSolver

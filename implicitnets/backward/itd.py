@@ -26,6 +26,13 @@ class ITD(BackwardMode):
     then says whether the whole solve reached ``tol``.  From a converged ``w*`` this equals
     AID with ``linear.Neumann(max_iter=K)``.  ITD composes with ``torch.func`` transforms
     when the solver is written in differentiable operations (both built-ins are).
+
+    Args:
+        truncate: Number ``K`` of differentiable final iterations, an int >= 1, or ``None``
+            to differentiate through all of them.  ``K >= max_iter`` keeps the whole graph.
+
+    Raises:
+        ValueError: ``truncate`` is neither ``None`` nor an int >= 1.
     """
 
     truncate: int | None = None

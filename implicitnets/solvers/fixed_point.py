@@ -36,6 +36,23 @@ class FixedPointIteration(IterativeSolver):
     iterate, reported as not converged) instead of raising
     :class:`~implicitnets.NonFiniteError`.  See :class:`SolverStats` for the per-sample
     statistics.
+
+    Args:
+        max_iter: Maximum number of map evaluations, an int >= 1.
+        tol: Tolerance on the relative residual ``‖g(z) − z‖ / ‖g(z)‖``, >= 0; ``0`` runs
+            exactly ``max_iter`` evaluations.
+        damping: Damping β in ``(0, 1]``; ``1`` is plain Picard iteration.
+        check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
+            ``None`` (every evaluation when ``tol > 0``, else only after the last).
+        on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
+            stops above ``tol``.
+        freeze_converged: Keyword only.  Stop updating each sample once its own relative
+            residual is at most ``tol`` (only when ``tol > 0``).
+        return_best: Keyword only.  Return each unconverged sample at its lowest-residual
+            iterate and set aside samples that turn NaN/Inf.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     damping: float = 1.0
