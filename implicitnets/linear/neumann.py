@@ -25,6 +25,14 @@ class Neumann(LinearSolver):
     the adjoint operator one fused ``Jᵀ x + b``); the product that gives the last iterate's
     true residual also gives the next iterate, which is discarded.  ``max_iter`` iterations
     cost exactly ``max_iter`` products (``+ 1`` with a warm start).
+
+    Args:
+        max_iter: Maximum number of iterations, an int >= 1.
+        tol: Tolerance on the relative residual ``‖b − A x‖ / ‖b‖``, >= 0; ``0`` runs exactly
+            ``max_iter`` iterations.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     max_iter: int = 50
@@ -36,7 +44,20 @@ class Neumann(LinearSolver):
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
-        """Solve ``A x = b`` with ``(I − A) x + b = op.identity_minus().mv_add(x, b)``."""
+        """Solve ``A x = b`` with ``(I − A) x + b = op.identity_minus().mv_add(x, b)``.
+
+        Args:
+            op: The :class:`~implicitnets.LinearOperator` ``A``.
+            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
+                vector.
+            x0: The start, shaped like ``b``, or ``None`` for zero.
+
+        Returns:
+            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
+
+        Raises:
+            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        """
         p = LinearSystem("Neumann", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
