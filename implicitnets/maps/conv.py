@@ -23,6 +23,20 @@ class ConvCell(Map):
     :func:`~implicitnets.conv_spectral_norm`, ``None`` leaves ``A`` free.  Has
     ``inject``/``step`` so the layer computes ``B ⋆ x + b`` once per solve, and the
     closed-form :meth:`jacobian` that AID's adjoint solve uses.
+
+    Args:
+        in_channels: Channels of the input ``x`` of shape (batch, in_channels, H, W).
+        channels: Channels C of the state ``z`` of shape (batch, C, H, W).
+        size: The spatial size (H, W) of the feature maps, on which the operator-norm bound
+            is enforced.
+        contraction: Keyword only.  The bound γ > 0 on the operator norm of ``A ⋆ ·``, or
+            ``None`` for an unconstrained ``A``.
+        activation: Keyword only.  ``"relu"`` or ``"tanh"``.
+        kernel_size: Keyword only.  Odd kernel size of ``A`` and ``B`` (same padding).
+
+    Raises:
+        ValueError: ``activation`` is unknown, ``kernel_size`` is not an odd int, or
+            ``contraction`` is neither ``None`` nor a finite number > 0.
     """
 
     #: :meth:`jacobian` reads only values (no graph through ``w``), see :mod:`implicitnets.maps.protocol`

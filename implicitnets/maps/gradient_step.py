@@ -32,6 +32,14 @@ class GradientStep(Map):
     ``inner_loss`` is an ``nn.Module`` its parameters are the map's parameters.  The
     gradient is :func:`torch.func.grad`, so the map composes with reverse mode (ITD, AID),
     forward mode (:class:`~implicitnets.hypergrad.ForwardITD`) and ``torch.no_grad`` alike.
+
+    Args:
+        inner_loss: The inner loss ``ℓ(w, x)``, a callable returning a scalar tensor.
+        step_size: The step size η, a finite number > 0 or a callable ``x -> η``.
+
+    Raises:
+        ValueError: ``inner_loss`` is not callable or ``step_size`` is neither a finite
+            number > 0 nor callable.
     """
 
     def __init__(self, inner_loss: Callable[[Tensor, State], Tensor], step_size: StepSize) -> None:

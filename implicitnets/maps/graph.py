@@ -42,6 +42,18 @@ def normalized_adjacency(edges: Tensor, num_nodes: int, *, self_loops: bool = Tr
 
     Its λ_pf is 1 with self-loops (eigenvector ``D^{1/2} 1``) and on any graph without
     isolated nodes.
+
+    Args:
+        edges: Integer node indices of shape (2, E), each in ``0..num_nodes − 1``.
+        num_nodes: Number of nodes n.
+        self_loops: Keyword only.  Whether to add ``I`` to the adjacency.
+        dtype: Keyword only.  Dtype of the values (default: ``torch.get_default_dtype()``).
+
+    Returns:
+        The coalesced sparse COO tensor ``Â`` of shape (n, n), on ``edges``' device.
+
+    Raises:
+        ValueError: ``edges`` is not of shape (2, E) or holds an index outside the nodes.
     """
     if edges.dim() != 2 or edges.shape[0] != 2:
         raise ValueError(f"normalized_adjacency: edges must have shape (2, E), got {tuple(edges.shape)}")
@@ -77,6 +89,23 @@ class GraphMap(Map):
     (W is projected once at construction); with ``parametrize=True`` W is rescaled into the
     ball at every evaluation (:class:`~implicitnets.parametrizations.InfNormBound`).
     States ``(B, width, n)``, inputs ``(B, in_features, n)``; see the module docstring.
+
+    Args:
+        in_features: Features p per node of the input, an int >= 1.
+        width: State size m per node, an int >= 1.
+        adjacency: The (n, n) non-negative adjacency ``Â``, dense or sparse, with at least
+            one edge (e.g. from :func:`normalized_adjacency`).
+        kappa: Keyword only.  The well-posedness margin κ in ``(0, 1)``.
+        activation: Keyword only.  The component-wise 1-Lipschitz φ.
+        parametrize: Keyword only.  Rescale W into the ball at every evaluation instead of
+            projecting it with :meth:`project_`.
+        device: Keyword only.  Device of the parameters and of ``Â``.
+        dtype: Keyword only.  Dtype of the parameters and of ``Â`` (default: the
+            adjacency's if floating point, else the default dtype).
+
+    Raises:
+        ValueError: A size is not an int >= 1, ``kappa`` is not in ``(0, 1)``,
+            ``activation`` is not callable, or ``adjacency`` is not square or has no edges.
     """
 
     def __init__(

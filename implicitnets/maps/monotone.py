@@ -69,10 +69,21 @@ class MonotoneMap(Map):
         on, differentiable in the weights, so that ITD can run through the solver.
         ``I + α(I − W)`` has symmetric part ``⪰ (1 + αm) I``: it is invertible for α ≥ 0
         and its inverse has norm ≤ 1 / (1 + αm).
+
+        Args:
+            alpha: The step size α >= 0.
+
+        Returns:
+            The solve, a callable on a batch of states.
         """
 
     def prox(self, v: Tensor, alpha: float) -> Tensor:
-        """``prox_{αf}(v)``; ReLU for every α (``f`` the indicator of ``z ≥ 0``)."""
+        """``prox_{αf}(v)``; ReLU for every α (``f`` the indicator of ``z ≥ 0``).
+
+        Args:
+            v: A batch of states.
+            alpha: The step size α > 0 (unused by ReLU).
+        """
         return torch.relu(v)
 
     def step(self, z: Tensor, u: Tensor) -> Tensor:

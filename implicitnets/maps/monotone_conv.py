@@ -64,6 +64,20 @@ class MonotoneConv(MonotoneMap):
     docstring), applied through its symbol (:meth:`symbol`) by FFT.  Every value of the
     kernels gives ``I − W ⪰ m I``; ``‖W‖₂`` (:meth:`lipschitz_bound`, exact from the symbol)
     is not bounded by 1.  States (batch, channels, H, W), inputs (batch, in_channels, H, W).
+
+    Args:
+        in_channels: Channels of the input, an int >= 1.
+        channels: Channels C of the state, an int >= 1.
+        size: The spatial size (H, W) of the state, two ints >= ``kernel_size``.
+        m: Keyword only.  The monotonicity margin m > 0 of ``I − W ⪰ m I``.
+        kernel_size: Keyword only.  Odd kernel size k >= 1 of ``U``, ``A`` and ``B``.
+        device: Keyword only.  Device of the parameters.
+        dtype: Keyword only.  Dtype of the parameters.
+
+    Raises:
+        ValueError: A channel count is not an int >= 1, ``kernel_size`` is not an odd
+            int >= 1, ``size`` is not two ints >= ``kernel_size``, or ``m`` is not a finite
+            number > 0.
     """
 
     def __init__(

@@ -27,6 +27,16 @@ class MonotoneFC(MonotoneMap):
     Picard iteration need not converge: solve with
     :class:`~implicitnets.solvers.PeacemanRachford` or
     :class:`~implicitnets.solvers.ForwardBackward`.  Inputs are ``(batch, in_features)``.
+
+    Args:
+        in_features: Size of the input ``x``, an int >= 1.
+        width: Size of the state ``z``, an int >= 1.
+        m: Keyword only.  The monotonicity margin m > 0 of ``I − W ⪰ m I``.
+        device: Keyword only.  Device of the parameters.
+        dtype: Keyword only.  Dtype of the parameters.
+
+    Raises:
+        ValueError: A size is not an int >= 1 or ``m`` is not a finite number > 0.
     """
 
     def __init__(

@@ -23,6 +23,21 @@ class TanhMap(Map):
     :func:`~implicitnets.project_spectral_`).  Inputs are ``(batch, in_features)``.
     :meth:`jacobian` gives AID the closed-form ``J = ∂₁Φ``; :meth:`lipschitz_bound` the
     global ``‖A‖₂``.
+
+    Args:
+        in_features: Size of the input ``x``, an int >= 1.
+        width: Size of the state ``w``, an int >= 1.
+        contraction: The bound γ > 0 on ``‖A‖₂`` (Φ is a contraction for γ < 1), or
+            ``None`` for an unconstrained ``A``.
+        exact: Keyword only.  Bound the exact largest singular value of ``A`` instead of its
+            power-iteration estimate.
+        bias: Keyword only.  Whether ``B`` has the bias ``c``.
+        device: Keyword only.  Device of the parameters.
+        dtype: Keyword only.  Dtype of the parameters.
+
+    Raises:
+        ValueError: ``in_features`` or ``width`` is not an int >= 1, or ``contraction`` is
+            neither ``None`` nor a finite number > 0.
     """
 
     #: :meth:`jacobian` reads only values (no graph through ``w``), see :mod:`implicitnets.maps.protocol`
