@@ -48,11 +48,19 @@ class LinearOperator(abc.ABC):
 
     @abc.abstractmethod
     def mv(self, x: Tensor) -> Tensor:
-        """``A x``."""
+        """``A x``.
+
+        Args:
+            x: A vector shaped like :attr:`like`.
+        """
 
     @abc.abstractmethod
     def rmv(self, y: Tensor) -> Tensor:
-        """``Aᵀ y``."""
+        """``Aᵀ y``.
+
+        Args:
+            y: A vector shaped like :attr:`like`.
+        """
 
     def mv_add(self, x: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
         """``c + α A x`` (a new tensor; override it to fuse the sum into the product).
@@ -237,11 +245,19 @@ class GraphJacobian(LinearOperator):
         return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
 
     def rmv(self, y: Tensor) -> Tensor:
-        """``Jᵀ y``: one vector–Jacobian product on the recorded graph."""
+        """``Jᵀ y``: one vector–Jacobian product on the recorded graph.
+
+        Args:
+            y: A vector shaped like :attr:`like`; the result has its dtype.
+        """
         return self._join(self._grad(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
 
     def mv(self, x: Tensor) -> Tensor:
-        """``J x``: the derivative of ``u ↦ Jᵀu`` (linear in ``u``) applied to ``x``."""
+        """``J x``: the derivative of ``u ↦ Jᵀu`` (linear in ``u``) applied to ``x``.
+
+        Args:
+            x: A vector shaped like :attr:`like`; the result has its dtype.
+        """
         if self._dual is None:
             with torch.enable_grad():
                 dummies = tuple(torch.zeros_like(o, requires_grad=True) for o in self.outs)

@@ -81,7 +81,14 @@ class AID(BackwardMode):
         check_bool("AID", "warm_start", self.warm_start)
 
     def next_start(self, previous: SolverStats) -> Tensor | None:
-        """The previous adjoint solution ``v`` when ``warm_start`` (used if its shape matches)."""
+        """The previous adjoint solution ``v`` when ``warm_start`` (used if its shape matches).
+
+        Args:
+            previous: The :class:`~implicitnets.SolverStats` of the layer's previous call.
+
+        Returns:
+            ``previous.backward.adjoint`` when ``warm_start``, else ``None``.
+        """
         return previous.backward.adjoint if self.warm_start else None
 
     def run(self, problem: Problem) -> tuple[State, SolverStats]:

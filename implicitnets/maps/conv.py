@@ -71,25 +71,50 @@ class ConvCell(Map):
         self._act = _ACTIVATIONS[activation]
 
     def inject(self, x: Tensor) -> Tensor:
-        """``u = B ⋆ x + b``, computed once per solve."""
+        """``u = B ⋆ x + b``, computed once per solve.
+
+        Args:
+            x: The input, shape (batch, in_channels, H, W).
+
+        Returns:
+            ``u``, shape (batch, channels, H, W).
+        """
         return self.B(x)
 
     def step(self, z: Tensor, u: Tensor) -> Tensor:
-        """One map evaluation ``act(A ⋆ z + u)``."""
+        """One map evaluation ``act(A ⋆ z + u)``.
+
+        Args:
+            z: The state, shape (batch, channels, H, W).
+            u: The input term, shape (batch, channels, H, W).
+        """
         return self._act(self.A(z) + u)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         return self.step(z, self.inject(x))
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``z₀ = 0`` of shape (batch, C, H, W)."""
+        """``z₀ = 0`` of shape (batch, C, H, W).
+
+        Args:
+            x: The input, shape (batch, in_channels, H, W).
+        """
         return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
 
     def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> SlopeJacobian:
         """``J = ∂₁Φ(w)`` in closed form from ``out = Φ(w, u)``: with ``D = act'`` at ``w``
         (ReLU: ``out > 0``; tanh: ``1 − out²``), ``J y = D ⊙ (A ⋆ y)`` and
         ``Jᵀ v = Aᵀ ⋆ (D ⊙ v)`` (a transposed convolution).  The effective weight is
-        captured, detached, when this is called (inside the solve's parametrization cache)."""
+        captured, detached, when this is called (inside the solve's parametrization cache).
+
+        Args:
+            w: The state at which ``J`` is taken, shape (batch, channels, H, W).
+            u: The input term ``inject(x)``.
+            out: ``Φ(w, u)``, whose values alone are read.
+
+        Returns:
+            ``J`` as a :class:`~implicitnets.LinearOperator` on vectors shaped like ``w``.
+        """
         out = out.detach()
         slope = (out > 0).to(out.dtype) if self.activation == "relu" else 1 - out * out
         return _ConvJacobian(self.A.weight.detach(), slope, self.padding)

@@ -149,13 +149,30 @@ class GraphMap(Map):
             self.project_()
 
     def propagate(self, z: Tensor) -> Tensor:
-        """``Z Â`` for ``z`` of shape (B, c, n), as one sparse product with the (n, B·c) matrix."""
+        """``Z Â`` for ``z`` of shape (B, c, n), as one sparse product with the (n, B·c) matrix.
+
+        Args:
+            z: Node states, shape (B, c, n).
+
+        Returns:
+            ``Z Â``, shape (B, c, n).
+        """
         B, c, n = z.shape
         flat = z.permute(2, 0, 1).reshape(n, B * c)
         return torch.sparse.mm(self.adjacency_t, flat).reshape(n, B, c).permute(1, 2, 0)
 
     def inject(self, x: Tensor) -> Tensor:
-        """The input term ``U = Ω X Â``, computed once per solve."""
+        """The input term ``U = Ω X Â``, computed once per solve.
+
+        Args:
+            x: Node features, shape (batch, in_features, n).
+
+        Returns:
+            ``U``, shape (batch, width, n).
+
+        Raises:
+            ValueError: ``x`` is not of shape (batch, in_features, n).
+        """
         if x.dim() != 3 or x.shape[1] != self.in_features or x.shape[2] != self.num_nodes:
             raise ValueError(
                 f"GraphMap expects x of shape (batch, {self.in_features}, {self.num_nodes}), got {tuple(x.shape)}"
@@ -163,14 +180,23 @@ class GraphMap(Map):
         return self.propagate(torch.matmul(self.Omega, x))
 
     def step(self, z: Tensor, u: Tensor) -> Tensor:
-        """One map evaluation ``φ(W Z Â + U)``."""
+        """One map evaluation ``φ(W Z Â + U)``.
+
+        Args:
+            z: Node states, shape (batch, width, n).
+            u: The input term, shape (batch, width, n).
+        """
         return self.activation(self.propagate(torch.matmul(self.W, z)) + u)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         return self.step(z, self.inject(x))
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``Z₀ = 0`` of shape (B, width, n)."""
+        """``Z₀ = 0`` of shape (B, width, n).
+
+        Args:
+            x: Node features, shape (B, in_features, n).
+        """
         return x.new_zeros(x.shape[0], self.width, x.shape[2])
 
     @torch.no_grad()

@@ -115,7 +115,14 @@ class MonotoneConv(MonotoneMap):
         return (1.0 - self.m) * eye - Ah.mH @ Ah + (Bh - Bh.mH)
 
     def inject(self, x: Tensor) -> Tensor:
-        """``u = U ⋆ x + b``, computed once per solve."""
+        """``u = U ⋆ x + b``, computed once per solve.
+
+        Args:
+            x: The input, shape (batch, in_channels, H, W).
+
+        Returns:
+            ``u``, shape (batch, channels, H, W).
+        """
         if x.dim() != 4 or tuple(x.shape[2:]) != self.size or x.shape[1] != self.U.in_channels:
             raise ValueError(
                 f"MonotoneConv expects x of shape (batch, {self.U.in_channels}, {self.size[0]}, {self.size[1]}), "
@@ -124,7 +131,11 @@ class MonotoneConv(MonotoneMap):
         return self.U(x)
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``z₀ = 0`` of shape (batch, channels, H, W)."""
+        """``z₀ = 0`` of shape (batch, channels, H, W).
+
+        Args:
+            x: The input, shape (batch, in_channels, H, W).
+        """
         return x.new_zeros(x.shape[0], self.channels, *self.size)
 
     def weight_mv(self, z: Tensor) -> Tensor:
@@ -135,7 +146,14 @@ class MonotoneConv(MonotoneMap):
 
     def resolvent(self, alpha: float) -> Callable[[Tensor], Tensor]:
         """``v ↦ (I + α(I − W))⁻¹ v``: the symbol ``(1 + α) I − α Ŵ(f)`` inverted once per
-        frequency (C × C, norm of the inverse ≤ 1 / (1 + αm)), applied by FFT."""
+        frequency (C × C, norm of the inverse ≤ 1 / (1 + αm)), applied by FFT.
+
+        Args:
+            alpha: The step size α >= 0.
+
+        Returns:
+            The solve, a callable on states of shape (batch, channels, H, W).
+        """
         Wh = self.symbol()
         eye = torch.eye(self.channels, dtype=Wh.dtype, device=Wh.device)
         inverse = torch.linalg.inv((1.0 + alpha) * eye - alpha * Wh)
@@ -143,7 +161,16 @@ class MonotoneConv(MonotoneMap):
 
     def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> LinearOperator:
         """``J y = D ⊙ (W y)``, ``Jᵀ v = Wᵀ (D ⊙ v)`` (``D = out > 0``), with the symbol of
-        ``W`` computed, detached, once when this is called."""
+        ``W`` computed, detached, once when this is called.
+
+        Args:
+            w: The state at which ``J`` is taken, shape (batch, channels, H, W).
+            u: The input term ``inject(x)``.
+            out: ``Φ(w, u)``, whose values alone are read.
+
+        Returns:
+            ``J`` as a :class:`~implicitnets.LinearOperator` on vectors shaped like ``w``.
+        """
         Wh = self.symbol().detach()
         WhT = Wh.mH
         return ReLUJacobian(lambda y: apply_symbol(Wh, y), lambda v: apply_symbol(WhT, v), out)

@@ -70,7 +70,21 @@ class Broyden(IterativeSolver):
         check_int("Broyden", "memory", self.memory)
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
-        """Iterate from ``z0``; return ``g`` of the last point and the stats."""
+        """Iterate from ``z0``; return ``g`` of the last point and the stats.
+
+        Args:
+            g: The map ``z ↦ Φ(z, u)``, a callable state -> state (a
+                :class:`~implicitnets.BoundMap` from the layer).
+            z0: The start, a tensor or a tuple of tensors whose first axis is the batch.
+
+        Returns:
+            The value of ``g`` at the last point and its :class:`SolverStats`.
+
+        Raises:
+            ValueError: The map's output is not shaped like its input.
+            NonFiniteError: The map produced NaN or Inf (unless ``return_best``).
+            ConvergenceError: The solve stopped above ``tol`` and ``on_failure`` is ``Raise()``.
+        """
         return solve_flat(self, "Broyden", g, z0, lambda x, grad: _Updates(self.memory, x, grad))
 
 

@@ -62,7 +62,21 @@ class FixedPointIteration(IterativeSolver):
         check_real("FixedPointIteration", "damping", self.damping, low=0, high=1, low_open=True)
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
-        """Iterate from ``z0``; return the last iterate and its :class:`SolverStats`."""
+        """Iterate from ``z0``; return the last iterate and its :class:`SolverStats`.
+
+        Args:
+            g: The map ``z ↦ Φ(z, u)``, a callable state -> state (a
+                :class:`~implicitnets.BoundMap` from the layer).
+            z0: The start, a tensor or a tuple of tensors whose first axis is the batch.
+
+        Returns:
+            The last iterate (of ``z0``'s structure) and its :class:`SolverStats`.
+
+        Raises:
+            ValueError: The map's output is not shaped like its input.
+            NonFiniteError: The map produced NaN or Inf (unless ``return_best``).
+            ConvergenceError: The solve stopped above ``tol`` and ``on_failure`` is ``Raise()``.
+        """
         monitor = Monitor(
             "FixedPointIteration", self.max_iter, self.tol, self.check_every, z0,
             freeze=self.freeze_converged, best=self.return_best,
