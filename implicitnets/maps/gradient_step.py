@@ -70,7 +70,7 @@ class GradientStep(Map):
             x: The map's input (for a bilevel problem, the hyperparameters λ).
 
         Returns:
-            η: the float ``step_size`` or ``step_size(x)``.
+            The float ``step_size``, or ``step_size(x)`` when it is callable.
         """
         return self.step_size(x) if callable(self.step_size) else self.step_size
 

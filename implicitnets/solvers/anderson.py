@@ -44,7 +44,8 @@ class Anderson(IterativeSolver):
         mixing: Mixing parameter ``β`` in ``(0, 1]``; ``1`` extrapolates the images ``f_i``.
         regularization: Ridge ``λ`` >= 0 on the Gram matrix, relative to its diagonal.
         check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
-            ``None`` (every evaluation when ``tol > 0``, else only after the last).
+            ``None`` (every evaluation when ``tol > 0`` or ``return_best``, else only after
+            the last).
         on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
             stops above ``tol``.
         freeze_converged: Keyword only.  Stop updating each sample once its own relative

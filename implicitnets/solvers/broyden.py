@@ -51,7 +51,8 @@ class Broyden(IterativeSolver):
         memory: Number ``m`` of rank-one updates kept per sample before a restart from
             ``B = −I``, an int >= 1.
         check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
-            ``None`` (every evaluation when ``tol > 0``, else only after the last).
+            ``None`` (every evaluation when ``tol > 0`` or ``return_best``, else only after
+            the last).
         on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
             stops above ``tol``.
         freeze_converged: Keyword only.  Stop updating each sample once its own relative

@@ -36,7 +36,8 @@ class ForwardBackward(SplittingSolver):
             exactly ``max_iter`` evaluations.
         alpha: Step size ``α > 0``; converges for ``α < 2m / L²``.
         check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
-            ``None`` (every evaluation when ``tol > 0``, else only after the last).
+            ``None`` (every evaluation when ``tol > 0`` or ``return_best``, else only after
+            the last).
         on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
             stops above ``tol``.
         freeze_converged: Keyword only.  Stop updating each sample once its own relative
