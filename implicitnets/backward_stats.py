@@ -17,6 +17,14 @@ class BackwardStats:
     ``iterations``, ``residual`` (relative, ``‖b − A v‖ / ‖b‖``) and ``converged`` describe
     the adjoint linear solve, ``fallback`` names the method a failure policy fell back to,
     and ``adjoint`` is the solution ``v`` (detached; a warm start for the next solve).
+
+    Args:
+        iterations: Iterations of the adjoint linear solve, or ``None``.
+        residual: Its relative residual ``‖b − A v‖ / ‖b‖``, or ``None``.
+        converged: Whether it reached its tolerance, or ``None``.
+        fallback: Name of the method a failure policy fell back to (``"ITD"``,
+            ``"JacobianFree"``), or ``None``.
+        adjoint: The detached adjoint solution ``v``, or ``None``.
     """
 
     iterations: int | None = None

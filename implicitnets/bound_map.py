@@ -24,6 +24,12 @@ class BoundMap:
     """``g(z) = step(z, u)``; ``map`` is the object that owns ``step`` (or ``step`` itself).
 
     ``u`` is a tensor or a tuple of tensors whose first axis is the batch.
+
+    Args:
+        step: The map ``step(z, u) -> z``.
+        u: The injected input, a tensor or a tuple of tensors whose first axis is the batch.
+        map: The object that owns ``step`` (e.g. a :class:`~implicitnets.maps.MonotoneMap`),
+            or ``None`` for ``step`` itself.
     """
 
     __slots__ = ("step", "u", "map")
@@ -41,6 +47,13 @@ class BoundMap:
         Valid for *row-separable* maps, whose output for a sample depends only on that
         sample's rows of ``z`` and ``u`` (every shipped map; not a map that mixes the batch,
         e.g. batch normalisation).
+
+        Args:
+            index: A 1-D index tensor or boolean mask over the batch.
+
+        Returns:
+            A :class:`BoundMap` of the same ``step`` and ``map`` with ``u`` restricted to
+            ``index``.
         """
         return BoundMap(self.step, map_parts(lambda t: t[index], self.u), self.map)
 

@@ -40,6 +40,14 @@ class AdjointFailure:
     finite, ``message`` a description naming the solver and its residual.  ``itd`` (when
     not ``None``) recomputes the forward solve with autograd and returns the ITD gradients
     of the layer's extra inputs.
+
+    Args:
+        v: The adjoint solver's answer.
+        g: The right-hand side of the adjoint system.
+        finite: Whether ``v`` is finite.
+        message: A description naming the solver and its residual.
+        itd: A callable ``itd(g)`` returning the ITD gradients of the extra inputs, or
+            ``None`` when the solve cannot be recomputed.
     """
 
     v: Tensor
@@ -56,6 +64,11 @@ class Resolution:
     ``v`` replaces the adjoint solution (the cotangent passed on through ``∂₂Φᵀ``);
     ``extra`` — gradients of the layer's extra inputs — are used instead when given
     (``v`` is then typically zero); ``fallback`` names the method used, for the statistics.
+
+    Args:
+        v: The adjoint solution to use, shaped like the failed one.
+        extra: Gradients of the layer's extra inputs (``None`` entries allowed), or ``None``.
+        fallback: Name of the fallback method (e.g. ``"ITD"``), or ``None``.
     """
 
     v: Tensor
@@ -71,12 +84,23 @@ class FailurePolicy(abc.ABC):
     needs_itd: bool = False
 
     def forward_failed(self, message: str) -> None:
-        """A forward solve stopped above its tolerance.  Default: warn."""
+        """A forward solve stopped above its tolerance.  Default: warn.
+
+        Args:
+            message: A description naming the solver, its residual and tolerance.
+        """
         warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
     @abc.abstractmethod
     def adjoint_failed(self, failure: AdjointFailure) -> Resolution:
-        """An adjoint solve failed; return the gradient to use (or raise)."""
+        """An adjoint solve failed; return the gradient to use (or raise).
+
+        Args:
+            failure: The :class:`AdjointFailure`.
+
+        Returns:
+            The :class:`Resolution` to use.
+        """
 
 
 def _no_nan(failure: AdjointFailure) -> None:

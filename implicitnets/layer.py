@@ -144,6 +144,26 @@ def fixed_point(
     warm-starts an AID adjoint solve.
     Parametrized weights of an ``nn.Module`` map are evaluated once per solve
     (``parametrize.cached``), so forward and backward see the same weights.
+
+    Args:
+        f: The map, a callable ``f(w, x) -> w`` returning a state shaped like ``w``; an
+            ``nn.Module`` map's parameters are differentiated.
+        x: The input, a floating-point tensor or a tuple (or list) of tensors, on the
+            device and of the dtype of the map's parameters.
+        solver: Keyword only.  The :class:`ForwardSolver` of the forward solve.
+        backward: Keyword only.  The :class:`BackwardMode` that makes ``w*`` differentiable.
+        z0: Keyword only.  The start, a state of the map's state shape on ``x``'s dtype and
+            device (detached), or ``None`` for the default.
+        adjoint_x0: Keyword only.  A warm start of an AID adjoint solve, or ``None``.
+
+    Returns:
+        ``(w*, stats)``: the solution (a state like ``z0``) and the :class:`SolverStats`.
+
+    Raises:
+        ValueError: ``solver`` or ``backward`` is of the wrong type, or ``x`` or ``z0`` has
+            the wrong type, dtype, device or shape.
+        NonFiniteError: ``x`` or ``z0`` holds NaN or Inf, or the map produced NaN or Inf.
+        ConvergenceError: The solve failed and the failure policy is ``Raise()``.
     """
     _check_options(solver, backward)
     module = f if isinstance(f, nn.Module) else None
@@ -187,6 +207,17 @@ class FixedPointLayer(nn.Module):
     under ``torch.no_grad()`` no graph is built.  Each call's backward solve starts where the
     backward mode says (:meth:`BackwardMode.next_start`): with ``AID(..., warm_start=True)``,
     from the previous call's adjoint solution.
+
+    ``forward(x, z0=None)`` takes ``x`` and ``z0`` as :func:`fixed_point` does.
+
+    Args:
+        cell: The map, a callable ``cell(w, x) -> w`` (typically an ``nn.Module``, whose
+            parameters become the layer's).
+        solver: Keyword only.  The :class:`ForwardSolver` of the forward solve.
+        backward: Keyword only.  The :class:`BackwardMode` of the backward pass.
+
+    Raises:
+        ValueError: ``solver`` or ``backward`` is of the wrong type.
     """
 
     def __init__(self, cell: MapFn, *, solver: ForwardSolver, backward: BackwardMode) -> None:

@@ -48,18 +48,38 @@ class LinearOperator(abc.ABC):
 
     @abc.abstractmethod
     def mv(self, x: Tensor) -> Tensor:
-        """``A x``."""
+        """``A x``.
+
+        Args:
+            x: A vector shaped like :attr:`like`.
+        """
 
     @abc.abstractmethod
     def rmv(self, y: Tensor) -> Tensor:
-        """``Aᵀ y``."""
+        """``Aᵀ y``.
+
+        Args:
+            y: A vector shaped like :attr:`like`.
+        """
 
     def mv_add(self, x: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
-        """``c + α A x`` (a new tensor; override it to fuse the sum into the product)."""
+        """``c + α A x`` (a new tensor; override it to fuse the sum into the product).
+
+        Args:
+            x: A vector shaped like :attr:`like`.
+            c: The vector added, shaped like :attr:`like`.
+            alpha: The scalar ``α``.
+        """
         return torch.add(c, self.mv(x), alpha=alpha)
 
     def rmv_add(self, y: Tensor, c: Tensor, alpha: float = 1.0) -> Tensor:
-        """``c + α Aᵀ y`` (a new tensor; override it to fuse the sum into the product)."""
+        """``c + α Aᵀ y`` (a new tensor; override it to fuse the sum into the product).
+
+        Args:
+            y: A vector shaped like :attr:`like`.
+            c: The vector added, shaped like :attr:`like`.
+            alpha: The scalar ``α``.
+        """
         return torch.add(c, self.rmv(y), alpha=alpha)
 
     @property
@@ -73,7 +93,11 @@ class LinearOperator(abc.ABC):
 
 
 class Transposed(LinearOperator):
-    """``Aᵀ`` of an operator ``A``."""
+    """``Aᵀ`` of an operator ``A``.
+
+    Args:
+        op: The operator ``A``.
+    """
 
     def __init__(self, op: LinearOperator) -> None:
         self.op = op
@@ -100,7 +124,11 @@ class Transposed(LinearOperator):
 
 
 class IdentityMinus(LinearOperator):
-    """``I − A``; each product is one ``A.mv_add`` (``x − A x``)."""
+    """``I − A``; each product is one ``A.mv_add`` (``x − A x``).
+
+    Args:
+        op: The operator ``A``.
+    """
 
     def __init__(self, op: LinearOperator) -> None:
         self.op = op
@@ -126,7 +154,17 @@ class IdentityMinus(LinearOperator):
 
 
 class FunctionOperator(LinearOperator):
-    """An operator from callables: ``mv`` and, optionally, ``rmv`` (else ``rmv`` raises)."""
+    """An operator from callables: ``mv`` and, optionally, ``rmv`` (else ``rmv`` raises).
+
+    Args:
+        mv: The product ``x ↦ A x``.
+        like: A tensor of the shape, dtype and device of the vectors ``A`` acts on.
+        rmv: The product ``y ↦ Aᵀ y``, or ``None`` (then ``rmv`` raises
+            ``NotImplementedError``).
+
+    Raises:
+        ValueError: ``mv`` (or a given ``rmv``) is not callable.
+    """
 
     def __init__(self, mv: Callable[[Tensor], Tensor], like: Tensor, rmv: Callable[[Tensor], Tensor] | None = None):
         if not callable(mv) or (rmv is not None and not callable(rmv)):
@@ -158,6 +196,13 @@ class GraphJacobian(LinearOperator):
     concatenation of the parts.  Products run in the dtype of ``out`` (e.g. bfloat16 under
     autocast) and return the dtype of their argument.  The graph is kept for as many
     products as asked (``retain_graph``).
+
+    Args:
+        out: The recorded output ``Φ(w, ·)``, a tensor or a tuple of tensors.
+        w: The input state, tensors that require grad, of the structure and shapes of ``out``.
+
+    Raises:
+        ValueError: ``out`` and ``w`` differ in structure or shapes.
     """
 
     def __init__(self, out: State, w: State) -> None:
@@ -200,11 +245,19 @@ class GraphJacobian(LinearOperator):
         return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
 
     def rmv(self, y: Tensor) -> Tensor:
-        """``Jᵀ y``: one vector–Jacobian product on the recorded graph."""
+        """``Jᵀ y``: one vector–Jacobian product on the recorded graph.
+
+        Args:
+            y: A vector shaped like :attr:`like`; the result has its dtype.
+        """
         return self._join(self._grad(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
 
     def mv(self, x: Tensor) -> Tensor:
-        """``J x``: the derivative of ``u ↦ Jᵀu`` (linear in ``u``) applied to ``x``."""
+        """``J x``: the derivative of ``u ↦ Jᵀu`` (linear in ``u``) applied to ``x``.
+
+        Args:
+            x: A vector shaped like :attr:`like`; the result has its dtype.
+        """
         if self._dual is None:
             with torch.enable_grad():
                 dummies = tuple(torch.zeros_like(o, requires_grad=True) for o in self.outs)

@@ -60,6 +60,15 @@ class AID(BackwardMode):
     and the parameters of an ``nn.Module`` map; a plain callable that captures other tensors
     needing gradients gets its first-order gradient, and a higher-order one raises.
     ``FallbackITD`` is first-order only (it raises inside a higher-order backward).
+
+    Args:
+        linear_solver: The :class:`~implicitnets.linear.LinearSolver` of the adjoint system.
+        on_failure: The :class:`~implicitnets.FailurePolicy` of a failed adjoint solve;
+            ``FallbackITD()`` needs the map to be an ``nn.Module``.
+        warm_start: Start a layer's adjoint solve from the previous call's solution.
+
+    Raises:
+        ValueError: An option is of the wrong type.
     """
 
     linear_solver: LinearSolver
@@ -72,7 +81,14 @@ class AID(BackwardMode):
         check_bool("AID", "warm_start", self.warm_start)
 
     def next_start(self, previous: SolverStats) -> Tensor | None:
-        """The previous adjoint solution ``v`` when ``warm_start`` (used if its shape matches)."""
+        """The previous adjoint solution ``v`` when ``warm_start`` (used if its shape matches).
+
+        Args:
+            previous: The :class:`~implicitnets.SolverStats` of the layer's previous call.
+
+        Returns:
+            ``previous.backward.adjoint`` when ``warm_start``, else ``None``.
+        """
         return previous.backward.adjoint if self.warm_start else None
 
     def run(self, problem: Problem) -> tuple[State, SolverStats]:

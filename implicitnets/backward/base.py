@@ -28,6 +28,17 @@ class Problem:
     ``module`` (:func:`~implicitnets.backward.functional_step.map_tensors`), ``needs_grad``
     whether any gradient is wanted, ``module`` the map when it is an ``nn.Module``,
     ``adjoint_x0`` a warm start for an adjoint solve.
+
+    Args:
+        step: The map ``step(z, u) -> z``.
+        u: The injected input, a tensor or a tuple of tensors.
+        z0: The detached start of the forward solve.
+        solver: The :class:`~implicitnets.ForwardSolver` to run.
+        params: The map's tensors as the step uses them.
+        needs_grad: Whether any gradient is wanted.
+        module: The map when it is an ``nn.Module``, else ``None``.
+        adjoint_x0: A warm start for an adjoint solve, or ``None``.
+        names: The names of ``params`` in ``module``.
     """
 
     step: Callable[[State, State], State]
@@ -58,9 +69,24 @@ class BackwardMode(abc.ABC):
 
     @abc.abstractmethod
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
-        """Solve ``problem`` and return the differentiable solution and its statistics."""
+        """Solve ``problem`` and return the differentiable solution and its statistics.
+
+        Args:
+            problem: The :class:`Problem` to solve.
+
+        Returns:
+            ``(w, stats)``: the solution, differentiable with respect to ``problem.u`` and
+            ``problem.params``, and the :class:`~implicitnets.SolverStats`.
+        """
 
     def next_start(self, previous: SolverStats) -> Tensor | None:
         """The start of the backward solve of a layer's next call, from the statistics of its
-        previous call (``Problem.adjoint_x0``); ``None`` (the default) starts from zero."""
+        previous call (``Problem.adjoint_x0``); ``None`` (the default) starts from zero.
+
+        Args:
+            previous: The :class:`~implicitnets.SolverStats` of the layer's previous call.
+
+        Returns:
+            The start, or ``None``.
+        """
         return None

@@ -29,6 +29,13 @@ class ITD(BackwardMode):
     with ``torch.func`` transforms when the solver is written in differentiable operations
     (the built-ins are); inside ``vmap`` a solver with ``tol > 0`` stops when every mapped
     problem has converged (their joint residual), so it may run more iterations than a loop.
+
+    Args:
+        truncate: Number ``K`` of differentiable final iterations, an int >= 1, or ``None``
+            to differentiate through all of them.  ``K >= max_iter`` keeps the whole graph.
+
+    Raises:
+        ValueError: ``truncate`` is neither ``None`` nor an int >= 1.
     """
 
     truncate: int | None = None

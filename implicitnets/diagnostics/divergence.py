@@ -21,7 +21,17 @@ __all__ = ["DivergenceReport", "detect_divergence"]
 class DivergenceReport:
     """``diverged``: NaN/Inf or sustained growth; ``nonfinite``: a NaN/Inf entry was seen;
     ``index``: the entry where divergence was declared (None if not); ``max_growth``: the
-    largest ratio ``trace[i] / min(trace[:i])`` (1.0 for a non-increasing trace)."""
+    largest ratio ``trace[i] / min(trace[:i])`` (1.0 for a non-increasing trace).
+
+    ``bool(report)`` is ``diverged``.
+
+    Args:
+        diverged: NaN/Inf or sustained growth was found.
+        nonfinite: A NaN/Inf entry was seen.
+        index: The entry where divergence was declared, or ``None``.
+        max_growth: The largest ratio ``trace[i] / min(trace[:i])`` (``inf`` with a
+            non-finite entry).
+    """
 
     diverged: bool
     nonfinite: bool
@@ -35,7 +45,22 @@ class DivergenceReport:
 def detect_divergence(
     trace: Sequence[float] | Tensor, *, growth: float = 10.0, patience: int = 1
 ) -> DivergenceReport:
-    """Scan ``trace`` and report the first divergence (see the module docstring)."""
+    """Scan ``trace`` and report the first divergence (see the module docstring).
+
+    Args:
+        trace: The residuals, a sequence of floats or a tensor (flattened), e.g.
+            ``SolverStats.trace``.
+        growth: Keyword only.  The factor above the smallest earlier residual that counts
+            as growth, a finite number >= 1.
+        patience: Keyword only.  Consecutive growing entries that declare divergence, an
+            int >= 1.
+
+    Returns:
+        The :class:`DivergenceReport`.
+
+    Raises:
+        ValueError: ``growth`` or ``patience`` is out of range.
+    """
     if not (isinstance(growth, (int, float)) and math.isfinite(growth) and growth >= 1):
         raise ValueError(f"detect_divergence: growth must be a finite number >= 1, got {growth!r}")
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:

@@ -25,7 +25,14 @@ __all__ = ["HypergradientError", "hypergradient_error"]
 @dataclass(frozen=True)
 class HypergradientError:
     """``relative`` and ``absolute`` ℓ₂ errors, ``cosine`` similarity (nan if a side is 0),
-    ``finite``: whether every entry of the approximate gradient is finite."""
+    ``finite``: whether every entry of the approximate gradient is finite.
+
+    Args:
+        relative: ``‖g − g*‖ / ‖g*‖`` (``0`` or ``inf`` when ``g* = 0``).
+        absolute: ``‖g − g*‖``.
+        cosine: ``⟨g, g*⟩ / (‖g‖ ‖g*‖)``, ``nan`` if either is zero.
+        finite: Whether every entry of ``g`` is finite.
+    """
 
     relative: float
     absolute: float
@@ -52,7 +59,20 @@ def _flatten(grads: Tensor | Sequence[Tensor | None], like: Sequence[Tensor | No
 def hypergradient_error(
     grads: Tensor | Sequence[Tensor | None], reference: Tensor | Sequence[Tensor | None]
 ) -> HypergradientError:
-    """Compare ``grads`` with ``reference`` (same structure; ``None`` counts as zero)."""
+    """Compare ``grads`` with ``reference`` (same structure; ``None`` counts as zero).
+
+    Args:
+        grads: The approximate gradient ``g``: a tensor or a sequence of tensors (``None``
+            entries allowed).
+        reference: The reference ``g*``, of the same structure and sizes.
+
+    Returns:
+        The :class:`HypergradientError`.
+
+    Raises:
+        ValueError: The structures, lengths or numbers of entries differ, or no gradients
+            are given.
+    """
     if isinstance(grads, Tensor) != isinstance(reference, Tensor):
         raise ValueError("hypergradient_error: pass two tensors or two sequences of tensors")
     if not isinstance(grads, Tensor) and len(grads) != len(reference):  # type: ignore[arg-type]

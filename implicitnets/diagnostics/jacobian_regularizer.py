@@ -38,6 +38,24 @@ def jacobian_frobenius_sq(
     how ``z`` was found, as in Bai et al.).  ``probes`` (shape ``(P, *z.shape)``) overrides
     the ``n_probes`` random Rademacher probes.  ``per_sample=False`` returns one scalar, the
     sum over the batch.  With ``create_graph=False`` the result carries no graph.
+
+    Args:
+        f: The map ``f(z, x) -> z`` (a tensor state).
+        z: The point, shape (batch, ...); detached.
+        x: The map's input.
+        n_probes: Keyword only.  Number P of Rademacher probes, an int >= 1 (ignored when
+            ``probes`` is given).
+        probes: Keyword only.  Probes of shape ``(P, *z.shape)``, or ``None``.
+        create_graph: Keyword only.  Make the estimate differentiable.
+        per_sample: Keyword only.  One estimate per sample (else the sum over the batch).
+        generator: Keyword only.  The random generator of the probes, or ``None``.
+
+    Returns:
+        The estimate, shape ``(batch,)`` or a scalar.
+
+    Raises:
+        ValueError: ``n_probes`` is not an int >= 1, ``probes`` has the wrong shape, or
+            the map's output is not shaped like ``z``.
     """
     if probes is None:
         if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 1:

@@ -19,6 +19,15 @@ def lipschitz_bound(f: object) -> float:
     Calls the map's ``lipschitz_bound()`` method; a bare ``torch.nn.Linear`` gives ``‖W‖₂``.
     Raises ``TypeError`` for anything else, or when the map's method returns ``None`` (its
     parametrization implies no bound).
+
+    Args:
+        f: A map with a ``lipschitz_bound()`` method, or an ``nn.Linear``.
+
+    Returns:
+        The bound, a float.
+
+    Raises:
+        TypeError: No bound is known for ``f``.
     """
     own = getattr(f, "lipschitz_bound", None)
     if callable(own):

@@ -17,6 +17,14 @@ class SpectralEstimate:
     vector), ``worst = per_sample.max()``.  ``iterations`` counts operator products per
     sample (``J`` or ``JᵀJ`` applications); ``converged`` says whether the relative change of
     every sample's estimate fell below the requested tolerance.
+
+    ``float(estimate)`` is ``worst``.
+
+    Args:
+        per_sample: The estimate per sample, shape ``(batch,)`` or ``(1,)``.
+        worst: ``per_sample.max()``.
+        iterations: Iterations run (power-iteration or Arnoldi steps).
+        converged: Whether every sample's estimate met the tolerance.
     """
 
     per_sample: Tensor

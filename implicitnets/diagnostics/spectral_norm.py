@@ -40,6 +40,24 @@ def jacobian_spectral_norm(
     Stops when every sample's estimate changes by at most ``tol`` relatively between two
     iterations (``tol=0`` runs ``max_iter`` iterations).  ``per_sample=False`` treats the
     whole batch as one vector (for maps that mix samples).  ``generator`` seeds the start.
+
+    Args:
+        f: The map ``f(w, x) -> w`` (its closed-form ``jacobian`` is used when it has
+            ``inject``/``step`` and one).
+        z: The point ``z`` (typically the fixed point ``w*``), shape (batch, ...).
+        x: The map's input.
+        max_iter: Keyword only.  Maximum number of power iterations, an int >= 1.
+        tol: Keyword only.  Relative change of the estimate that stops the iteration, >= 0.
+        per_sample: Keyword only.  One estimate per sample (block-diagonal ``J``); ``False``
+            treats the batch as one vector.
+        generator: Keyword only.  The random generator of the start, or ``None``.
+
+    Returns:
+        The :class:`SpectralEstimate` (a lower bound of ``‖J‖₂`` per sample).
+
+    Raises:
+        ValueError: ``max_iter`` or ``tol`` is out of range.
+        NonFiniteError: ``J v`` is NaN or Inf.
     """
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"jacobian_spectral_norm: max_iter must be an int >= 1, got {max_iter!r}")

@@ -57,6 +57,23 @@ def jacobian_spectral_radius(
     ``tol`` relatively between two steps, or at an invariant subspace (then the Ritz values
     are exact eigenvalues); reaching ``k = d`` is exact too.  ``per_sample=False`` treats
     the whole batch as one vector.
+
+    Args:
+        f: The map ``f(w, x) -> w`` (its closed-form ``jacobian`` is used when it has
+            ``inject``/``step`` and one).
+        z: The point ``z`` (typically the fixed point ``w*``), shape (batch, ...).
+        x: The map's input.
+        krylov_dim: Keyword only.  Maximum number of Arnoldi steps k, an int >= 1.
+        tol: Keyword only.  Relative change of the estimate that stops the iteration, >= 0.
+        per_sample: Keyword only.  One estimate per sample (block-diagonal ``J``); ``False``
+            treats the batch as one vector.
+        generator: Keyword only.  The random generator of the start, or ``None``.
+
+    Returns:
+        The :class:`SpectralEstimate`.
+
+    Raises:
+        ValueError: ``krylov_dim`` or ``tol`` is out of range.
     """
     if isinstance(krylov_dim, bool) or not isinstance(krylov_dim, int) or krylov_dim < 1:
         raise ValueError(f"jacobian_spectral_radius: krylov_dim must be an int >= 1, got {krylov_dim!r}")

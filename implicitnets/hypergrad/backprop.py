@@ -44,6 +44,14 @@ class Backprop(HypergradientMethod):
     :class:`~implicitnets.JacobianFree` (any :class:`~implicitnets.BackwardMode`).  An
     ``AID(..., warm_start=True)`` starts its adjoint solve from the previous result's ``v``.
     The state may be a tuple of tensors in every mode.
+
+    Args:
+        solver: The :class:`~implicitnets.ForwardSolver` of the inner solve, e.g.
+            ``FixedPointIteration(max_iter=t, tol=0.0)`` for exactly t steps.
+        backward: The :class:`~implicitnets.BackwardMode`.
+
+    Raises:
+        ValueError: ``solver`` or ``backward`` is of the wrong type.
     """
 
     solver: ForwardSolver
@@ -58,7 +66,23 @@ class Backprop(HypergradientMethod):
                              f"JacobianFree()), got {self.backward!r}")
 
     def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
-        """Solve the inner problem from ``start`` and differentiate ``E`` at its solution."""
+        """Solve the inner problem from ``start`` and differentiate ``E`` at its solution.
+
+        Args:
+            problem: The :class:`Bilevel` problem.
+            hparams: The hyperparameters λ, a tensor or a sequence of tensors.
+            start: The inner state ``w₀`` (a tensor or a tuple of tensors) or the previous
+                call's :class:`Hypergradient`, to continue from it.
+
+        Returns:
+            The :class:`Hypergradient`: one gradient per hyperparameter, shaped like it.
+
+        Raises:
+            ValueError: ``start`` is neither a state nor a :class:`Hypergradient`, or
+                ``hparams`` is not a tensor or a non-empty sequence of tensors, or the outer
+                loss is not a scalar.
+            NonFiniteError: The hypergradient is NaN or Inf.
+        """
         w0, previous = split_start(start)
         hp = leaves(as_hparams(hparams))
         warm = getattr(self.backward, "warm_start", False) and previous is not None

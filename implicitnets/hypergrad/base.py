@@ -36,6 +36,16 @@ class Bilevel:
     E.  ``λ`` is a tuple of tensors; the state ``w`` a tensor or a tuple of tensors.  For
     stochastic methods (:class:`SID`) ``sample()`` returns a fresh minibatch and ``inner``
     takes it as a third argument, ``inner(w, λ, batch)``.
+
+    Args:
+        inner: The inner map Φ, ``inner(w, λ) -> w`` (``inner(w, λ, batch) -> w`` with
+            ``sample``).
+        outer: The outer objective E, ``outer(w, λ) -> scalar tensor``.
+        sample: A callable returning a fresh minibatch, or ``None``.
+
+    Raises:
+        ValueError: ``inner`` or ``outer`` is not callable, or ``sample`` is neither
+            ``None`` nor callable.
     """
 
     inner: InnerMap | Callable[[State, tuple[Tensor, ...], Any], State]
@@ -62,6 +72,13 @@ class Hypergradient:
     the inner solve ran through it (iterations, residuals, backward iterations).
     ``carry``: state private to the method that the next call continues (RTHO's tangents,
     HOAG's outer step).  Pass the whole result as the next call's ``start``.
+
+    Args:
+        grads: ``∇f(λ)``, one tensor per hyperparameter, shaped like it.
+        w: The detached inner state reached.
+        v: The adjoint solution, or ``None``.
+        stats: The inner solve's :class:`~implicitnets.SolverStats`, or ``None``.
+        carry: Method-private state for the next call, or ``None``.
     """
 
     grads: tuple[Tensor, ...]
@@ -97,4 +114,14 @@ class HypergradientMethod(abc.ABC):
 
     @abc.abstractmethod
     def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
-        """Estimate ``∇f(λ)`` at ``λ = hparams``."""
+        """Estimate ``∇f(λ)`` at ``λ = hparams``.
+
+        Args:
+            problem: The :class:`Bilevel` problem.
+            hparams: The hyperparameters λ, a tensor or a sequence of tensors.
+            start: The inner state ``w₀`` (a tensor or a tuple of tensors) or the previous
+                call's :class:`Hypergradient`, to continue from it.
+
+        Returns:
+            The :class:`Hypergradient`: one gradient per hyperparameter, shaped like it.
+        """

@@ -32,12 +32,31 @@ __all__ = [
 
 
 def ridge_inner_loss(X: Tensor, y: Tensor, w: Tensor, lam: Tensor) -> Tensor:
-    """``‖X w − y‖² / (2n) + ½ Σ λᵢ wᵢ²``."""
+    """``‖X w − y‖² / (2n) + ½ Σ λᵢ wᵢ²``.
+
+    Args:
+        X: Training features, shape (n, d).
+        y: Training targets, shape (n,).
+        w: Weights, shape (d,).
+        lam: Penalties λ, shape (d,) or a scalar.
+
+    Returns:
+        The scalar loss.
+    """
     return 0.5 * ((X @ w - y) ** 2).mean() + 0.5 * (lam * w * w).sum()
 
 
 def ridge_outer_loss(X_val: Tensor, y_val: Tensor, w: Tensor) -> Tensor:
-    """``‖X_val w − y_val‖² / (2 n_val)``."""
+    """``‖X_val w − y_val‖² / (2 n_val)``.
+
+    Args:
+        X_val: Validation features, shape (n_val, d).
+        y_val: Validation targets, shape (n_val,).
+        w: Weights, shape (d,).
+
+    Returns:
+        The scalar loss.
+    """
     return 0.5 * ((X_val @ w - y_val) ** 2).mean()
 
 
@@ -46,19 +65,47 @@ def _hessian(X: Tensor, lam: Tensor) -> Tensor:
 
 
 def ridge_solution(X: Tensor, y: Tensor, lam: Tensor) -> Tensor:
-    """``w(λ) = (XᵀX/n + diag λ)⁻¹ Xᵀy/n`` (Cholesky)."""
+    """``w(λ) = (XᵀX/n + diag λ)⁻¹ Xᵀy/n`` (Cholesky).
+
+    Args:
+        X: Training features, shape (n, d).
+        y: Training targets, shape (n,).
+        lam: Penalties λ, shape (d,) or a scalar (one penalty for every feature).
+
+    Returns:
+        The minimiser ``w(λ)``, shape (d,).
+    """
     chol = torch.linalg.cholesky(_hessian(X, lam))
     return torch.cholesky_solve((X.T @ y / X.shape[0]).unsqueeze(-1), chol).squeeze(-1)
 
 
 def ridge_lipschitz(X: Tensor, lam: Tensor) -> float:
-    """Largest eigenvalue of ``H = XᵀX/n + diag λ`` (the step 1/L makes Φ a contraction)."""
+    """Largest eigenvalue of ``H = XᵀX/n + diag λ`` (the step 1/L makes Φ a contraction).
+
+    Args:
+        X: Training features, shape (n, d).
+        lam: Penalties λ, shape (d,) or a scalar.
+
+    Returns:
+        The largest eigenvalue L, a float.
+    """
     return float(torch.linalg.eigvalsh(_hessian(X, lam)).max())
 
 
 def ridge_hypergradient(X: Tensor, y: Tensor, X_val: Tensor, y_val: Tensor, lam: Tensor) -> Tensor:
     """Closed-form ``∇f(λ) = −w(λ) ⊙ H⁻¹ X_valᵀ(X_val w(λ) − y_val)/n_val`` (shape of ``λ``;
-    a scalar λ gets the sum over features)."""
+    a scalar λ gets the sum over features).
+
+    Args:
+        X: Training features, shape (n, d).
+        y: Training targets, shape (n,).
+        X_val: Validation features, shape (n_val, d).
+        y_val: Validation targets, shape (n_val,).
+        lam: Penalties λ, shape (d,) or a single-element tensor.
+
+    Returns:
+        ``∇f(λ)``, shaped like ``lam`` (shape (d,) when ``lam`` has d > 1 elements).
+    """
     chol = torch.linalg.cholesky(_hessian(X, lam))
     w = torch.cholesky_solve((X.T @ y / X.shape[0]).unsqueeze(-1), chol).squeeze(-1)
     g = X_val.T @ (X_val @ w - y_val) / X_val.shape[0]
@@ -69,7 +116,16 @@ def ridge_hypergradient(X: Tensor, y: Tensor, X_val: Tensor, y_val: Tensor, lam:
 
 def dense_hypergradient(problem: Bilevel, hparams: Tensor | Sequence[Tensor], w: State) -> tuple[Tensor, ...]:
     """Reference ``∇₂E + ∂₂Φᵀ (I − ∂₁Φᵀ)⁻¹ ∇₁E`` at ``w`` with dense Jacobians
-    (``torch.autograd.functional.jacobian``) and ``torch.linalg.solve``."""
+    (``torch.autograd.functional.jacobian``) and ``torch.linalg.solve``.
+
+    Args:
+        problem: The :class:`Bilevel` problem (``inner(w, λ)``, no ``sample``).
+        hparams: The hyperparameters λ, a tensor or a sequence of tensors.
+        w: The inner state at which to differentiate, a tensor or a tuple of tensors.
+
+    Returns:
+        ``∇f(λ)``, one tensor per hyperparameter, shaped like it.
+    """
     hp = tuple(h.detach() for h in as_hparams(hparams))
     w = tuple(t.detach() for t in parts(w)) if isinstance(w, (tuple, list)) else w.detach()
     w_flat = flat(parts(w)).reshape(-1)

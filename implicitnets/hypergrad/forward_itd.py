@@ -108,6 +108,13 @@ class ForwardITD(HypergradientMethod):
     ``vectorize=False`` loops over the m tangent directions instead of using ``vmap``
     (for maps with operations ``vmap`` does not support).  Each call restarts the tangents
     at ``Z = 0`` (:class:`RTHO` continues them).
+
+    Args:
+        steps: Number t of applications of Φ, an int >= 1.
+        vectorize: Push the tangent directions through Φ with ``vmap`` (``False``: a loop).
+
+    Raises:
+        ValueError: ``steps`` is not an int >= 1 or ``vectorize`` is not a bool.
     """
 
     steps: int
@@ -119,7 +126,17 @@ class ForwardITD(HypergradientMethod):
             raise ValueError(f"ForwardITD: vectorize must be a bool, got {self.vectorize!r}")
 
     def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
-        """``∇f_t(λ) = ∇₂E(w_t, λ) + Z_tᵀ ∇₁E(w_t, λ)``, one tensor per hyperparameter."""
+        """``∇f_t(λ) = ∇₂E(w_t, λ) + Z_tᵀ ∇₁E(w_t, λ)``, one tensor per hyperparameter.
+
+        Args:
+            problem: The :class:`Bilevel` problem.
+            hparams: The hyperparameters λ, a tensor or a sequence of tensors.
+            start: The inner state ``w₀`` or a previous :class:`Hypergradient` (its ``w``;
+                the tangents restart at zero).
+
+        Returns:
+            The :class:`Hypergradient`: one gradient per hyperparameter, shaped like it.
+        """
         w0, _ = split_start(start)
         hp = tuple(h.detach() for h in as_hparams(hparams))
         return forward_mode(problem, hp, w0, None, self.steps, self.vectorize, "ForwardITD")

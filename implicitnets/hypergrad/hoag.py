@@ -33,7 +33,15 @@ __all__ = ["HOAG", "PowerSchedule", "GeometricSchedule"]
 
 @dataclass(frozen=True)
 class PowerSchedule:
-    """``ε_k = initial / (k + 1)^power`` with ``power > 1`` (summable)."""
+    """``ε_k = initial / (k + 1)^power`` with ``power > 1`` (summable).
+
+    Args:
+        initial: ``ε_0``, > 0.
+        power: The exponent, > 1.
+
+    Raises:
+        ValueError: An option is out of range.
+    """
 
     initial: float = 1e-2
     power: float = 2.0
@@ -50,7 +58,15 @@ class PowerSchedule:
 
 @dataclass(frozen=True)
 class GeometricSchedule:
-    """``ε_k = initial · rate^k`` with ``0 < rate < 1`` (summable)."""
+    """``ε_k = initial · rate^k`` with ``0 < rate < 1`` (summable).
+
+    Args:
+        initial: ``ε_0``, > 0.
+        rate: The ratio, in ``(0, 1)``.
+
+    Raises:
+        ValueError: An option is out of range.
+    """
 
     initial: float = 1e-2
     rate: float = 0.9
@@ -73,6 +89,15 @@ class HOAG(HypergradientMethod):
     field gets ``tol = ε_k`` (CG for gradient-step maps).  The inner solve is
     :class:`~implicitnets.FixedPointIteration` with at most ``max_inner`` steps.  The
     outer step k is carried from one result to the next (a plain start is step 0).
+
+    Args:
+        linear_solver: The :class:`~implicitnets.linear.LinearSolver` of the adjoint solve.
+        tolerance: The summable schedule ``ε_k`` (:class:`PowerSchedule` or
+            :class:`GeometricSchedule`), a relative residual for both solves.
+        max_inner: Maximum number of inner steps per call, an int >= 1.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     linear_solver: linear.LinearSolver
@@ -88,7 +113,17 @@ class HOAG(HypergradientMethod):
             raise ValueError(f"HOAG: tolerance must be a PowerSchedule or GeometricSchedule, got {self.tolerance!r}")
 
     def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
-        """Inner and adjoint solves to ``ε_k`` from the warm starts of ``start``."""
+        """Inner and adjoint solves to ``ε_k`` from the warm starts of ``start``.
+
+        Args:
+            problem: The :class:`Bilevel` problem.
+            hparams: The hyperparameters λ, a tensor or a sequence of tensors.
+            start: The inner state ``w₀`` (outer step 0) or the previous call's
+                :class:`Hypergradient` (warm-starts ``w``, ``v`` and the step k).
+
+        Returns:
+            The :class:`Hypergradient`: one gradient per hyperparameter, shaped like it.
+        """
         _, previous = split_start(start)
         k = 0 if previous is None or not isinstance(previous.carry, int) else previous.carry + 1
         eps = self.tolerance(k)

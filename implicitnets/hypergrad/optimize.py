@@ -24,7 +24,16 @@ __all__ = ["optimize", "Trajectory"]
 @dataclass
 class Trajectory:
     """Final ``λ`` and last :class:`Hypergradient`; per step, ``E(w_k, λ_k)`` at the inner
-    state the method reached and its inner / backward iteration counts (when it reports them)."""
+    state the method reached and its inner / backward iteration counts (when it reports them).
+
+    Args:
+        hparams: The final λ.
+        last: The last :class:`Hypergradient`.
+        outer_losses: ``E(w_k, λ_k)`` per step.
+        inner_iterations: Inner iterations per step (``None`` when not reported).
+        backward_iterations: Backward (adjoint) iterations per step (``None`` when not
+            reported).
+    """
 
     hparams: Hparams
     last: Hypergradient
@@ -47,6 +56,22 @@ def optimize(
 
     ``project`` maps λ back to its feasible set after each step (e.g. a clamp);
     ``callback(k, λ_{k+1}, result_k)`` runs after each step.
+
+    Args:
+        method: The :class:`HypergradientMethod`.
+        problem: The :class:`Bilevel` problem.
+        hparams: The initial λ, a tensor or a sequence of tensors (copied, not modified).
+        start: The inner start of the first step: a state or a :class:`Hypergradient`.
+        steps: Number of outer steps, an int >= 1.
+        lr: The outer step size, a finite number > 0.
+        project: A callable ``λ -> λ`` applied after each step, or ``None``.
+        callback: A callable ``callback(k, λ_{k+1}, result_k)``, or ``None``.
+
+    Returns:
+        The :class:`Trajectory`.
+
+    Raises:
+        ValueError: An argument is out of range or of the wrong type.
     """
     if not isinstance(method, HypergradientMethod):
         raise ValueError(f"optimize: method must be a hypergrad.HypergradientMethod, got {method!r}")

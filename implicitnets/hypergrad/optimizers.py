@@ -45,7 +45,11 @@ def _check_scalar(name: str, field: str, x: object, lo: float, hi: float | None)
 
 @dataclass(frozen=True)
 class OnParams:
-    """Adapt an outer loss ``E(w, λ)`` to an optimiser state ``(w, …)``: ``E(state[0], λ)``."""
+    """Adapt an outer loss ``E(w, λ)`` to an optimiser state ``(w, …)``: ``E(state[0], λ)``.
+
+    Args:
+        outer_loss: The outer loss ``E(w, λ)``.
+    """
 
     outer_loss: OuterLoss
 
@@ -55,7 +59,17 @@ class OnParams:
 
 @dataclass(frozen=True)
 class GradientDescent:
-    """``w_{t+1} = w_t − α ∇₁L(w_t, λ)``; ``lr`` = α (float > 0 or callable of λ)."""
+    """``w_{t+1} = w_t − α ∇₁L(w_t, λ)``; ``lr`` = α (float > 0 or callable of λ).
+
+    ``map(inner_loss)`` is the inner map (a :class:`~implicitnets.maps.GradientStep`),
+    ``init(w0)`` the state ``w0`` and ``outer(outer_loss)`` the outer loss unchanged.
+
+    Args:
+        lr: The learning rate α, a number > 0 or a callable ``λ -> Tensor``.
+
+    Raises:
+        ValueError: ``lr`` is neither a number > 0 nor callable.
+    """
 
     lr: Scalar
 
@@ -87,7 +101,18 @@ class _HeavyBallMap:
 @dataclass(frozen=True)
 class HeavyBall:
     """``w_{t+1} = w_t − α ∇₁L(w_t, λ) + β (w_t − w_{t−1})`` on the state ``(w_t, w_{t−1})``,
-    started at ``(w₀, w₀)``.  ``lr`` = α > 0, ``momentum`` = β ∈ [0, 1), or callables of λ."""
+    started at ``(w₀, w₀)``.  ``lr`` = α > 0, ``momentum`` = β ∈ [0, 1), or callables of λ.
+
+    ``map(inner_loss)`` is the inner map on ``(w_t, w_{t−1})``, ``init(w0)`` the state
+    ``(w0, w0)`` and ``outer(outer_loss)`` the outer loss on ``state[0]`` (:class:`OnParams`).
+
+    Args:
+        lr: The learning rate α, a number > 0 or a callable ``λ -> Tensor``.
+        momentum: The momentum β, a number in ``[0, 1)`` or a callable ``λ -> Tensor``.
+
+    Raises:
+        ValueError: ``lr`` or ``momentum`` is out of range and not callable.
+    """
 
     lr: Scalar
     momentum: Scalar

@@ -29,6 +29,13 @@ class RTHO(HypergradientMethod):
     A call from a plain state starts the run (``Z = 0``); a call from the previous
     :class:`Hypergradient` continues it.  From a plain state, one call equals
     ``ForwardITD(period)``.
+
+    Args:
+        period: Inner steps per call, an int >= 1.
+        vectorize: Push the tangent directions through Φ with ``vmap`` (``False``: a loop).
+
+    Raises:
+        ValueError: ``period`` is not an int >= 1 or ``vectorize`` is not a bool.
     """
 
     period: int
@@ -40,7 +47,21 @@ class RTHO(HypergradientMethod):
             raise ValueError(f"RTHO: vectorize must be a bool, got {self.vectorize!r}")
 
     def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
-        """Advance the run by ``period`` steps and return the current hypergradient."""
+        """Advance the run by ``period`` steps and return the current hypergradient.
+
+        Args:
+            problem: The :class:`Bilevel` problem.
+            hparams: The hyperparameters λ, a tensor or a sequence of tensors.
+            start: The inner state ``w₀`` (starts the run) or the previous call's
+                :class:`Hypergradient` (continues it).
+
+        Returns:
+            The :class:`Hypergradient`: one gradient per hyperparameter, shaped like it.
+
+        Raises:
+            ValueError: The start's ``carry`` does not hold tangents for these
+                hyperparameters and state.
+        """
         w, previous = split_start(start)
         hp = tuple(h.detach() for h in as_hparams(hparams))
         Z = None if previous is None else previous.carry

@@ -32,7 +32,16 @@ __all__ = ["SID", "DecayingStep"]
 
 @dataclass(frozen=True)
 class DecayingStep:
-    """Step-size schedule ``η_j = initial / (1 + decay · j)^power`` (``decay = 0``: constant)."""
+    """Step-size schedule ``η_j = initial / (1 + decay · j)^power`` (``decay = 0``: constant).
+
+    Args:
+        initial: The first step size ``η_0``, in ``(0, 1]``.
+        decay: The decay rate, >= 0.
+        power: The decay exponent, > 0.
+
+    Raises:
+        ValueError: An option is out of range.
+    """
 
     initial: float = 1.0
     decay: float = 0.0
@@ -55,6 +64,18 @@ class SID(HypergradientMethod):
     """SID with ``inner_steps`` = t, ``linear_steps`` = k and step-size schedules.
 
     Needs a :class:`Bilevel` with ``sample``; ``inner(w, λ, batch)`` is the minibatch map.
+
+    Args:
+        inner_steps: Number t of damped inner steps ``w ← (1 − η_s) w + η_s Φ(w, λ, batch)``,
+            an int >= 0.
+        linear_steps: Number k of damped adjoint steps
+            ``v ← (1 − γ_j) v + γ_j (∂₁Φᵀ v + ∇₁E)``, an int >= 0.
+        inner_step_size: The :class:`DecayingStep` schedule of ``η_s``.
+        linear_step_size: The :class:`DecayingStep` schedule of ``γ_j``.
+
+    Raises:
+        ValueError: A step count is not an int >= 0 or a schedule is not a
+            :class:`DecayingStep`.
     """
 
     inner_steps: int
@@ -70,7 +91,21 @@ class SID(HypergradientMethod):
                 raise ValueError(f"SID: {name} must be a DecayingStep, got {getattr(self, name)!r}")
 
     def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
-        """Run SID from ``start`` (a previous result warm-starts both ``w`` and ``v``)."""
+        """Run SID from ``start`` (a previous result warm-starts both ``w`` and ``v``).
+
+        Args:
+            problem: The :class:`Bilevel` problem.
+            hparams: The hyperparameters λ, a tensor or a sequence of tensors.
+            start: The inner state ``w₀`` or a previous :class:`Hypergradient` (warm-starts
+                ``w`` and ``v``).
+
+        Returns:
+            The :class:`Hypergradient`: one gradient per hyperparameter, shaped like it.
+
+        Raises:
+            ValueError: ``problem`` has no ``sample``.
+            NonFiniteError: The hypergradient is NaN or Inf.
+        """
         if problem.sample is None:
             raise ValueError("SID: the Bilevel problem needs sample() (a fresh minibatch per call)")
         w, previous = split_start(start)

@@ -35,7 +35,20 @@ class LinearSolver(abc.ABC):
 
     @abc.abstractmethod
     def solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None = None) -> tuple[Tensor, LinearInfo]:
-        """Solve ``op x = b`` from ``x0`` (``None``: zero)."""
+        """Solve ``op x = b`` from ``x0`` (``None``: zero).
+
+        Args:
+            op: The :class:`~implicitnets.LinearOperator` ``A``.
+            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
+                vector.
+            x0: The start, shaped like ``b``, or ``None`` for zero.
+
+        Returns:
+            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
+
+        Raises:
+            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        """
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,11 @@ class LinearInfo:
     ``residual`` is ``‖b − A x‖ / ‖b‖`` (``inf`` if non-finite).  ``converged`` means
     ``residual <= tol`` when ``tol > 0`` and, when ``tol = 0``, that the residual is finite
     and did not grow beyond ``‖b‖``.
+
+    Args:
+        iterations: Iterations run (products with ``op`` for :class:`Exact`).
+        residual: The true relative residual ``‖b − A x‖ / ‖b‖``, ``inf`` if non-finite.
+        converged: Whether the solve converged in the sense above.
     """
 
     iterations: int

@@ -67,6 +67,16 @@ class CG(LinearSolver):
     worse with more iterations; with ``check_symmetry`` two extra matvecs probe
     ``⟨w, A u⟩ = ⟨A w, u⟩`` and a relative mismatch above 1e-6 raises a
     :class:`NonSymmetricWarning` (use :class:`GMRES` or :class:`NormalCG` instead).
+
+    Args:
+        max_iter: Maximum number of iterations, an int >= 1.
+        tol: Tolerance on the relative residual ``‖b − A x‖ / ‖b‖``, >= 0; ``0`` runs exactly
+            ``max_iter`` iterations.
+        check_symmetry: Probe the symmetry of ``A`` with two extra matvecs per solve (when
+            ``b`` has more than one element).
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     max_iter: int = 50
@@ -80,7 +90,24 @@ class CG(LinearSolver):
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
-        """Solve ``A x = b`` (``A`` symmetric positive definite)."""
+        """Solve ``A x = b`` (``A`` symmetric positive definite).
+
+        Args:
+            op: The :class:`~implicitnets.LinearOperator` ``A``.
+            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
+                vector.
+            x0: The start, shaped like ``b``, or ``None`` for zero.
+
+        Returns:
+            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
+
+        Warns:
+            NonSymmetricWarning: ``check_symmetry`` is set and the relative symmetry
+                mismatch of ``A`` exceeds 1e-6.
+
+        Raises:
+            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        """
         p = LinearSystem("CG", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done
@@ -104,6 +131,14 @@ class NormalCG(LinearSolver):
     Uses ``op.rmv(y) = Aᵀ y`` (for ``A = I − Jᵀ``: ``y − J y``).  Each iteration costs one
     ``mv`` and one ``rmv``; convergence follows ``cond(A)²``.  Stops on the residual
     of the original system ``‖b − A x‖``.
+
+    Args:
+        max_iter: Maximum number of iterations, an int >= 1.
+        tol: Tolerance on the relative residual ``‖b − A x‖ / ‖b‖``, >= 0; ``0`` runs exactly
+            ``max_iter`` iterations.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     max_iter: int = 50
@@ -115,7 +150,20 @@ class NormalCG(LinearSolver):
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
-        """Solve ``A x = b`` through ``Aᵀ A x = Aᵀ b`` (uses ``op.rmv``)."""
+        """Solve ``A x = b`` through ``Aᵀ A x = Aᵀ b`` (uses ``op.rmv``).
+
+        Args:
+            op: The :class:`~implicitnets.LinearOperator` ``A``.
+            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
+                vector.
+            x0: The start, shaped like ``b``, or ``None`` for zero.
+
+        Returns:
+            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
+
+        Raises:
+            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        """
         p = LinearSystem("NormalCG", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done

@@ -116,6 +116,15 @@ class GMRES(LinearSolver):
     matvec each, over all cycles; each cycle adds one matvec for its true residual.
     Memory ``(restart + 1) × numel(b)``.  With ``tol = 0`` the host synchronises once per
     cycle (for the small least-squares problem), with ``tol > 0`` once per iteration.
+
+    Args:
+        max_iter: Maximum number of inner (Arnoldi) iterations over all cycles, an int >= 1.
+        tol: Tolerance on the relative residual ``‖b − A x‖ / ‖b‖``, >= 0; ``0`` runs exactly
+            ``max_iter`` iterations.
+        restart: Krylov vectors per cycle, an int >= 1.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     max_iter: int = 50
@@ -129,7 +138,20 @@ class GMRES(LinearSolver):
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
-        """Solve ``A x = b`` with ``matvec(x) = A x``."""
+        """Solve ``A x = b`` with ``matvec(x) = A x``.
+
+        Args:
+            op: The :class:`~implicitnets.LinearOperator` ``A``.
+            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
+                vector.
+            x0: The start, shaped like ``b``, or ``None`` for zero.
+
+        Returns:
+            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
+
+        Raises:
+            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        """
         p = LinearSystem("GMRES", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done

@@ -31,6 +31,16 @@ class Neumann(LinearSolver):
     first axis, as the forward solve counts them — has a relative residual
     ``‖b_i − (A x)_i‖ / ‖b_i‖`` of at most ``tol``, instead of the whole batch's: a batch
     with one large right-hand side no longer stops while the small ones are still far off.
+
+    Args:
+        max_iter: Maximum number of iterations, an int >= 1.
+        tol: Tolerance on the relative residual ``‖b − A x‖ / ‖b‖``, >= 0; ``0`` runs exactly
+            ``max_iter`` iterations.
+        per_sample: Stop when every row of ``b``'s first axis reaches ``tol`` (with ``tol > 0``),
+            not the whole vector.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     max_iter: int = 50
@@ -44,7 +54,20 @@ class Neumann(LinearSolver):
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
     ) -> tuple[Tensor, LinearInfo]:
-        """Solve ``A x = b`` with ``(I − A) x + b = op.identity_minus().mv_add(x, b)``."""
+        """Solve ``A x = b`` with ``(I − A) x + b = op.identity_minus().mv_add(x, b)``.
+
+        Args:
+            op: The :class:`~implicitnets.LinearOperator` ``A``.
+            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
+                vector.
+            x0: The start, shaped like ``b``, or ``None`` for zero.
+
+        Returns:
+            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
+
+        Raises:
+            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        """
         p = LinearSystem("Neumann", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
             return done

@@ -24,6 +24,20 @@ class ConvCell(Map):
     :func:`~implicitnets.conv_spectral_norm`, ``None`` leaves ``A`` free.  Has
     ``inject``/``step`` so the layer computes ``B ⋆ x + b`` once per solve, and the
     closed-form :meth:`jacobian` that AID's adjoint solve uses.
+
+    Args:
+        in_channels: Channels of the input ``x`` of shape (batch, in_channels, H, W).
+        channels: Channels C of the state ``z`` of shape (batch, C, H, W).
+        size: The spatial size (H, W) of the feature maps, on which the operator-norm bound
+            is enforced.
+        contraction: Keyword only.  The bound γ > 0 on the operator norm of ``A ⋆ ·``, or
+            ``None`` for an unconstrained ``A``.
+        activation: Keyword only.  ``"relu"`` or ``"tanh"``.
+        kernel_size: Keyword only.  Odd kernel size of ``A`` and ``B`` (same padding).
+
+    Raises:
+        ValueError: ``activation`` is unknown, ``kernel_size`` is not an odd int, or
+            ``contraction`` is neither ``None`` nor a finite number > 0.
     """
 
     #: :meth:`jacobian` reads only values (no graph through ``w``), see :mod:`implicitnets.maps.protocol`
@@ -63,7 +77,14 @@ class ConvCell(Map):
         self._act = _ACTIVATIONS[activation]
 
     def inject(self, x: Tensor) -> Tensor:
-        """``u = B ⋆ x + b``, computed once per solve."""
+        """``u = B ⋆ x + b``, computed once per solve.
+
+        Args:
+            x: The input, shape (batch, in_channels, H, W).
+
+        Returns:
+            ``u``, shape (batch, channels, H, W).
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[2:]) != self.size:
             raise ValueError(
                 f"ConvCell expects x of shape (batch, {self.in_channels}, {self.size[0]}, {self.size[1]}), "
@@ -72,21 +93,39 @@ class ConvCell(Map):
         return self.B(x)
 
     def step(self, z: Tensor, u: Tensor) -> Tensor:
-        """One map evaluation ``act(A ⋆ z + u)``."""
+        """One map evaluation ``act(A ⋆ z + u)``.
+
+        Args:
+            z: The state, shape (batch, channels, H, W).
+            u: The input term, shape (batch, channels, H, W).
+        """
         return self._act(self.A(z) + u)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         return self.step(z, self.inject(x))
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``z₀ = 0`` of shape (batch, C, H, W)."""
+        """``z₀ = 0`` of shape (batch, C, H, W).
+
+        Args:
+            x: The input, shape (batch, in_channels, H, W).
+        """
         return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
 
     def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> SlopeJacobian:
         """``J = ∂₁Φ(w)`` in closed form from ``out = Φ(w, u)``: with ``D = act'`` at ``w``
         (ReLU: ``out > 0``; tanh: ``1 − out²``), ``J y = D ⊙ (A ⋆ y)`` and
         ``Jᵀ v = Aᵀ ⋆ (D ⊙ v)`` (a transposed convolution).  The effective weight is
-        captured, detached, when this is called (inside the solve's parametrization cache)."""
+        captured, detached, when this is called (inside the solve's parametrization cache).
+
+        Args:
+            w: The state at which ``J`` is taken, shape (batch, channels, H, W).
+            u: The input term ``inject(x)``.
+            out: ``Φ(w, u)``, whose values alone are read.
+
+        Returns:
+            ``J`` as a :class:`~implicitnets.LinearOperator` on vectors shaped like ``w``.
+        """
         out = out.detach()
         slope = (out > 0).to(out.dtype) if self.activation == "relu" else 1 - out * out
         return _ConvJacobian(self.A.weight.detach(), slope, self.padding)

@@ -32,6 +32,14 @@ class GradientStep(Map):
     ``inner_loss`` is an ``nn.Module`` its parameters are the map's parameters.  The
     gradient is :func:`torch.func.grad`, so the map composes with reverse mode (ITD, AID),
     forward mode (:class:`~implicitnets.hypergrad.ForwardITD`) and ``torch.no_grad`` alike.
+
+    Args:
+        inner_loss: The inner loss ``ℓ(w, x)``, a callable returning a scalar tensor.
+        step_size: The step size η, a finite number > 0 or a callable ``x -> η``.
+
+    Raises:
+        ValueError: ``inner_loss`` is not callable or ``step_size`` is neither a finite
+            number > 0 nor callable.
     """
 
     def __init__(self, inner_loss: Callable[[Tensor, State], Tensor], step_size: StepSize) -> None:
@@ -56,15 +64,34 @@ class GradientStep(Map):
         return loss
 
     def eta(self, x: State) -> Tensor | float:
-        """The step size η at input ``x``."""
+        """The step size η at input ``x``.
+
+        Args:
+            x: The map's input (for a bilevel problem, the hyperparameters λ).
+
+        Returns:
+            The float ``step_size``, or ``step_size(x)`` when it is callable.
+        """
         return self.step_size(x) if callable(self.step_size) else self.step_size
 
     def inject(self, x: State) -> State:
-        """The input enters the step as it is (``u = x``)."""
+        """The input enters the step as it is (``u = x``).
+
+        Args:
+            x: The map's input, a tensor or a tuple of tensors.
+        """
         return x
 
     def step(self, w: Tensor, u: State) -> Tensor:
-        """``w − η ∇_w ℓ(w, u)``."""
+        """``w − η ∇_w ℓ(w, u)``.
+
+        Args:
+            w: The state, a tensor.
+            u: The input term (``x`` itself).
+
+        Raises:
+            ValueError: ``inner_loss`` does not return a scalar tensor.
+        """
         return w - self.eta(u) * torch.func.grad(self._scalar_loss)(w, u)
 
     def forward(self, w: Tensor, x: State) -> Tensor:
@@ -72,7 +99,16 @@ class GradientStep(Map):
 
     def jacobian(self, w: Tensor, u: State, out: Tensor) -> LinearOperator:
         """``J = I − η ∇²ℓ(w, u)`` from the recorded ``out = step(w, u)``: symmetric, so
-        ``J y`` is the vector–Jacobian product ``Jᵀ y`` on that graph."""
+        ``J y`` is the vector–Jacobian product ``Jᵀ y`` on that graph.
+
+        Args:
+            w: The state at which ``J`` is taken, a tensor that requires grad.
+            u: The input term ``inject(x)``.
+            out: ``Φ(w, u)``, recorded from ``w``.
+
+        Returns:
+            ``J`` as a :class:`~implicitnets.LinearOperator` on vectors shaped like ``w``.
+        """
         return _SymmetricJacobian(GraphJacobian(out, w))
 
     def extra_repr(self) -> str:

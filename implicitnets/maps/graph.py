@@ -42,6 +42,18 @@ def normalized_adjacency(edges: Tensor, num_nodes: int, *, self_loops: bool = Tr
 
     Its λ_pf is 1 with self-loops (eigenvector ``D^{1/2} 1``) and on any graph without
     isolated nodes.
+
+    Args:
+        edges: Integer node indices of shape (2, E), each in ``0..num_nodes − 1``.
+        num_nodes: Number of nodes n.
+        self_loops: Keyword only.  Whether to add ``I`` to the adjacency.
+        dtype: Keyword only.  Dtype of the values (default: ``torch.get_default_dtype()``).
+
+    Returns:
+        The coalesced sparse COO tensor ``Â`` of shape (n, n), on ``edges``' device.
+
+    Raises:
+        ValueError: ``edges`` is not of shape (2, E) or holds an index outside the nodes.
     """
     if edges.dim() != 2 or edges.shape[0] != 2:
         raise ValueError(f"normalized_adjacency: edges must have shape (2, E), got {tuple(edges.shape)}")
@@ -77,6 +89,23 @@ class GraphMap(Map):
     (W is projected once at construction); with ``parametrize=True`` W is rescaled into the
     ball at every evaluation (:class:`~implicitnets.parametrizations.InfNormBound`).
     States ``(B, width, n)``, inputs ``(B, in_features, n)``; see the module docstring.
+
+    Args:
+        in_features: Features p per node of the input, an int >= 1.
+        width: State size m per node, an int >= 1.
+        adjacency: The (n, n) non-negative adjacency ``Â``, dense or sparse, with at least
+            one edge (e.g. from :func:`normalized_adjacency`).
+        kappa: Keyword only.  The well-posedness margin κ in ``(0, 1)``.
+        activation: Keyword only.  The component-wise 1-Lipschitz φ.
+        parametrize: Keyword only.  Rescale W into the ball at every evaluation instead of
+            projecting it with :meth:`project_`.
+        device: Keyword only.  Device of the parameters and of ``Â``.
+        dtype: Keyword only.  Dtype of the parameters and of ``Â`` (default: the
+            adjacency's if floating point, else the default dtype).
+
+    Raises:
+        ValueError: A size is not an int >= 1, ``kappa`` is not in ``(0, 1)``,
+            ``activation`` is not callable, or ``adjacency`` is not square or has no edges.
     """
 
     def __init__(
@@ -120,13 +149,30 @@ class GraphMap(Map):
             self.project_()
 
     def propagate(self, z: Tensor) -> Tensor:
-        """``Z Â`` for ``z`` of shape (B, c, n), as one sparse product with the (n, B·c) matrix."""
+        """``Z Â`` for ``z`` of shape (B, c, n), as one sparse product with the (n, B·c) matrix.
+
+        Args:
+            z: Node states, shape (B, c, n).
+
+        Returns:
+            ``Z Â``, shape (B, c, n).
+        """
         B, c, n = z.shape
         flat = z.permute(2, 0, 1).reshape(n, B * c)
         return torch.sparse.mm(self.adjacency_t, flat).reshape(n, B, c).permute(1, 2, 0)
 
     def inject(self, x: Tensor) -> Tensor:
-        """The input term ``U = Ω X Â``, computed once per solve."""
+        """The input term ``U = Ω X Â``, computed once per solve.
+
+        Args:
+            x: Node features, shape (batch, in_features, n).
+
+        Returns:
+            ``U``, shape (batch, width, n).
+
+        Raises:
+            ValueError: ``x`` is not of shape (batch, in_features, n).
+        """
         if x.dim() != 3 or x.shape[1] != self.in_features or x.shape[2] != self.num_nodes:
             raise ValueError(
                 f"GraphMap expects x of shape (batch, {self.in_features}, {self.num_nodes}), got {tuple(x.shape)}"
@@ -134,14 +180,23 @@ class GraphMap(Map):
         return self.propagate(torch.matmul(self.Omega, x))
 
     def step(self, z: Tensor, u: Tensor) -> Tensor:
-        """One map evaluation ``φ(W Z Â + U)``."""
+        """One map evaluation ``φ(W Z Â + U)``.
+
+        Args:
+            z: Node states, shape (batch, width, n).
+            u: The input term, shape (batch, width, n).
+        """
         return self.activation(self.propagate(torch.matmul(self.W, z)) + u)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         return self.step(z, self.inject(x))
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``Z₀ = 0`` of shape (B, width, n)."""
+        """``Z₀ = 0`` of shape (B, width, n).
+
+        Args:
+            x: Node features, shape (B, in_features, n).
+        """
         return x.new_zeros(x.shape[0], self.width, x.shape[2])
 
     @torch.no_grad()

@@ -47,19 +47,38 @@ class MonotoneMap(Map):
 
     @abc.abstractmethod
     def inject(self, x: Tensor) -> Tensor:
-        """The injected input ``u = U x + b``, computed once per solve."""
+        """The injected input ``u = U x + b``, computed once per solve.
+
+        Args:
+            x: The input, a batch.
+
+        Returns:
+            ``u``, shaped like the state.
+        """
 
     @abc.abstractmethod
     def initial_state(self, x: Tensor) -> Tensor:
-        """The starting state for input ``x`` (usually zeros)."""
+        """The starting state for input ``x`` (usually zeros).
+
+        Args:
+            x: The input, a batch.
+        """
 
     @abc.abstractmethod
     def weight_mv(self, z: Tensor) -> Tensor:
-        """``W z`` for a batch of states (differentiable in the weights)."""
+        """``W z`` for a batch of states (differentiable in the weights).
+
+        Args:
+            z: A batch of states.
+        """
 
     @abc.abstractmethod
     def weight_rmv(self, z: Tensor) -> Tensor:
-        """``Wᵀ z`` for a batch of states."""
+        """``Wᵀ z`` for a batch of states.
+
+        Args:
+            z: A batch of states.
+        """
 
     @abc.abstractmethod
     def resolvent(self, alpha: float) -> Callable[[Tensor], Tensor]:
@@ -69,14 +88,30 @@ class MonotoneMap(Map):
         on, differentiable in the weights, so that ITD can run through the solver.
         ``I + α(I − W)`` has symmetric part ``⪰ (1 + αm) I``: it is invertible for α ≥ 0
         and its inverse has norm ≤ 1 / (1 + αm).
+
+        Args:
+            alpha: The step size α >= 0.
+
+        Returns:
+            The solve, a callable on a batch of states.
         """
 
     def prox(self, v: Tensor, alpha: float) -> Tensor:
-        """``prox_{αf}(v)``; ReLU for every α (``f`` the indicator of ``z ≥ 0``)."""
+        """``prox_{αf}(v)``; ReLU for every α (``f`` the indicator of ``z ≥ 0``).
+
+        Args:
+            v: A batch of states.
+            alpha: The step size α > 0 (unused by ReLU).
+        """
         return torch.relu(v)
 
     def step(self, z: Tensor, u: Tensor) -> Tensor:
-        """One map evaluation ``Φ(z) = prox(W z + u)``."""
+        """One map evaluation ``Φ(z) = prox(W z + u)``.
+
+        Args:
+            z: A batch of states.
+            u: The injected input, shaped like ``z``.
+        """
         return self.prox(self.weight_mv(z) + u, 1.0)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
@@ -85,7 +120,16 @@ class MonotoneMap(Map):
     def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> LinearOperator:
         """``J = ∂₁Φ(w)`` from ``out = Φ(w, u)``: ``J y = D ⊙ (W y)``, ``Jᵀ v = Wᵀ (D ⊙ v)``
         with ``D = (out > 0)`` (the ReLU's derivative).  Products run without autograd; a
-        subclass may override this to capture its effective weight once."""
+        subclass may override this to capture its effective weight once.
+
+        Args:
+            w: The state at which ``J`` is taken, a batch of states.
+            u: The input term ``inject(x)``.
+            out: ``Φ(w, u)``, whose values alone are read.
+
+        Returns:
+            ``J`` as a :class:`~implicitnets.LinearOperator` on vectors shaped like ``w``.
+        """
         return ReLUJacobian(self.weight_mv, self.weight_rmv, out)
 
 

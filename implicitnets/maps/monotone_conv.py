@@ -64,6 +64,20 @@ class MonotoneConv(MonotoneMap):
     docstring), applied through its symbol (:meth:`symbol`) by FFT.  Every value of the
     kernels gives ``I − W ⪰ m I``; ``‖W‖₂`` (:meth:`lipschitz_bound`, exact from the symbol)
     is not bounded by 1.  States (batch, channels, H, W), inputs (batch, in_channels, H, W).
+
+    Args:
+        in_channels: Channels of the input, an int >= 1.
+        channels: Channels C of the state, an int >= 1.
+        size: The spatial size (H, W) of the state, two ints >= ``kernel_size``.
+        m: Keyword only.  The monotonicity margin m > 0 of ``I − W ⪰ m I``.
+        kernel_size: Keyword only.  Odd kernel size k >= 1 of ``U``, ``A`` and ``B``.
+        device: Keyword only.  Device of the parameters.
+        dtype: Keyword only.  Dtype of the parameters.
+
+    Raises:
+        ValueError: A channel count is not an int >= 1, ``kernel_size`` is not an odd
+            int >= 1, ``size`` is not two ints >= ``kernel_size``, or ``m`` is not a finite
+            number > 0.
     """
 
     def __init__(
@@ -101,7 +115,14 @@ class MonotoneConv(MonotoneMap):
         return (1.0 - self.m) * eye - Ah.mH @ Ah + (Bh - Bh.mH)
 
     def inject(self, x: Tensor) -> Tensor:
-        """``u = U ⋆ x + b``, computed once per solve."""
+        """``u = U ⋆ x + b``, computed once per solve.
+
+        Args:
+            x: The input, shape (batch, in_channels, H, W).
+
+        Returns:
+            ``u``, shape (batch, channels, H, W).
+        """
         if x.dim() != 4 or tuple(x.shape[2:]) != self.size or x.shape[1] != self.U.in_channels:
             raise ValueError(
                 f"MonotoneConv expects x of shape (batch, {self.U.in_channels}, {self.size[0]}, {self.size[1]}), "
@@ -110,7 +131,11 @@ class MonotoneConv(MonotoneMap):
         return self.U(x)
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``z₀ = 0`` of shape (batch, channels, H, W)."""
+        """``z₀ = 0`` of shape (batch, channels, H, W).
+
+        Args:
+            x: The input, shape (batch, in_channels, H, W).
+        """
         return x.new_zeros(x.shape[0], self.channels, *self.size)
 
     def weight_mv(self, z: Tensor) -> Tensor:
@@ -121,7 +146,14 @@ class MonotoneConv(MonotoneMap):
 
     def resolvent(self, alpha: float) -> Callable[[Tensor], Tensor]:
         """``v ↦ (I + α(I − W))⁻¹ v``: the symbol ``(1 + α) I − α Ŵ(f)`` inverted once per
-        frequency (C × C, norm of the inverse ≤ 1 / (1 + αm)), applied by FFT."""
+        frequency (C × C, norm of the inverse ≤ 1 / (1 + αm)), applied by FFT.
+
+        Args:
+            alpha: The step size α >= 0.
+
+        Returns:
+            The solve, a callable on states of shape (batch, channels, H, W).
+        """
         Wh = self.symbol()
         eye = torch.eye(self.channels, dtype=Wh.dtype, device=Wh.device)
         inverse = torch.linalg.inv((1.0 + alpha) * eye - alpha * Wh)
@@ -129,7 +161,16 @@ class MonotoneConv(MonotoneMap):
 
     def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> LinearOperator:
         """``J y = D ⊙ (W y)``, ``Jᵀ v = Wᵀ (D ⊙ v)`` (``D = out > 0``), with the symbol of
-        ``W`` computed, detached, once when this is called."""
+        ``W`` computed, detached, once when this is called.
+
+        Args:
+            w: The state at which ``J`` is taken, shape (batch, channels, H, W).
+            u: The input term ``inject(x)``.
+            out: ``Φ(w, u)``, whose values alone are read.
+
+        Returns:
+            ``J`` as a :class:`~implicitnets.LinearOperator` on vectors shaped like ``w``.
+        """
         Wh = self.symbol().detach()
         WhT = Wh.mH
         return ReLUJacobian(lambda y: apply_symbol(Wh, y), lambda v: apply_symbol(WhT, v), out)

@@ -27,6 +27,16 @@ class MonotoneFC(MonotoneMap):
     Picard iteration need not converge: solve with
     :class:`~implicitnets.solvers.PeacemanRachford` or
     :class:`~implicitnets.solvers.ForwardBackward`.  Inputs are ``(batch, in_features)``.
+
+    Args:
+        in_features: Size of the input ``x``, an int >= 1.
+        width: Size of the state ``z``, an int >= 1.
+        m: Keyword only.  The monotonicity margin m > 0 of ``I − W ⪰ m I``.
+        device: Keyword only.  Device of the parameters.
+        dtype: Keyword only.  Dtype of the parameters.
+
+    Raises:
+        ValueError: A size is not an int >= 1 or ``m`` is not a finite number > 0.
     """
 
     def __init__(
@@ -56,13 +66,27 @@ class MonotoneFC(MonotoneMap):
         return self.linear.weight
 
     def inject(self, x: Tensor) -> Tensor:
-        """``u = U x + b``, computed once per solve."""
+        """``u = U x + b``, computed once per solve.
+
+        Args:
+            x: The input, shape (batch, in_features).
+
+        Returns:
+            ``u``, shape (batch, width).
+
+        Raises:
+            ValueError: ``x`` is not of shape (batch, in_features).
+        """
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"MonotoneFC expects x of shape (batch, {self.in_features}), got {tuple(x.shape)}")
         return self.U(x)
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``z₀ = 0`` of shape (batch, width)."""
+        """``z₀ = 0`` of shape (batch, width).
+
+        Args:
+            x: The input, shape (batch, in_features).
+        """
         return x.new_zeros(x.shape[0], self.width)
 
     def weight_mv(self, z: Tensor) -> Tensor:
@@ -72,12 +96,24 @@ class MonotoneFC(MonotoneMap):
         return z @ self.weight
 
     def step(self, z: Tensor, u: Tensor) -> Tensor:
-        """One map evaluation ``ReLU(W z + u)``."""
+        """One map evaluation ``ReLU(W z + u)``.
+
+        Args:
+            z: The state, shape (batch, width).
+            u: The injected input, shape (batch, width).
+        """
         return torch.relu(torch.addmm(u, z, self.weight.t()))
 
     def resolvent(self, alpha: float) -> Callable[[Tensor], Tensor]:
         """``v ↦ (I + α(I − W))⁻¹ v`` by one LU factorisation of ``(1 + α) I − α W``
-        (``torch.linalg.lu_factor``, differentiable), reused for every right-hand side."""
+        (``torch.linalg.lu_factor``, differentiable), reused for every right-hand side.
+
+        Args:
+            alpha: The step size α >= 0.
+
+        Returns:
+            The solve, a callable on states of shape (batch, width).
+        """
         W = self.weight
         eye = torch.eye(self.width, dtype=W.dtype, device=W.device)
         LU, pivots = torch.linalg.lu_factor((1.0 + alpha) * eye - alpha * W)
@@ -86,7 +122,16 @@ class MonotoneFC(MonotoneMap):
 
     def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> LinearOperator:
         """``J y = D ⊙ (y Wᵀ)``, ``Jᵀ v = (D ⊙ v) W`` (``D = out > 0``), with the effective
-        ``W`` captured, detached, when this is called (inside the solve's parametrization cache)."""
+        ``W`` captured, detached, when this is called (inside the solve's parametrization cache).
+
+        Args:
+            w: The state at which ``J`` is taken, shape (batch, width).
+            u: The input term ``inject(x)``.
+            out: ``Φ(w, u)``, whose values alone are read.
+
+        Returns:
+            ``J`` as a :class:`~implicitnets.LinearOperator` on vectors shaped like ``w``.
+        """
         W = self.weight.detach()
         return ReLUJacobian(lambda y: y @ W.t().to(y.dtype), lambda v: v @ W.to(v.dtype), out)
 

@@ -25,7 +25,14 @@ __all__ = ["PerronFrobenius", "perron_frobenius"]
 @dataclass(frozen=True)
 class PerronFrobenius:
     """``upper ≥ λ_pf ≥ lower`` after ``iterations`` products; ``converged`` when
-    ``upper − lower ≤ tol · upper``.  ``float(result)`` is the upper bound."""
+    ``upper − lower ≤ tol · upper``.  ``float(result)`` is the upper bound.
+
+    Args:
+        upper: The upper Collatz–Wielandt bound ``max_i (A x)_i / x_i``.
+        lower: The lower bound ``min_i (A x)_i / x_i``.
+        iterations: Products with ``A`` run.
+        converged: Whether ``upper − lower ≤ tol · upper``.
+    """
 
     upper: float
     lower: float
@@ -43,6 +50,21 @@ def perron_frobenius(adjacency: Tensor, *, max_iter: int = 10000, tol: float = 1
 
     A reducible matrix (e.g. a disjoint union of graphs with different λ_pf) may leave
     ``lower`` below ``λ_pf`` (``converged = False``); the upper bound stays valid.
+
+    Args:
+        adjacency: The square non-negative matrix ``A``, dense or sparse, finite.
+        max_iter: Keyword only.  Maximum number of products, an int >= 1.
+        tol: Keyword only.  Relative gap ``(upper − lower) / upper`` that stops the
+            iteration, a finite number >= 0.
+        check_every: Keyword only.  Products between evaluations of the bounds, an
+            int >= 1.
+
+    Returns:
+        The :class:`PerronFrobenius` bounds.
+
+    Raises:
+        ValueError: ``adjacency`` is not square, has negative or non-finite entries, or an
+            option is out of range.
     """
     if adjacency.dim() != 2 or adjacency.shape[0] != adjacency.shape[1]:
         raise ValueError(f"perron_frobenius: the matrix must be square, got shape {tuple(adjacency.shape)}")

@@ -40,11 +40,26 @@ class Map(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def inject(self, x: State) -> State:
-        """The input term ``u``, computed once per solve."""
+        """The input term ``u``, computed once per solve.
+
+        Args:
+            x: The map's input, a tensor or a tuple of tensors.
+
+        Returns:
+            ``u``, as :meth:`step` takes it.
+        """
 
     @abc.abstractmethod
     def step(self, w: State, u: State) -> State:
-        """One map evaluation ``Φ(w, x)`` from ``u = inject(x)``."""
+        """One map evaluation ``Φ(w, x)`` from ``u = inject(x)``.
+
+        Args:
+            w: The state, a tensor or a tuple of tensors.
+            u: The input term ``inject(x)``.
+
+        Returns:
+            The next state, of ``w``'s structure and shapes.
+        """
 
     def forward(self, w: State, x: State) -> State:
         return self.step(w, self.inject(x))
@@ -54,7 +69,19 @@ class Map(nn.Module, abc.ABC):
 class MapParts:
     """The parts of a map: ``step(w, u)`` with ``u = inject(x)`` (``inject`` is ``None`` for
     a plain callable, whose ``step`` is the map itself and ``u = x``), and the optional
-    parts (``None``/defaults when absent)."""
+    parts (``None``/defaults when absent).
+
+    Args:
+        owner: The map object (or the plain callable).
+        step: ``step(w, u) -> w``.
+        inject: ``inject(x) -> u``, or ``None`` (then ``u = x``).
+        initial_state: ``initial_state(x) -> w₀``, or ``None``.
+        jacobian: The closed form ``jacobian(w, u, out)`` of ``J = ∂₁Φ``, or ``None``.
+        jacobian_needs_graph: Whether ``jacobian`` needs ``out`` recorded from leaves ``w``
+            (``True`` when there is no closed form).
+        row_separable: Whether each sample's output depends only on its own rows of ``w``
+            and ``x``.
+    """
 
     owner: Any
     step: Callable[[State, State], State]
@@ -66,7 +93,14 @@ class MapParts:
 
 
 def parts_of(f: Callable[[State, State], State]) -> MapParts:
-    """The parts of the map ``f`` (any callable; a :class:`Map` or a duck-typed object)."""
+    """The parts of the map ``f`` (any callable; a :class:`Map` or a duck-typed object).
+
+    Args:
+        f: The map; it splits into ``inject``/``step`` when it has both as callables.
+
+    Returns:
+        Its :class:`MapParts`.
+    """
     inject, step = getattr(f, "inject", None), getattr(f, "step", None)
     split = callable(inject) and callable(step)
     return _parts(f, step if split else f, inject if split else None)

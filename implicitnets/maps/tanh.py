@@ -23,6 +23,21 @@ class TanhMap(Map):
     :func:`~implicitnets.project_spectral_`).  Inputs are ``(batch, in_features)``.
     :meth:`jacobian` gives AID the closed-form ``J = ∂₁Φ``; :meth:`lipschitz_bound` the
     global ``‖A‖₂``.
+
+    Args:
+        in_features: Size of the input ``x``, an int >= 1.
+        width: Size of the state ``w``, an int >= 1.
+        contraction: The bound γ > 0 on ``‖A‖₂`` (Φ is a contraction for γ < 1), or
+            ``None`` for an unconstrained ``A``.
+        exact: Keyword only.  Bound the exact largest singular value of ``A`` instead of its
+            power-iteration estimate.
+        bias: Keyword only.  Whether ``B`` has the bias ``c``.
+        device: Keyword only.  Device of the parameters.
+        dtype: Keyword only.  Dtype of the parameters.
+
+    Raises:
+        ValueError: ``in_features`` or ``width`` is not an int >= 1, or ``contraction`` is
+            neither ``None`` nor a finite number > 0.
     """
 
     #: :meth:`jacobian` reads only values (no graph through ``w``), see :mod:`implicitnets.maps.protocol`
@@ -51,7 +66,17 @@ class TanhMap(Map):
             spectral_norm(self.A, "weight", bound=contraction, exact=exact)
 
     def inject(self, x: Tensor) -> Tensor:
-        """The input term ``u = B x + c``, computed once per solve."""
+        """The input term ``u = B x + c``, computed once per solve.
+
+        Args:
+            x: The input, shape (batch, in_features).
+
+        Returns:
+            ``u``, shape (batch, width).
+
+        Raises:
+            ValueError: ``x`` is not of shape (batch, in_features).
+        """
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(
                 f"TanhMap expects x of shape (batch, {self.in_features}), got {tuple(x.shape)}"
@@ -59,21 +84,39 @@ class TanhMap(Map):
         return self.B(x)
 
     def step(self, w: Tensor, u: Tensor) -> Tensor:
-        """One map evaluation ``tanh(A w + u)``."""
+        """One map evaluation ``tanh(A w + u)``.
+
+        Args:
+            w: The state, shape (batch, width).
+            u: The input term, shape (batch, width).
+        """
         return torch.tanh(torch.addmm(u, w, self.A.weight.t()))
 
     def forward(self, w: Tensor, x: Tensor) -> Tensor:
         return self.step(w, self.inject(x))
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``w₀ = 0`` of shape (batch, width)."""
+        """``w₀ = 0`` of shape (batch, width).
+
+        Args:
+            x: The input, shape (batch, in_features).
+        """
         return x.new_zeros(x.shape[0], self.width)
 
     def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> SlopeJacobian:
         """``J = ∂₁Φ(w)`` in closed form from ``out = Φ(w, u)``: with ``D = 1 − out²``,
         ``J y = D ⊙ (y Aᵀ)`` and ``Jᵀ v = (D ⊙ v) A`` (rows are samples).  The effective
         weight is captured, detached, when this is called (inside the solve's
-        parametrization cache), so later products need no cache."""
+        parametrization cache), so later products need no cache.
+
+        Args:
+            w: The state at which ``J`` is taken, shape (batch, width).
+            u: The input term ``inject(x)``.
+            out: ``Φ(w, u)``, whose values alone are read.
+
+        Returns:
+            ``J`` as a :class:`~implicitnets.LinearOperator` on vectors shaped like ``w``.
+        """
         out = out.detach()
         return _TanhJacobian(self.A.weight.detach(), 1 - out * out)
 

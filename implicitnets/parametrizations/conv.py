@@ -69,6 +69,22 @@ class ConvOperatorBound(PowerIterationBound):
     power iteration ``v ← Kᵀu/‖Kᵀu‖, u ← Kv/‖Kv‖`` kept in buffers, run to ``tol`` whenever
     the kernel has changed (:mod:`implicitnets.parametrizations.power`); ``σ`` is
     differentiable in ``W``.
+
+    Args:
+        weight: The initial 4-d ``Conv2d`` kernel.
+        bound: The bound γ, a finite number > 0.
+        input_shape: The input shape (C_in, H, W) the operator acts on.
+        stride: Keyword only.  The convolution's stride.
+        padding: Keyword only.  The convolution's zero padding.
+        dilation: Keyword only.  The convolution's dilation.
+        groups: Keyword only.  The convolution's groups.
+        tol: Keyword only.  Relative increase of the power-iteration estimate that stops
+            it, in ``[0, 1)``.
+        max_iter: Keyword only.  Maximum power-iteration steps per refresh, an int >= 1.
+
+    Raises:
+        ValueError: An option is out of range, ``weight`` is not 4-d, or the input is too
+            small for the kernel.
     """
 
     def __init__(
@@ -156,6 +172,23 @@ def conv_spectral_norm(
     convolution is applied to.  Stride, padding, dilation and groups are read from the
     module.  ``tol`` and ``max_iter`` control the power iteration.  Uses
     ``torch.nn.utils.parametrize``; returns ``module``.
+
+    Args:
+        module: The ``nn.Conv2d`` (``padding_mode="zeros"``).
+        name: The name of the kernel attribute to bound.
+        bound: Keyword only.  The bound on ``‖K_W‖₂``, a finite number > 0.
+        input_shape: Keyword only.  ``(H, W)`` or ``(C_in, H, W)``, positive ints.
+        tol: Keyword only.  Relative increase of the power-iteration estimate that stops
+            it, in ``[0, 1)``.
+        max_iter: Keyword only.  Maximum power-iteration steps per refresh, an int >= 1.
+
+    Returns:
+        ``module``, parametrized.
+
+    Raises:
+        ValueError: ``module`` is not an ``nn.Conv2d`` with zero padding mode (or
+            ``padding="same"`` with an even effective kernel), ``input_shape`` is invalid,
+            ``name`` is not a tensor attribute, or an option is out of range.
     """
     options = _conv_options(module)
     shape = _input_shape(module, input_shape)
@@ -174,7 +207,21 @@ def conv_operator_norm(
 ) -> float:
     """Estimate ``‖K_W‖₂`` of ``module``'s (effective, i.e. parametrized) kernel on
     ``input_shape`` by a fresh power iteration; stops when σ changes by ≤ ``tol`` relatively.
-    A lower bound that is tight once converged."""
+    A lower bound that is tight once converged.
+
+    Args:
+        module: The ``nn.Conv2d`` (``padding_mode="zeros"``).
+        input_shape: ``(H, W)`` or ``(C_in, H, W)``, positive ints.
+        max_iter: Keyword only.  Maximum power-iteration steps.
+        tol: Keyword only.  Relative change of σ that stops the iteration.
+
+    Returns:
+        The estimate σ, a float.
+
+    Raises:
+        ValueError: ``module`` is not a supported ``nn.Conv2d`` or ``input_shape`` is
+            invalid.
+    """
     geometry = _ConvGeometry(
         _input_shape(module, input_shape), module.kernel_size, **_conv_options(module)
     )

@@ -20,7 +20,14 @@ __all__ = ["project_l1_ball", "project_inf_norm_", "InfNormBound", "inf_norm"]
 
 
 def inf_norm(weight: Tensor) -> Tensor:
-    """``‖W‖_∞``: the largest ℓ1 norm of a row of ``weight`` (2-D)."""
+    """``‖W‖_∞``: the largest ℓ1 norm of a row of ``weight`` (2-D).
+
+    Args:
+        weight: A 2-D tensor.
+
+    Returns:
+        ``‖W‖_∞``, a 0-d tensor (differentiable).
+    """
     return weight.abs().sum(-1).max()
 
 
@@ -29,6 +36,16 @@ def project_l1_ball(v: Tensor, radius: float) -> Tensor:
 
     Rows already inside are returned unchanged.  Differentiable almost everywhere; returns a
     new tensor.
+
+    Args:
+        v: A tensor whose last axis holds the rows.
+        radius: The radius, a finite number > 0.
+
+    Returns:
+        The projection, shaped like ``v``.
+
+    Raises:
+        ValueError: ``radius`` is not a finite number > 0.
     """
     check_bound("project_l1_ball", radius)
     a = v.abs()
@@ -47,7 +64,18 @@ def project_l1_ball(v: Tensor, radius: float) -> Tensor:
 def project_inf_norm_(weight: Tensor, bound: float) -> Tensor:
     """Project ``weight`` (2-D) in place onto ``{W : ‖W‖_∞ ≤ bound}`` (Frobenius projection:
     each row onto the ℓ1 ball of radius ``bound``); call it after each optimiser step.
-    Returns ``weight``."""
+    Returns ``weight``.
+
+    Args:
+        weight: The 2-D weight to project in place.
+        bound: The bound on ``‖W‖_∞``, a finite number > 0.
+
+    Returns:
+        ``weight``.
+
+    Raises:
+        ValueError: ``weight`` is not 2-D or ``bound`` is not a finite number > 0.
+    """
     if weight.dim() != 2:
         raise ValueError(f"project_inf_norm_: the weight must be 2-D, got shape {tuple(weight.shape)}")
     weight.copy_(project_l1_ball(weight, bound))
@@ -59,6 +87,12 @@ class InfNormBound(nn.Module):
 
     A rescaling, not the Euclidean projection (use :func:`project_inf_norm_` for that); it is
     differentiable and keeps the bound exactly at every evaluation.
+
+    Args:
+        bound: The bound r on ``‖W‖_∞``, a finite number > 0.
+
+    Raises:
+        ValueError: ``bound`` is not a finite number > 0.
     """
 
     def __init__(self, bound: float) -> None:

@@ -33,6 +33,12 @@ class MonotoneWeight(nn.Module):
     ``(A, B)``: exactly when the weight already satisfies the bound, otherwise the nearest
     weight that does (in Frobenius norm, on the symmetric part: the negative eigenvalues of
     ``(1 − m) I − sym(W)`` are clipped to 0; the skew part is kept).
+
+    Args:
+        m: The monotonicity margin m, a finite number > 0.
+
+    Raises:
+        ValueError: ``m`` is not a finite number > 0.
     """
 
     def __init__(self, m: float) -> None:
@@ -68,6 +74,18 @@ def monotone_weight(module: nn.Module, name: str = "weight", *, m: float) -> nn.
     The trainable tensors become ``module.parametrizations.<name>.original0`` (``A``) and
     ``original1`` (``B``), initialised from the current weight by
     :meth:`MonotoneWeight.right_inverse`.  Returns ``module``.
+
+    Args:
+        module: The module holding the weight.
+        name: The name of the square tensor attribute to parametrize.
+        m: Keyword only.  The monotonicity margin m, a finite number > 0.
+
+    Returns:
+        ``module``, parametrized.
+
+    Raises:
+        ValueError: ``module`` has no tensor attribute ``name``, it is not square, or ``m``
+            is not a finite number > 0.
     """
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):

@@ -19,6 +19,17 @@ class SpectralBound(PowerIterationBound):
     ``uᵀ W v`` from a warm-started power iteration run to ``tol`` whenever ``W`` has changed
     (see :mod:`implicitnets.parametrizations.power`).  The power estimate approaches σ from
     below, so the bound holds to the iteration's accuracy; ``exact=True`` guarantees it.
+
+    Args:
+        weight: The initial weight (at least 2-D), for the power iteration's vectors.
+        bound: The bound γ, a finite number > 0.
+        exact: Use the exact largest singular value instead of the power iteration.
+        tol: Keyword only.  Relative increase of the power-iteration estimate that stops
+            it, in ``[0, 1)``.
+        max_iter: Keyword only.  Maximum power-iteration steps per refresh, an int >= 1.
+
+    Raises:
+        ValueError: An option is out of range or ``weight`` has fewer than 2 dimensions.
     """
 
     def __init__(self, weight: Tensor, bound: float, exact: bool = False, *, tol: float = 1e-6,
@@ -61,6 +72,22 @@ def spectral_norm(
     Uses ``torch.nn.utils.parametrize``; the trainable tensor becomes
     ``module.parametrizations.<name>.original``.  ``tol`` and ``max_iter`` control the power
     iteration (ignored with ``exact=True``).  Returns ``module``.
+
+    Args:
+        module: The module holding the weight.
+        name: The name of the tensor attribute to bound.
+        bound: Keyword only.  The bound on ``‖W‖₂``, a finite number > 0.
+        exact: Keyword only.  Use the exact largest singular value (O(n³) per evaluation).
+        tol: Keyword only.  Relative increase of the power-iteration estimate that stops
+            it, in ``[0, 1)``.
+        max_iter: Keyword only.  Maximum power-iteration steps per refresh, an int >= 1.
+
+    Returns:
+        ``module``, parametrized.
+
+    Raises:
+        ValueError: ``module`` has no tensor attribute ``name``, it has fewer than 2
+            dimensions, or an option is out of range.
     """
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
@@ -75,6 +102,16 @@ def project_spectral_(weight: Tensor, bound: float) -> Tensor:
 
     This is the Euclidean (Frobenius) projection; call it after each optimiser step.  A
     weight with more than two dimensions is treated as (out, −1).  Returns ``weight``.
+
+    Args:
+        weight: The weight to project in place (at least 2-D).
+        bound: The bound on ``‖W‖₂``, a finite number > 0.
+
+    Returns:
+        ``weight``.
+
+    Raises:
+        ValueError: ``bound`` is not a finite number > 0.
     """
     check_bound("project_spectral_", bound)
     matrix = weight.flatten(1)

@@ -38,6 +38,18 @@ class SolverStats:
     ``backward`` holds the statistics of the backward pass through this solve
     (:class:`~implicitnets.BackwardStats`), which the backward mode fills in; the solver
     itself never touches them.
+
+    Args:
+        iterations: Map evaluations of the solve.
+        residual: Relative residual of the whole batch at the last check (``nan`` before any).
+        converged: Whether the solve reached its tolerance.
+        trace: Relative residual of the whole batch at every check.
+        sample_residual: Relative residual per sample, shape ``(batch,)``, or ``None``.
+        sample_converged: Whether each sample's residual is at most ``tol`` and finite, a
+            bool tensor of shape ``(batch,)``, or ``None``.
+        sample_iterations: Map evaluations that updated each sample, shape ``(batch,)``, or
+            ``None``.
+        backward: Statistics of the backward pass (:class:`~implicitnets.BackwardStats`).
     """
 
     iterations: int = 0
@@ -72,11 +84,31 @@ class ForwardSolver(abc.ABC):
 
     @abc.abstractmethod
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
-        """Iterate from ``z0`` towards a fixed point of ``g``."""
+        """Iterate from ``z0`` towards a fixed point of ``g``.
+
+        Args:
+            g: The map ``z ↦ Φ(z, u)``, a callable state -> state (from the layer, a
+                :class:`~implicitnets.BoundMap`).
+            z0: The start, a tensor or a tuple of tensors whose first axis is the batch.
+
+        Returns:
+            The last iterate (a state of ``z0``'s structure) and its :class:`SolverStats`.
+        """
 
     def with_budget(self, max_iter: int, tol: float) -> ForwardSolver:
         """A copy that runs at most ``max_iter`` evaluations with tolerance ``tol`` and
-        reports (does not warn about or raise for) non-convergence."""
+        reports (does not warn about or raise for) non-convergence.
+
+        Args:
+            max_iter: Maximum number of map evaluations of the copy.
+            tol: Relative-residual tolerance of the copy; ``0`` runs exactly ``max_iter``.
+
+        Returns:
+            The copy, with ``on_failure=Warn()`` when the solver has that field.
+
+        Raises:
+            NotImplementedError: The solver is not a dataclass and does not override this.
+        """
         if not dataclasses.is_dataclass(self):
             raise NotImplementedError(
                 f"{type(self).__name__}.with_budget: override it to let ITD(truncate=K) split the solve"

@@ -43,6 +43,25 @@ class Broyden(IterativeSolver):
     converges in at most 2d steps (Gay 1979); on a contraction it typically needs far fewer
     evaluations than fixed-point iteration, but it is not globally convergent: use
     ``return_best`` when some samples may be far from their fixed point.
+
+    Args:
+        max_iter: Maximum number of map evaluations, an int >= 1.
+        tol: Tolerance on the relative residual ``‖g(z) − z‖ / ‖g(z)‖``, >= 0; ``0`` runs
+            exactly ``max_iter`` evaluations.
+        memory: Number ``m`` of rank-one updates kept per sample before a restart from
+            ``B = −I``, an int >= 1.
+        check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
+            ``None`` (every evaluation when ``tol > 0`` or ``return_best``, else only after
+            the last).
+        on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
+            stops above ``tol``.
+        freeze_converged: Keyword only.  Stop updating each sample once its own relative
+            residual is at most ``tol`` (only when ``tol > 0``).
+        return_best: Keyword only.  Return each unconverged sample at its lowest-residual
+            iterate and set aside samples that turn NaN/Inf.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     memory: int = 10
@@ -52,7 +71,21 @@ class Broyden(IterativeSolver):
         check_int("Broyden", "memory", self.memory)
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
-        """Iterate from ``z0``; return ``g`` of the last point and the stats."""
+        """Iterate from ``z0``; return ``g`` of the last point and the stats.
+
+        Args:
+            g: The map ``z ↦ Φ(z, u)``, a callable state -> state (a
+                :class:`~implicitnets.BoundMap` from the layer).
+            z0: The start, a tensor or a tuple of tensors whose first axis is the batch.
+
+        Returns:
+            The value of ``g`` at the last point and its :class:`SolverStats`.
+
+        Raises:
+            ValueError: The map's output is not shaped like its input.
+            NonFiniteError: The map produced NaN or Inf (unless ``return_best``).
+            ConvergenceError: The solve stopped above ``tol`` and ``on_failure`` is ``Raise()``.
+        """
         return solve_flat(self, "Broyden", g, z0, lambda x, grad: _Updates(self.memory, x, grad))
 
 

@@ -36,6 +36,24 @@ class FixedPointIteration(IterativeSolver):
     iterate, reported as not converged) instead of raising
     :class:`~implicitnets.NonFiniteError`.  See :class:`SolverStats` for the per-sample
     statistics.
+
+    Args:
+        max_iter: Maximum number of map evaluations, an int >= 1.
+        tol: Tolerance on the relative residual ``‖g(z) − z‖ / ‖g(z)‖``, >= 0; ``0`` runs
+            exactly ``max_iter`` evaluations.
+        damping: Damping β in ``(0, 1]``; ``1`` is plain Picard iteration.
+        check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
+            ``None`` (every evaluation when ``tol > 0`` or ``return_best``, else only after
+            the last).
+        on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
+            stops above ``tol``.
+        freeze_converged: Keyword only.  Stop updating each sample once its own relative
+            residual is at most ``tol`` (only when ``tol > 0``).
+        return_best: Keyword only.  Return each unconverged sample at its lowest-residual
+            iterate and set aside samples that turn NaN/Inf.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     damping: float = 1.0
@@ -45,7 +63,21 @@ class FixedPointIteration(IterativeSolver):
         check_real("FixedPointIteration", "damping", self.damping, low=0, high=1, low_open=True)
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
-        """Iterate from ``z0``; return the last iterate and its :class:`SolverStats`."""
+        """Iterate from ``z0``; return the last iterate and its :class:`SolverStats`.
+
+        Args:
+            g: The map ``z ↦ Φ(z, u)``, a callable state -> state (a
+                :class:`~implicitnets.BoundMap` from the layer).
+            z0: The start, a tensor or a tuple of tensors whose first axis is the batch.
+
+        Returns:
+            The last iterate (of ``z0``'s structure) and its :class:`SolverStats`.
+
+        Raises:
+            ValueError: The map's output is not shaped like its input.
+            NonFiniteError: The map produced NaN or Inf (unless ``return_best``).
+            ConvergenceError: The solve stopped above ``tol`` and ``on_failure`` is ``Raise()``.
+        """
         monitor = Monitor(
             "FixedPointIteration", self.max_iter, self.tol, self.check_every, z0,
             freeze=self.freeze_converged, best=self.return_best,
