@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import harness
 import torch
 import torch.nn.functional as F
 
+import harness
 import implicitnets as inn
 from implicitnets import linear
 from train.augment import shift_images
