@@ -188,6 +188,8 @@ def torch_sides(p: dict[str, np.ndarray], t: int, k: int, compile_: bool) -> tup
             sides["ours (compiled model)"] = compiled_ours(torch_net(p), t, k, x, y)
         except Exception as e:  # reported, not raised
             missing["ours (compiled model)"] = f"{type(e).__name__}: {e}"
+    else:
+        missing["ours (compiled model)"] = "left out (--no-compile)"
     return sides, missing
 
 
