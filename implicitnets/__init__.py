@@ -25,6 +25,7 @@ from .solvers import (
     FixedPointIteration,
     ForwardBackward,
     ForwardSolver,
+    IterativeSolver,
     PeacemanRachford,
     SolverStats,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "FixedPointLayer",
     "SampleCache",
     "ForwardSolver",
+    "IterativeSolver",
     "BoundMap",
     "FixedPointIteration",
     "Anderson",

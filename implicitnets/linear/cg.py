@@ -92,21 +92,7 @@ class CG(LinearSolver):
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` (``A`` symmetric positive definite).
 
-        Args:
-            op: The :class:`~implicitnets.LinearOperator` ``A``.
-            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
-                vector.
-            x0: The start, shaped like ``b``, or ``None`` for zero.
-
-        Returns:
-            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
-
-        Warns:
-            NonSymmetricWarning: ``check_symmetry`` is set and the relative symmetry
-                mismatch of ``A`` exceeds 1e-6.
-
-        Raises:
-            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        See :meth:`LinearSolver.solve` for the arguments and the result.
         """
         p = LinearSystem("CG", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:
@@ -152,17 +138,7 @@ class NormalCG(LinearSolver):
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` through ``Aᵀ A x = Aᵀ b`` (uses ``op.rmv``).
 
-        Args:
-            op: The :class:`~implicitnets.LinearOperator` ``A``.
-            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
-                vector.
-            x0: The start, shaped like ``b``, or ``None`` for zero.
-
-        Returns:
-            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
-
-        Raises:
-            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        See :meth:`LinearSolver.solve` for the arguments and the result.
         """
         p = LinearSystem("NormalCG", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:

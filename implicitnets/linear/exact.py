@@ -28,17 +28,7 @@ class Exact(LinearSolver):
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` exactly; ``x0`` is unused.
 
-        Args:
-            op: The :class:`~implicitnets.LinearOperator` ``A``.
-            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
-                vector of ``numel(b)`` entries.
-            x0: Ignored.
-
-        Returns:
-            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
-
-        Raises:
-            ValueError: A product of ``op`` is not shaped like ``b``.
+        See :meth:`LinearSolver.solve` for the arguments and the result.
         """
         p = LinearSystem("Exact", b, None)
         if (done := p.trivial()) is not None:

@@ -56,17 +56,7 @@ class Neumann(LinearSolver):
     ) -> tuple[Tensor, LinearInfo]:
         """Solve ``A x = b`` with ``(I − A) x + b = op.identity_minus().mv_add(x, b)``.
 
-        Args:
-            op: The :class:`~implicitnets.LinearOperator` ``A``.
-            b: The right-hand side; ``A`` acts on tensors of its shape, treated as one flat
-                vector.
-            x0: The start, shaped like ``b``, or ``None`` for zero.
-
-        Returns:
-            ``(x, info)``: the solution shaped like ``b`` and its :class:`LinearInfo`.
-
-        Raises:
-            ValueError: ``x0`` or a product of ``op`` is not shaped like ``b``.
+        See :meth:`LinearSolver.solve` for the arguments and the result.
         """
         p = LinearSystem("Neumann", b, x0, defer=self.tol == 0)
         if (done := p.trivial()) is not None:

@@ -36,22 +36,14 @@ class Anderson(IterativeSolver):
     Stopping, ``on_failure``, ``freeze_converged`` and ``return_best`` follow
     :class:`FixedPointIteration` (a frozen sample's history is dropped).
 
+    The options every built-in solver shares (``max_iter``, ``tol``, ``check_every``,
+    ``on_failure``, ``freeze_converged``, ``return_best``) are those of
+    :class:`~implicitnets.IterativeSolver`.
+
     Args:
-        max_iter: Maximum number of map evaluations, an int >= 1.
-        tol: Tolerance on the relative residual ``‖g(z) − z‖ / ‖g(z)‖``, >= 0; ``0`` runs
-            exactly ``max_iter`` evaluations.
         memory: Number ``m`` of past iterates kept per sample, an int >= 1.
         mixing: Mixing parameter ``β`` in ``(0, 1]``; ``1`` extrapolates the images ``f_i``.
         regularization: Ridge ``λ`` >= 0 on the Gram matrix, relative to its diagonal.
-        check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
-            ``None`` (every evaluation when ``tol > 0`` or ``return_best``, else only after
-            the last).
-        on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
-            stops above ``tol``.
-        freeze_converged: Keyword only.  Stop updating each sample once its own relative
-            residual is at most ``tol`` (only when ``tol > 0``).
-        return_best: Keyword only.  Return each unconverged sample at its lowest-residual
-            iterate and set aside samples that turn NaN/Inf.
 
     Raises:
         ValueError: An option is out of range or of the wrong type.

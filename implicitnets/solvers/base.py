@@ -130,6 +130,23 @@ class IterativeSolver(ForwardSolver):
     ``freeze_converged`` and ``return_best`` (per-sample control, see
     :class:`~implicitnets.FixedPointIteration`).  Subclasses add their own options between
     ``tol`` and these, and validate them in ``__post_init__`` after calling this one.
+
+    Args:
+        max_iter: Maximum number of map evaluations, an int >= 1.
+        tol: Tolerance on the relative residual ``‖g(z) − z‖ / ‖g(z)‖``, >= 0; ``0`` runs
+            exactly ``max_iter`` evaluations.
+        check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
+            ``None`` (every evaluation when ``tol > 0`` or ``return_best``, else only after
+            the last).
+        on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
+            stops above ``tol``.
+        freeze_converged: Keyword only.  Stop updating each sample once its own relative
+            residual is at most ``tol`` (only when ``tol > 0``).
+        return_best: Keyword only.  Return each unconverged sample at its lowest-residual
+            iterate and set aside samples that turn NaN/Inf.
+
+    Raises:
+        ValueError: An option is out of range or of the wrong type.
     """
 
     max_iter: int = 50

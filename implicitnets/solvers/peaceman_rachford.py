@@ -37,20 +37,12 @@ class PeacemanRachford(SplittingSolver):
     evaluations, i.e. ``max_iter − 1`` splitting steps), and the solver returns ``Φ`` of its
     last point.  Differentiable operations only, so ITD runs through it.
 
+    The options every built-in solver shares (``max_iter``, ``tol``, ``check_every``,
+    ``on_failure``, ``freeze_converged``, ``return_best``) are those of
+    :class:`~implicitnets.IterativeSolver`.
+
     Args:
-        max_iter: Maximum number of map evaluations, an int >= 1.
-        tol: Tolerance on the relative residual ``‖Φ(z½) − z½‖ / ‖Φ(z½)‖``, >= 0; ``0`` runs
-            exactly ``max_iter`` evaluations.
         alpha: Step size ``α > 0`` of the resolvent and the prox; any value converges.
-        check_every: Keyword only.  Evaluations between residual checks, an int >= 1 or
-            ``None`` (every evaluation when ``tol > 0`` or ``return_best``, else only after
-            the last).
-        on_failure: Keyword only.  The :class:`~implicitnets.FailurePolicy` of a solve that
-            stops above ``tol``.
-        freeze_converged: Keyword only.  Stop updating each sample once its own relative
-            residual is at most ``tol`` (only when ``tol > 0``).
-        return_best: Keyword only.  Return each unconverged sample at its lowest-residual
-            iterate and set aside samples that turn NaN/Inf.
 
     Raises:
         ValueError: An option is out of range or of the wrong type.
