@@ -434,3 +434,23 @@ def test_torch_func_grad_through_a_parametrized_map_matches_autograd():
     loss_of(lay(x)).backward()
     for name, p in lay.named_parameters():
         assert rel(grads[name], p.grad) < RTOL, name
+
+
+@pytest.mark.parametrize("backward", [inn.JacobianFree(), inn.ITD(), inn.ITD(truncate=50)], ids=repr)
+def test_forward_mode_agrees_with_reverse_mode_in_the_approximate_modes(backward):
+    """JacobianFree and truncated ITD define their own derivatives; forward mode must give the
+    same ones as reverse mode (not a zero tangent), for the input and for a parameter."""
+    cell, x = make_map("tanh"), inputs()
+    lay = layer(cell, backward, inn.FixedPointIteration(max_iter=100, tol=0.0))
+    rev, fwd = torch.func.jacrev(lay)(x), torch.func.jacfwd(lay)(x)
+    assert float(rev.abs().max()) > 0.1 and rel(fwd, rev) < 1e-12
+    params = {k: v.detach() for k, v in lay.named_parameters()}
+
+    def of_bias(b):
+        return functional_call(lay, {**params, "cell.B.bias": b}, (x,))
+
+    rev, fwd = torch.func.jacrev(of_bias)(params["cell.B.bias"]), torch.func.jacfwd(of_bias)(params["cell.B.bias"])
+    assert float(rev.abs().max()) > 0.1 and rel(fwd, rev) < 1e-12
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(lay(fwAD.make_dual(x, torch.ones_like(x)))).tangent
+    assert rel(tangent, torch.func.jvp(lay, (x,), (torch.ones_like(x),))[1]) < 1e-12

@@ -347,6 +347,8 @@ class FixedPoint(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, *tangents: Tensor | None) -> tuple[Tensor, ...]:
         spec: Spec = ctx.spec
+        if not spec.differentiable:  # a plain solve (JacobianFree): its outputs carry no tangent
+            return (None,) * spec.n_w
         saved = ctx.saved_tensors
         up, w = saved[: spec.n_u + spec.n_p], saved[spec.n_u + spec.n_p :]
         _, u, P = spec.split((*w, *up))

@@ -28,14 +28,15 @@ class JacobianFree(BackwardMode):
 
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         inputs = (*parts(problem.z0), *parts(problem.u), *problem.params)
-        if any(transforms_active(t) for t in inputs):
+        traced = any(transforms_active(t) for t in inputs)
+        if traced:
             spec = make_spec(problem, None, None, differentiable=False)
             z = pack(problem.z0, FixedPoint.apply(spec, *inputs))
             stats = spec.stats
         else:
             with torch.no_grad():
                 z, stats = problem.solver.solve(problem.map(), problem.z0)
-        if not problem.needs_grad:
+        if not (problem.needs_grad or traced):  # (forward-mode transforms need the step too)
             return z, stats
         fz = problem.step(map_parts(torch.Tensor.detach, z), problem.u)
         return map_parts(lambda a, b: a.detach().to(b.dtype) + (b - b.detach()), z, fz), stats
