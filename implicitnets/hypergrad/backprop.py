@@ -68,14 +68,9 @@ class Backprop(HypergradientMethod):
     def hypergradient(self, problem: Bilevel, hparams: Tensor | Sequence[Tensor], start: Start) -> Hypergradient:
         """Solve the inner problem from ``start`` and differentiate ``E`` at its solution.
 
-        Args:
-            problem: The :class:`Bilevel` problem.
-            hparams: The hyperparameters λ, a tensor or a sequence of tensors.
-            start: The inner state ``w₀`` (a tensor or a tuple of tensors) or the previous
-                call's :class:`Hypergradient`, to continue from it.
-
-        Returns:
-            The :class:`Hypergradient`: one gradient per hyperparameter, shaped like it.
+        The arguments and the result are those of :meth:`HypergradientMethod.hypergradient`;
+        a previous :class:`Hypergradient` as ``start`` also warm-starts the backward solve where
+        the backward mode says (``BackwardMode.next_start``).
 
         Raises:
             ValueError: ``start`` is neither a state nor a :class:`Hypergradient`, or
@@ -85,10 +80,11 @@ class Backprop(HypergradientMethod):
         """
         w0, previous = split_start(start)
         hp = leaves(as_hparams(hparams))
-        warm = getattr(self.backward, "warm_start", False) and previous is not None
+        known = previous is not None and previous.stats is not None
+        adjoint_x0 = self.backward.next_start(previous.stats) if known else None
         with torch.enable_grad():
             w, stats = fixed_point(problem.inner, hp, solver=self.solver, backward=self.backward,
-                                   z0=detach(w0), adjoint_x0=previous.v if warm else None)
+                                   z0=detach(w0), adjoint_x0=adjoint_x0)
             loss = problem.outer(w, hp)
             if loss.dim() != 0:
                 raise ValueError(f"Backprop: the outer loss must be a scalar, got shape {tuple(loss.shape)}")
