@@ -294,6 +294,25 @@ def test_spectral_norm_leaves_small_weights_alone_and_iterates_only_when_the_wei
     assert not torch.equal(u, bound._u)
 
 
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30), (20, 20)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("scale", [1.0, 1e18], ids=["unit", "huge"])
+def test_power_iteration_on_the_squared_gram_matrix_finds_the_largest_singular_value(shape, scale):
+    """The iteration on ``(WᵀW)^64`` (or ``(WWᵀ)^64``, the smaller side) gives ``‖W‖₂`` and its
+    singular vectors in float64, also for a float32 weight whose Gram matrix would overflow."""
+    torch.manual_seed(3)
+    W = torch.randn(*shape, dtype=torch.float64)
+    bound = inn.parametrizations.SpectralBound(W, 0.5, tol=1e-14)
+    steps = bound.power_iterate_(W)
+    assert steps % 64 == 0 and steps <= bound.max_iter + 63
+    exact = torch.linalg.matrix_norm(W, 2)
+    torch.testing.assert_close(bound.sigma(W).detach(), exact, rtol=1e-12, atol=0)
+    torch.testing.assert_close(W.t() @ bound._u, exact * bound._v, rtol=0, atol=1e-6 * float(exact))
+    big = (W * scale).float()  # entries ~1e18: ‖W‖² overflows float32
+    bound32 = inn.parametrizations.SpectralBound(big, 0.5)
+    bound32.power_iterate_(big)
+    torch.testing.assert_close(float(bound32.sigma(big)), float(exact) * scale, rtol=1e-5, atol=0)
+
+
 def test_project_spectral_clips_singular_values():
     torch.manual_seed(2)
     W = nn.Parameter(torch.randn(7, 5) * 3)

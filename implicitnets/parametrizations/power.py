@@ -49,8 +49,11 @@ def check_power_options(name: str, tol: float, max_iter: int) -> None:
 
 
 def _normalize(t: Tensor) -> Tensor:
-    """``t / ‖t‖`` (a zero ``t`` stays zero)."""
-    return t / torch.linalg.vector_norm(t).clamp_min(torch.finfo(t.dtype).tiny)
+    """``t / ‖t‖`` (a zero ``t`` stays zero), scaled by ``max |tᵢ|`` first so that ``‖t‖``
+    does not overflow when it exceeds the dtype's largest number."""
+    tiny = torch.finfo(t.dtype).tiny
+    t = t / t.abs().amax().clamp_min(tiny)
+    return t / torch.linalg.vector_norm(t).clamp_min(tiny)
 
 
 class PowerIterationBound(nn.Module):
