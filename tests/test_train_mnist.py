@@ -68,13 +68,15 @@ def test_two_step_smoke_baselines(tmp_path, model):
 def test_baseline_trained_in_the_same_run(tmp_path, capsys):
     summary = mnist.main([*SMALL[:-5], "--test-limit", "200", "--out", str(tmp_path), "--max-steps", "3"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-4].startswith("fc test accuracy: ") and lines[-3].startswith("model")  # the DEQ, then the table
+    assert lines[-5].startswith("fc test accuracy: ") and lines[-4].startswith("model")  # the DEQ, then the table
+    assert lines[-1].startswith("time ratio fc / mlp: ") and "(model steps)" in lines[-1]
     assert summary["activation"] == summary["config"]["activation"] == "tanh"  # the FC model's, not --activation
     base = summary["baseline"]
     assert base["model"] == "mlp" and base["steps"] == summary["steps"] == 3
     assert abs(base["parameters"] - summary["parameters"]) / summary["parameters"] < 0.01  # same size
     ours, theirs = summary["config"], base["config"]
     assert {key for key in ours if ours[key] != theirs[key]} == {"model", "out"}  # the same recipe
+    assert 0 < summary["step_seconds"] < summary["seconds"] and 0 < base["step_seconds"] < base["seconds"]
     assert json.loads((tmp_path / "summary.json").read_text())["baseline"]["model"] == "mlp"
     assert (tmp_path / "baseline" / "checkpoint.pt").is_file()
 

@@ -25,10 +25,15 @@ def matched_size(count: Callable[[int], int], target: int) -> int:
 
 def comparison(summary: dict) -> str:
     """Two lines under a header: the model of ``summary`` beside ``summary["baseline"]``
-    (keys ``model``, ``backward``, ``parameters``, ``test_acc``, ``train_acc``, ``seconds``)."""
-    lines = [f"{'model':<18} {'parameters':>10}  test acc  train acc  seconds"]
+    (keys ``model``, ``backward``, ``parameters``, ``test_acc``, ``train_acc``, ``seconds``,
+    ``step_seconds``: the model's training steps alone), then the time ratios."""
+    lines = [f"{'model':<18} {'parameters':>10}  test acc  train acc  seconds  model-step seconds"]
     for s in (summary, summary["baseline"]):
         name = s["model"] + (f" ({s['backward']})" if s["backward"] else "")
         lines.append(f"{name:<18} {s['parameters']:>10,}  {s['test_acc']:8.4f}  {s['train_acc']:9.4f}  "
-                     f"{s['seconds']:7.1f}")
+                     f"{s['seconds']:7.1f}  {s['step_seconds']:18.1f}")
+    base = summary["baseline"]
+    if base["seconds"] and base["step_seconds"]:
+        lines.append(f"time ratio {summary['model']} / {base['model']}: {summary['seconds'] / base['seconds']:.2f}x "
+                     f"(whole run), {summary['step_seconds'] / base['step_seconds']:.2f}x (model steps)")
     return "\n".join(lines)

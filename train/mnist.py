@@ -19,15 +19,14 @@ on the embedded 5,000 MNIST digits and then, with the same recipe (100 epochs of
 use operator splitting (``--solver pr`` / ``fb``) and their own defaults.
 
 Reads top to bottom: model and processes, one epoch of guarded steps (a non-finite step is
-skipped and logged), evaluation, one run, main.  Random draws are seeded by (seed, epoch) and
-the global batch does not depend on the number of processes: ``--resume`` and ``torchrun``
-reproduce an uninterrupted run.
+skipped and logged), evaluation, one run, main.  Draws are seeded by (seed, epoch) and the
+global batch does not depend on the number of processes: ``--resume`` and ``torchrun``
+reproduce an uninterrupted run.  Each epoch logs its model-step time (``step_seconds``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 import os
@@ -54,12 +53,13 @@ from train.data import DataError, DeviceData, load, on_device
 from train.mnist_config import ACTIVATION, BASELINE, MATCHED_SIZE, Config, check_config
 from train.mnist_config import parse_args as parse_options
 from train.plots import training_curves
+from train.processes import init_processes
 from train.schedule import learning_rate
 from train.step import PeerLostError, guarded_step
 from train.warning_fold import FoldedWarnings
 
 # -----------------------------------------------------------------------------------------
-# options (train.mnist_config), the model of --model, and the processes
+# options (train.mnist_config) and the model of --model; the processes: train.processes
 
 
 parse_args = functools.partial(parse_options, description=__doc__)  # argv → Config; --help shows this docstring
@@ -81,30 +81,6 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.model == "mlp":
         return models.MLP(784, cfg.width, 10)
     return models.CNN(1, cfg.channels, 10, 28)
-
-
-def init_processes(cfg: Config) -> tuple[torch.device, int, int]:
-    """Device, rank and number of processes (torchrun sets WORLD_SIZE / RANK / LOCAL_RANK);
-    joins the process group and sets the number of CPU threads."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but this machine has no CUDA device (torch.cuda.is_available() is False)")
-    device = torch.device(f"cuda:{local_rank}" if cfg.device == "cuda" else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    elif world > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({world})")
-    return device, rank, world
 
 
 # -----------------------------------------------------------------------------------------
@@ -132,8 +108,7 @@ class Run:
                              warmup=self.cfg.warmup_epochs * steps_per_epoch, schedule=self.cfg.schedule)
 
 
-def mean(values: list) -> float | None:
-    return sum(values) / len(values) if values else None
+mean = lambda values: sum(values) / len(values) if values else None
 
 
 def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
@@ -145,7 +120,7 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
     perm = torch.randperm(n_train, generator=generator).to(device)
     offsets = torch.randint(0, 2 * cfg.augment + 1, (n_train, 2), generator=generator).to(device)
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss·n, correct, n
-    f_iters, f_resid, b_iters, b_resid, skipped = [], [], [], [], []
+    f_iters, f_resid, b_iters, b_resid, skipped, step_seconds = [], [], [], [], [], 0.0
     bar = tqdm(range(n_train // cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (rank == 0 and cfg.progress), dynamic_ncols=True)  # the last partial batch is dropped
     with FoldedWarnings(f"epoch {epoch + 1}") as folded:  # solver warnings: one line per epoch
@@ -168,9 +143,12 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
                 loss = F.cross_entropy(logits, yb, reduction="sum", label_smoothing=cfg.label_smoothing)
                 return loss * (world / cfg.batch_size), logits
 
+            began = time.perf_counter()  # model-step time: forward, backward, optimiser step (no data handling)
             outcome = guarded_step(list(run.raw_model.parameters()), run.optimizer, forward, after_step=run.project,
                                    ddp=run.model if world > 1 else None)
-            step += 1
+            if device.type == "cuda":  # the step's kernels finish before its time is read
+                torch.cuda.synchronize(device)
+            step_seconds, step = step_seconds + time.perf_counter() - began, step + 1
             if outcome.skipped:
                 skipped.append(step - 1)
                 warnings.warn(f"step {step - 1}: skipped ({outcome.skipped[:300]})", RuntimeWarning, stacklevel=1)
@@ -197,15 +175,15 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
         forward_iterations=mean(f_iters), forward_residual=mean(f_resid),
         forward_residual_max=max(f_resid, default=None),
         backward_iterations=mean(b_iters), backward_residual=mean(b_resid),
-        skipped_steps=skipped, convergence_warnings=folded.convergence,
+        skipped_steps=skipped, convergence_warnings=folded.convergence, step_seconds=step_seconds,
     )
 
 
 def evaluate(run: Run, where: str) -> dict:
     """Test accuracy, loss and forward-solver statistics; the test set is split over processes
     and the sums are all-reduced; solver warnings are folded into one line naming ``where``."""
-    model, x, y, size = run.raw_model, run.data.test_x, run.data.test_y, run.cfg.eval_batch_size
-    model.eval()
+    (model := run.raw_model).eval()
+    x, y, size = run.data.test_x, run.data.test_y, run.cfg.eval_batch_size
     sums = torch.zeros(2, device=x.device, dtype=torch.float64)  # correct, loss
     iters, resid = [], []
     with torch.no_grad(), run.autocast, FoldedWarnings(where):
@@ -238,6 +216,7 @@ def summarize(cfg: Config, model: nn.Module, data_name: str, history: list[dict]
         backward=cfg.backward if hasattr(model, "stats") else None, epochs_completed=len(history), steps=step,
         test_acc=final.get("test_acc"), best_test_acc=max((r["test_acc"] for r in history), default=None),
         train_acc=final.get("train_acc"), seconds=final.get("elapsed"),
+        step_seconds=sum(r.get("step_seconds", 0.0) for r in history),
         skipped_steps=sum(len(r["skipped_steps"]) for r in history), contraction=final.get("contraction"),
         device=str(device), world_size=world, torch=torch.__version__, config=config,
     )
@@ -252,15 +231,14 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     if data.train_x.shape[0] < cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} exceeds the {data.train_x.shape[0]} training images")
     torch.manual_seed(cfg.seed)
-    raw_model = build_model(cfg).to(device=device, dtype=dtype)
-    model = raw_model
+    model = raw_model = build_model(cfg).to(device=device, dtype=dtype)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(cfg.optimizer, raw_model.parameters(), cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
-    project = None
-    if cfg.contraction == "projection" and hasattr(raw_model, "project_"):
-        project = lambda: raw_model.project_(cfg.gamma)
+    project = (lambda: raw_model.project_(cfg.gamma)) if cfg.contraction == "projection" and hasattr(
+        raw_model, "project_") else None
+    if project is not None:
         project()
     is_deq = hasattr(raw_model, "stats")
     run = Run(cfg, model, raw_model, optimizer, project, data, rank, world,
@@ -317,7 +295,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary (with the baseline's summary under ``"baseline"``)."""
     cfg = parse_args(argv)
     check_config(cfg)
-    device, rank, world = init_processes(cfg)
+    device, rank, world = init_processes(cfg.device, dist_timeout=cfg.dist_timeout, threads=cfg.threads,
+                                         batch_size=cfg.batch_size)
+    cfg.device = device.type
     try:
         summary = train(cfg, device, rank, world)
         if cfg.baseline and cfg.model in BASELINE:
