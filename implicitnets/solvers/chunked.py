@@ -12,6 +12,7 @@ the eager loop's with the same ``check_every``: the same iterate at the same che
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -49,7 +50,10 @@ def chunked_solve(
     z, done = z0, 0
     while done < max_iter:
         n = min(monitor.check_every, max_iter - done)
-        z, num, den = run(g, z, n, beta, monitor.batch)
+        with warnings.catch_warnings():
+            # Dynamo reads ``.grad`` of every tensor it guards on, the map's non-leaf input included
+            warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+            z, num, den = run(g, z, n, beta, monitor.batch)
         done += n
         monitor.count = done
         if monitor.record_norms(num, den):
