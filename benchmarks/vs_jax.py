@@ -12,9 +12,13 @@ The sides:
 
 * ours: ``FixedPointLayer(TanhMap(784, 200, contraction=None), FixedPointIteration(20, tol=0),
   AID(Neumann(20, tol=0)))``, a linear head, ``loss.backward()`` (``limit.ours``);
-* ours (compiled model): the same, ``torch.compile`` around the model and loss (``--no-compile``
-  leaves it out); its compile time (cold: inductor's caches off) and the steps it takes to pay
-  off are printed;
+* ours (compiled): the same layer with the opt-in compiled path, ``compile=inn.Compile()`` on
+  ``FixedPointIteration`` and on ``Neumann`` (each fixed-count loop one inductor function; the
+  model and loss stay eager);
+* ours (compiled model): the eager layer, ``torch.compile(fullgraph=True)`` around the model and
+  loss (one forward and one backward graph);
+* both compiled sides are left out by ``--no-compile``; their compile time (cold: inductor's
+  caches off) and the steps it takes to pay it off are printed;
 * torch (hand-written): the same step in bare eager tensor code, no autograd (``limit.bare``);
 * JAX (hand-written): ``lax.fori_loop`` forward, a ``jax.custom_vjp`` whose backward runs the k
   Neumann steps, ``jax.jit``;
@@ -41,8 +45,8 @@ is imported (the flags alone did not keep jaxlib on one core).  The script print
 allowed cores and the CPU ÷ wall time of a JAX loop as evidence.  The default clock is the
 process's CPU time (``--clock cpu``), robust to other processes sharing the machine.
 
-Targets (issue 28; they fail today): ours ÷ optimistix <= 1.0 and ours ÷ jaxopt <= 1.0 at batch
-128 and 1000, checked for ours and for ours (compiled model).  A side whose package is not
+Targets (issue 28): ours ÷ optimistix <= 1.0 and ours ÷ jaxopt <= 1.0 at batch 128 and 1000,
+checked for ours, ours (compiled) and ours (compiled model).  A side whose package is not
 installed is reported as SKIP.
 
     pip install -e ".[jax]"          # jax, optimistix, jaxopt: never dependencies of the library
@@ -155,17 +159,31 @@ def torch_data(p: dict[str, np.ndarray]) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(p["x"]), torch.from_numpy(p["y"])
 
 
+def compiled_path(net: limit.Net, t: int, k: int, x: Tensor, y: Tensor):
+    """Ours with the opt-in compiled path: ``compile=inn.Compile()`` on the forward solver and
+    on the Neumann adjoint solver (each fixed-count loop one inductor function); the model and
+    loss stay eager."""
+    options = inn.Compile(dynamic=False)
+    layer = inn.FixedPointLayer(net.cell, solver=inn.FixedPointIteration(max_iter=t, tol=0.0, compile=options),
+                                backward=inn.AID(inn.linear.Neumann(max_iter=k, tol=0.0, compile=options)))
+    params = list(net.parameters())
+
+    def step() -> list[Tensor]:
+        for q in params:
+            q.grad = None
+        F.cross_entropy(net.head(layer(x)), y).backward()
+        return [q.grad for q in params]
+
+    return step
+
+
 def compiled_ours(net: limit.Net, t: int, k: int, x: Tensor, y: Tensor):
     """Ours with ``torch.compile`` around the model and loss; ``loss.backward()`` as in eager.
 
-    Inductor's on-disk caches are off, so the first call's time is a cold compile.
     """
-    import torch._inductor.config
-
-    torch._inductor.config.force_disable_caches = True
     layer = inn.FixedPointLayer(net.cell, solver=inn.FixedPointIteration(max_iter=t, tol=0.0),
                                 backward=limit.backward_mode("AID-FP", k))
-    model = torch.compile(lambda x, y: F.cross_entropy(net.head(layer(x)), y), dynamic=False)
+    model = torch.compile(lambda x, y: F.cross_entropy(net.head(layer(x)), y), dynamic=False, fullgraph=True)
     params = list(net.parameters())
 
     def step() -> list[Tensor]:
@@ -183,14 +201,22 @@ def torch_sides(p: dict[str, np.ndarray], t: int, k: int, compile_: bool) -> tup
     sides = {"ours": limit.ours(torch_net(p), "AID-FP", t, k, x, y),
              "torch (hand-written)": limit.bare(torch_net(p), limit.BareFC, "AID-FP", t, k, x, y)}
     missing = {}
-    if compile_:
+    if compile_:  # inductor's on-disk caches off: the first call of a compiled side is a cold compile
+        import torch._inductor.config
+
+        torch._inductor.config.force_disable_caches = True
+    for name, build in COMPILED.items():
+        if not compile_:
+            missing[name] = "left out (--no-compile)"
+            continue
         try:
-            sides["ours (compiled model)"] = compiled_ours(torch_net(p), t, k, x, y)
+            sides[name] = build(torch_net(p), t, k, x, y)
         except Exception as e:  # reported, not raised
-            missing["ours (compiled model)"] = f"{type(e).__name__}: {e}"
-    else:
-        missing["ours (compiled model)"] = "left out (--no-compile)"
+            missing[name] = f"{type(e).__name__}: {e}"
     return sides, missing
+
+
+COMPILED = {"ours (compiled)": compiled_path, "ours (compiled model)": compiled_ours}
 
 
 # --------------------------------------------------------------------------- the JAX sides
@@ -456,7 +482,7 @@ def main() -> int:
                            worst <= F64_RTOL, f"worst {worst:.1e}")
 
     rows, ratio_rows, all_missing, compile_info = [], [], {}, {}
-    order = ["ours", "ours (compiled model)", "torch (hand-written)", *JAX_SIDES]
+    order = ["ours", *COMPILED, "torch (hand-written)", *JAX_SIDES]
     for batch in batches:
         p = problem(batch, args.seed, np.float32)
         t0 = time.perf_counter()
@@ -475,8 +501,9 @@ def main() -> int:
         for name, n in counts.items():
             verdicts.check(f"batch {batch}: {name} runs t = {args.t} forward steps", n == args.t, f"{n} steps")
 
-        if "ours (compiled model)" in sides:  # the compile time: the first call of the compiled model
-            compile_info[batch] = first["ours (compiled model)"]
+        for name in COMPILED:  # the compile time: the first call of a compiled side
+            if name in sides:
+                compile_info[batch, name] = first[name]
 
         # timing: every side in one process, interleaved rounds
         cands = {}
@@ -506,14 +533,16 @@ def main() -> int:
         rows.append([batch, *[f"{ms[n]:.2f}" if n in ms else "SKIP" for n in order]])
         ratio_rows.append([batch, ratio("ours", "JAX (hand-written)"), ratio("ours", "optimistix"),
                            ratio("ours", "jaxopt"), ratio("torch (hand-written)", "JAX (hand-written)"),
-                           ratio("ours", "torch (hand-written)"), ratio("ours (compiled model)", "optimistix"),
-                           ratio("ours (compiled model)", "jaxopt"), ratio("ours (compiled model)", "ours")])
-        if batch in compile_info:
-            gain = (ms["ours"] - ms["ours (compiled model)"]) / 1e3
-            payoff = f"{compile_info[batch] / gain:.0f} steps" if gain > 0 else "never (not faster than eager)"
-            print(f"# batch {batch}: ours (compiled model): compile time {compile_info[batch]:.1f} s (wall time of "
-                  f"the first call), pays off after {payoff}")
-        for name in ("ours", "ours (compiled model)"):
+                           ratio("ours", "torch (hand-written)"),
+                           *(ratio(name, peer) for name in COMPILED for peer in ("optimistix", "jaxopt", "ours"))])
+        for name in COMPILED:
+            if (batch, name) in compile_info and name in ms:
+                seconds = compile_info[batch, name]
+                gain = (ms["ours"] - ms[name]) / 1e3
+                payoff = f"{seconds / gain:.0f} steps" if gain > 0 else "never (not faster than eager)"
+                print(f"# batch {batch}: {name}: compile time {seconds:.1f} s (wall time of the first call), "
+                      f"pays off after {payoff}")
+        for name in ("ours", *COMPILED):
             for peer in ("optimistix", "jaxopt"):
                 r = ratio(name, peer)
                 target = f"batch {batch}: {name} ÷ {peer} <= 1.0"
@@ -526,7 +555,8 @@ def main() -> int:
 
     harness.print_table(["batch", *order], rows, f"ms per training step (median of rounds, {args.clock} clock)")
     harness.print_table(["batch", "ours ÷ JAX", "ours ÷ optimistix", "ours ÷ jaxopt", "torch ÷ JAX",
-                         "ours ÷ torch", "compiled ÷ optimistix", "compiled ÷ jaxopt", "compiled ÷ ours"],
+                         "ours ÷ torch", *(f"{short} ÷ {peer}" for short in ("compiled", "compiled model")
+                                           for peer in ("optimistix", "jaxopt", "ours"))],
                         ratio_rows, "Ratios (median of per-round paired ratios); torch, JAX: the hand-written steps")
     for name, why in all_missing.items():
         print(f"- SKIP {name}: {why}")

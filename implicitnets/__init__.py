@@ -14,6 +14,7 @@ from . import diagnostics, hypergrad, linear, maps, parametrizations
 from .backward import AID, ITD, BackwardMode, JacobianFree, Problem
 from .backward_stats import BackwardStats
 from .bound_map import BoundMap
+from .compiled import Compile
 from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .failure import AdjointFailure, FailurePolicy, FallbackITD, FallbackJacobianFree, Raise, Resolution, Warn
 from .layer import FixedPointLayer, fixed_point
@@ -44,6 +45,7 @@ __all__ = [
     "ForwardBackward",
     "PeacemanRachford",
     "SolverStats",
+    "Compile",
     "BackwardStats",
     "BackwardMode",
     "Problem",

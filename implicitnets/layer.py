@@ -169,6 +169,8 @@ def fixed_point(
     module = f if isinstance(f, nn.Module) else None
     x = _as_state(x, "x")
     _check_input(x, module)
+    if torch.compiler.is_compiling():  # traced by Dynamo: the NaN/Inf check of the inputs would read the host
+        return _solve(f, x, solver, backward, module, z0, adjoint_x0)
     given = [] if z0 is None else [t for t in (z0 if isinstance(z0, (tuple, list)) else (z0,)) if isinstance(t, Tensor)]
     finite = _FiniteInputs([*(("the input x", t) for t in parts(x)), *(("z0", t) for t in given)])
     try:

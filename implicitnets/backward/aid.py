@@ -36,6 +36,7 @@ from ..transforms import transforms_active
 from .adjoint import adjoint_message, solve_adjoint
 from .base import BackwardMode, Problem
 from .implicit import FixedPoint, make_spec
+from .traced import run_traced
 
 __all__ = ["AID"]
 
@@ -94,6 +95,10 @@ class AID(BackwardMode):
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         if self.on_failure.needs_itd and problem.module is None:
             raise ValueError(f"AID(on_failure={self.on_failure!r}) needs the map to be an nn.Module")
+        if torch.compiler.is_compiling():  # traced by Dynamo: no host reads (see backward.traced)
+            traced = run_traced(problem, self.linear_solver)
+            if traced is not None:
+                return traced
         spec = make_spec(problem, self.linear_solver, self.on_failure)
         inputs = (*parts(problem.z0), *parts(problem.u), *problem.params)
         if any(transforms_active(t) for t in inputs):

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..compiled import Compile, use_compiled
 from ..operator import LinearOperator
-from ..options import check_bool
+from ..options import check_bool, check_instance
 from ..transforms import read
 from .base import LinearInfo, LinearSolver, LinearSystem, check_options, check_shape, norm, stop, threshold
 
@@ -38,6 +39,9 @@ class Neumann(LinearSolver):
             ``max_iter`` iterations.
         per_sample: Stop when every row of ``b``'s first axis reaches ``tol`` (with ``tol > 0``),
             not the whole vector.
+        compile: A :class:`~implicitnets.Compile` to run the iterations through
+            ``torch.compile`` (all of them as one function when ``tol = 0``, else each step),
+            or ``None`` (eager).
 
     Raises:
         ValueError: An option is out of range or of the wrong type.
@@ -46,10 +50,13 @@ class Neumann(LinearSolver):
     max_iter: int = 50
     tol: float = 1e-10
     per_sample: bool = False
+    compile: Compile | None = None
 
     def __post_init__(self) -> None:
         check_options("Neumann", self.max_iter, self.tol)
         check_bool("Neumann", "per_sample", self.per_sample)
+        if self.compile is not None:
+            check_instance("Neumann", "compile", self.compile, Compile, "Compile()")
 
     def solve(
         self, op: LinearOperator, b: Tensor, x0: Tensor | None = None
@@ -68,9 +75,11 @@ class Neumann(LinearSolver):
             scale = 1.0 / torch.linalg.vector_norm(rows, dim=1).clamp_min(torch.finfo(b.dtype).tiny)
             limit = self.tol
 
+        compiled = use_compiled(self.compile, b)
+
         def step(x: Tensor) -> Tensor:
             """The next iterate ``(I − A) x + b``; ``step(x) − x`` is x's residual ``b − A x``."""
-            return M.mv_add(x, b)
+            return self.compile(richardson_step)(M, x, b) if compiled else M.mv_add(x, b)
 
         def first_step(x: Tensor) -> Tensor:
             try:
@@ -83,6 +92,9 @@ class Neumann(LinearSolver):
 
         # x and its successor y; from x0 = 0 the successor is b itself (no product)
         x, y = (p.x0.view(shape), first_step(p.x0.view(shape))) if p.x0 is not None else (None, b)
+        if compiled and self.tol == 0:  # the whole loop as one compiled function
+            x, r = self.compile(richardson)(M, y, b, self.max_iter)
+            return p.finish(b.clone() if x is b else x, r, self.max_iter, self.tol)
         used = 0
         while used < self.max_iter:
             if self.tol > 0:
@@ -103,3 +115,17 @@ class Neumann(LinearSolver):
         if x is b:  # never hand back the caller's b itself
             x = b.clone()
         return p.finish(x, y - x, used, self.tol)
+
+
+def richardson_step(M: LinearOperator, x: Tensor, b: Tensor) -> Tensor:
+    """One Richardson step ``M x + b`` (``M = I − A``)."""
+    return M.mv_add(x, b)
+
+
+def richardson(M: LinearOperator, y: Tensor, b: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``k`` Richardson iterations from the iterate whose successor is ``y``: the last
+    iterate ``x`` and its residual ``b − A x = (M x + b) − x`` (``M = I − A``)."""
+    for _ in range(k - 1):
+        y = M.mv_add(y, b)
+    x = y
+    return x, M.mv_add(x, b) - x

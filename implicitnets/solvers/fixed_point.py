@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from ..options import check_real
-from ..state import State, map_parts
+from ..compiled import Compile, use_compiled
+from ..options import check_instance, check_real
+from ..state import State, map_parts, parts
 from .base import IterativeSolver, SolverStats
+from .chunked import chunked_solve
 from .monitor import Monitor, check_structure
 from .rows import take_rows
 
@@ -41,18 +43,34 @@ class FixedPointIteration(IterativeSolver):
     ``on_failure``, ``freeze_converged``, ``return_best``) are those of
     :class:`~implicitnets.IterativeSolver`.
 
+    ``compile=Compile()`` runs the evaluations between two stopping tests (all
+    ``max_iter`` when ``tol = 0``) as one ``torch.compile`` d function and tests
+    convergence once per chunk of ``check_every`` evaluations (see
+    :mod:`implicitnets.solvers.chunked`); it does not combine with the per-sample options.
+
     Args:
         damping: Damping β in ``(0, 1]``; ``1`` is plain Picard iteration.
+        compile: Keyword only.  A :class:`~implicitnets.Compile` to run the loop compiled, or
+            ``None`` (eager).
 
     Raises:
-        ValueError: An option is out of range or of the wrong type.
+        ValueError: An option is out of range or of the wrong type, or ``compile`` is given
+            with ``freeze_converged`` or ``return_best``.
     """
 
     damping: float = 1.0
+    compile: Compile | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_real("FixedPointIteration", "damping", self.damping, low=0, high=1, low_open=True)
+        if self.compile is not None:
+            check_instance("FixedPointIteration", "compile", self.compile, Compile, "Compile()")
+            if self.freeze_converged or self.return_best:
+                raise ValueError(
+                    "FixedPointIteration: compile does not combine with freeze_converged or return_best "
+                    "(their active set changes the shapes between chunks); leave one of them out"
+                )
 
     def solve(self, g: Callable[[State], State], z0: State) -> tuple[State, SolverStats]:
         """Iterate from ``z0``; return the last iterate and its :class:`SolverStats`.
@@ -70,6 +88,11 @@ class FixedPointIteration(IterativeSolver):
             NonFiniteError: The map produced NaN or Inf (unless ``return_best``).
             ConvergenceError: The solve stopped above ``tol`` and ``on_failure`` is ``Raise()``.
         """
+        if use_compiled(self.compile, parts(z0)[0]):
+            return chunked_solve(
+                "FixedPointIteration", g, z0, max_iter=self.max_iter, tol=self.tol, check_every=self.check_every,
+                beta=float(self.damping), options=self.compile, on_failure=self.on_failure,
+            )
         monitor = Monitor(
             "FixedPointIteration", self.max_iter, self.tol, self.check_every, z0,
             freeze=self.freeze_converged, best=self.return_best,

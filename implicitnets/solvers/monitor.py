@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..backward_stats import BackwardStats
 from ..errors import NonFiniteError
 from ..failure import FailurePolicy
 from ..state import State, batch_size, map_parts, parts
@@ -146,6 +147,13 @@ class Monitor:
             num, den = physical(num), physical(den)
         if self.per_sample:
             return self._record_samples(num, den, fz if out is None else out)
+        return self.record_norms(num, den)
+
+    def record_norms(self, num: Tensor, den: Tensor) -> bool:
+        """At a check (the whole batch active): store the residual of the per-sample norms
+        ``num = ‖g(z)_b − z_b‖`` and ``den = ‖g(z)_b‖`` and return True when the solve should
+        stop.  :meth:`record` calls it; a compiled loop that counts its evaluations itself
+        (adding them to :attr:`count`) calls it at the end of each chunk."""
         self.num, self.den = num, den
         with torch.no_grad():
             r = _ratio(torch.linalg.vector_norm(num), torch.linalg.vector_norm(den))
@@ -246,10 +254,44 @@ class Monitor:
             return g
         return restrict(g, self.index, self.result)
 
-    @host_read
     def finish(self, out: State, policy: FailurePolicy) -> tuple[State, SolverStats]:
         """The full-batch result (``out`` for the active samples) and the statistics; a
-        solve that did not converge goes to ``policy.forward_failed``."""
+        solve that did not converge goes to ``policy.forward_failed``.
+
+        Inside ``torch.compile`` (without per-sample control) nothing is read on the host:
+        the statistics are tensors (:meth:`traced_stats`) and ``policy`` is not consulted.
+        """
+        if torch.compiler.is_compiling() and not self.per_sample:
+            if self.keep is not None:
+                out = take_rows(out, self.keep)
+            return out, self.traced_stats()
+        return self._finish(out, policy)
+
+    def traced_stats(self) -> SolverStats:
+        """The statistics as tensors, with no host read: ``residual`` (0-D) and ``trace``
+        (1-D) on the state's device, ``converged`` a 0-D bool tensor when ``tol > 0``
+        (``True`` for ``tol = 0``); a NaN residual is not raised."""
+        with torch.no_grad():
+            trace = self.buffer[: self.checks]
+            residual = trace[-1] if self.checks else self.buffer[0]
+            sample_residual = _ratio(self.num, self.den) if self.num is not None else None
+            if self.tol > 0:
+                converged = residual <= self.tol
+                sample_converged = None if sample_residual is None else sample_residual <= self.tol
+            else:
+                converged = True
+                sample_converged = None
+                if sample_residual is not None:
+                    sample_converged = torch.ones_like(sample_residual, dtype=torch.bool)
+            iterations = None
+            if sample_residual is not None:
+                iterations = torch.full_like(sample_residual, self.count, dtype=torch.long)
+        # BackwardStats given explicitly: Dynamo does not trace the dataclass's default_factory call
+        return SolverStats(self.count, residual, converged, trace, sample_residual, sample_converged, iterations,
+                           BackwardStats(iterations=None))
+
+    @host_read
+    def _finish(self, out: State, policy: FailurePolicy) -> tuple[State, SolverStats]:
         if self.keep is not None:  # samples left at the last check: `out` still holds them
             out = take_rows(out, self.keep)
         trace = self.buffer[: self.checks].tolist()

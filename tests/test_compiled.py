@@ -1,0 +1,156 @@
+"""The compiled path (``Compile``) and ``torch.compile(fullgraph=True)`` of a model with a layer.
+
+Compiled code fuses and reorders floating-point operations, so it agrees with eager mode to
+rounding: in float64 to 1e-12 here.  Compilation is slow, so the cases are few and small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import implicitnets as inn
+from implicitnets import linear
+
+RTOL, ATOL = 1e-12, 1e-14
+
+
+def _cell(seed: int = 0) -> inn.maps.TanhMap:
+    """The FC tanh map with a plain weight of spectral norm 0.8, in float64."""
+    torch.manual_seed(seed)
+    cell = inn.maps.TanhMap(12, 10, contraction=None).double()
+    with torch.no_grad():
+        cell.A.weight.mul_(0.8 / torch.linalg.matrix_norm(cell.A.weight, 2))
+    return cell
+
+
+def _x(batch: int = 4) -> torch.Tensor:
+    return torch.randn(batch, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def _run(layer, x):
+    layer.zero_grad()
+    xr = x.clone().requires_grad_()
+    out = layer(xr)
+    (out * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in layer.parameters()] + [xr.grad], layer.stats
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(cuda_graphs=1), dict(dynamic="yes"), dict(fullgraph=None)],
+    ids=str,
+)
+def test_compile_options_are_validated(bad):
+    with pytest.raises(ValueError, match="Compile"):
+        inn.Compile(**bad)
+
+
+def test_compile_option_is_validated_on_the_solvers():
+    with pytest.raises(ValueError, match="compile must be"):
+        inn.FixedPointIteration(10, compile="inductor")
+    with pytest.raises(ValueError, match="compile must be"):
+        linear.Neumann(10, compile=True)
+    with pytest.raises(ValueError, match="freeze_converged or return_best"):
+        inn.FixedPointIteration(10, tol=1e-6, freeze_converged=True, compile=inn.Compile())
+
+
+C = inn.Compile()
+EAGER_AND_COMPILED = [
+    (inn.AID(linear.Neumann(12, tol=0.0)), inn.AID(linear.Neumann(12, tol=0.0, compile=C))),
+    (inn.ITD(), inn.ITD()),
+]
+
+
+@pytest.mark.parametrize("eager,compiled", EAGER_AND_COMPILED, ids=lambda m: type(m).__name__)
+def test_compiled_path_matches_eager_float64(eager, compiled):
+    """The compiled forward loop (and, for AID, the compiled Neumann loop) gives eager's
+    values, parameter and input gradients and statistics to 1e-12 in float64."""
+    cell, x = _cell(), _x()
+    ref = _run(inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(12, tol=0.0), backward=eager), x)
+    layer = inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(12, tol=0.0, compile=C), backward=compiled)
+    for _ in range(2):  # the second call reuses the compiled code
+        out, grads, stats = _run(layer, x)
+        _close(out, ref[0])
+        for g, r in zip(grads, ref[1]):
+            _close(g, r)
+        assert stats.iterations == 12 and stats.converged
+        assert math.isclose(stats.residual, ref[2].residual, rel_tol=1e-9)
+        if isinstance(eager, inn.AID):
+            assert stats.backward.iterations == 12 and stats.backward.converged
+            assert math.isclose(stats.backward.residual, ref[2].backward.residual, rel_tol=1e-9)
+
+
+def test_chunked_convergence_checks_every_m():
+    """With tol > 0 the compiled loop tests convergence every m = check_every evaluations:
+    the result is eager's with the same check_every, and stops at the first multiple of m
+    at or after the evaluation where per-iteration checks stop."""
+    cell, x, m, tol = _cell(), _x(), 4, 1e-6
+    g = inn.BoundMap(cell.step, cell.inject(x).detach())
+    z0 = cell.initial_state(x)
+    with torch.no_grad():
+        every, s1 = inn.FixedPointIteration(60, tol=tol).solve(g, z0)
+        chunk_eager, sm = inn.FixedPointIteration(60, tol=tol, check_every=m).solve(g, z0)
+        chunked, sc = inn.FixedPointIteration(60, tol=tol, check_every=m, compile=C).solve(g, z0)
+    assert s1.converged and sm.converged and sc.converged
+    assert sc.iterations == sm.iterations == m * math.ceil(s1.iterations / m)
+    _close(chunked, chunk_eager)
+    torch.testing.assert_close(torch.tensor(sc.trace), torch.tensor(sm.trace), rtol=1e-9, atol=0)
+    assert len(sc.trace) == sc.iterations // m
+    # up to the chunk: the chunked iterate is m·⌈t/m⌉ − t further iterations along the same sequence
+    with torch.no_grad():
+        more, _ = inn.FixedPointIteration(sc.iterations, tol=0.0).solve(g, z0)
+    _close(chunked, more)
+    assert float(torch.linalg.vector_norm(chunked - every) / torch.linalg.vector_norm(every)) <= 2 * tol
+
+
+def _fc_model(backward) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        inn.FixedPointLayer(_cell(), solver=inn.FixedPointIteration(12, tol=0.0), backward=backward),
+        torch.nn.Linear(10, 3, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("backward", [inn.AID(linear.Neumann(12, tol=0.0)), inn.ITD()], ids=repr)
+def test_fullgraph_compiles_the_fc_model_with_tol_zero(backward):
+    """``torch.compile(model, fullgraph=True)`` of the FC model with tol = 0: one graph, no
+    break (no host read, statistics as tensors), and eager's values and gradients."""
+    model, x = _fc_model(backward), _x()
+
+    def loss(x):
+        return model(x).square().sum()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    params = list(model.parameters())
+    ref = torch.autograd.grad(loss(x), params)
+    ref_stats = model[0].stats
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # AOT autograd: forward and backward graphs
+    value = compiled(x)
+    stats = model[0].stats
+    grads = torch.autograd.grad(value, params)
+    _close(value, loss(x))
+    for g, r in zip(grads, ref):
+        _close(g, r)
+    assert isinstance(stats.residual, torch.Tensor) and stats.iterations == 12
+    assert math.isclose(float(stats.residual), ref_stats.residual, rel_tol=1e-9)
+
+
+def test_fullgraph_with_the_compiled_path_inside():
+    """A layer whose solvers carry ``Compile()`` also compiles whole under an outer
+    ``torch.compile(fullgraph=True)``: the outer compiler traces the eager loops."""
+    solver = inn.FixedPointIteration(12, tol=0.0, compile=C)
+    model = torch.nn.Sequential(
+        inn.FixedPointLayer(_cell(), solver=solver, backward=inn.AID(linear.Neumann(12, tol=0.0, compile=C))),
+        torch.nn.Linear(10, 3, dtype=torch.float64),
+    )
+    x = _x()
+    explained = torch._dynamo.explain(lambda x: model(x).square().sum())(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
