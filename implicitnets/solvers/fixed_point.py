@@ -44,7 +44,7 @@ class FixedPointIteration(IterativeSolver):
     :class:`~implicitnets.IterativeSolver`.
 
     ``compile=Compile()`` runs the evaluations between two stopping tests (all
-    ``max_iter`` when ``tol = 0``) as one ``torch.compile`` d function and tests
+    ``max_iter`` when ``tol = 0``) as one ``torch.compile``-d function and tests
     convergence once per chunk of ``check_every`` evaluations (see
     :mod:`implicitnets.solvers.chunked`); it does not combine with the per-sample options.
 
