@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..errors import NonFiniteError
-from .power import _CHECK_EVERY, PowerIterationBound, _normalize, check_bound, check_power_options
+from .power import PowerIterationBound, _normalize, check_bound, check_power_options
+from .subspace import BLOCK, top_singular_subspace
 
 __all__ = ["SpectralBound", "spectral_norm", "project_spectral_"]
 
-_MAX_SQUARINGS = 6  # one Gram product stands for 2^6 = 64 power steps
-_GRAM_LIMIT = 2048  # a larger Gram matrix costs more to square than the plain iteration saves
+_SUBSPACE_LIMIT = 2048  # a larger Gram matrix costs more than the plain power iteration
 
 
 class SpectralBound(PowerIterationBound):
@@ -26,13 +23,11 @@ class SpectralBound(PowerIterationBound):
     (see :mod:`implicitnets.parametrizations.power`).  The power estimate approaches σ from
     below, so the bound holds to the iteration's accuracy; ``exact=True`` guarantees it.
 
-    The power iteration runs on the smaller Gram matrix ``G`` (``WᵀW`` or ``WWᵀ``) raised to
-    the power ``2^s`` by ``s`` squarings, each scaled to unit Frobenius norm (so neither over-
-    nor underflows): one product ``x ← G^(2^s) x / ‖·‖`` is ``2^s`` power steps, and the
-    stopping test is the plain iteration's (σ̂ grows by at most ``tol``, relative, per 4
-    steps) on average over those ``2^s`` steps.  ``s`` is the largest with ``2^s ≤ max_iter``
-    and at most 6 (64 steps per product); a matrix whose smaller side exceeds 2048 uses the plain iteration of products
-    with ``W`` and ``Wᵀ`` instead.
+    For a matrix whose smaller side is at most 2048 the iteration is a subspace iteration on
+    the smaller Gram matrix with a block of 16 vectors
+    (:mod:`implicitnets.parametrizations.subspace`), so a cluster of top singular values does
+    not slow it down; it stops when the estimate changes by at most ``tol`` (relative) in one
+    step.  Larger matrices use the plain power iteration with ``W`` and ``Wᵀ``.
 
     Args:
         weight: The initial weight (at least 2-D), for the power iteration's vectors.
@@ -56,46 +51,33 @@ class SpectralBound(PowerIterationBound):
         v0 = torch.randn(weight.flatten(1).shape[1], generator=generator, dtype=weight.dtype)
         super().__init__(weight, bound, v0, tol=tol, max_iter=max_iter)
         self.exact = bool(exact)
+        k = min(weight.flatten(1).shape)  # the block lives on the smaller side
+        start = torch.randn(k, min(BLOCK, k), generator=generator, dtype=weight.dtype).to(weight.device)
+        self.register_buffer("_block", torch.linalg.qr(start)[0])
 
     def apply(self, v: Tensor, weight: Tensor) -> Tensor:
         return weight.flatten(1) @ v
 
     @torch.no_grad()
     def power_iterate_(self, weight: Tensor, max_iter: int | None = None, tol: float | None = None) -> int:
-        """Power iteration on ``(WᵀW)^(2^s)`` (or ``(WWᵀ)^(2^s)``) to ``tol``, warm-started from
-        the stored vectors; returns the number of power steps it stands for."""
+        """Subspace iteration on the smaller Gram matrix to ``tol`` (at most ``max_iter``
+        steps), warm-started from the stored block; returns the number of steps taken."""
         max_iter = self.max_iter if max_iter is None else max_iter
         tol = self.tol if tol is None else tol
         W = weight.detach().flatten(1)
-        if min(W.shape) > _GRAM_LIMIT:
+        if min(W.shape) > _SUBSPACE_LIMIT:
             return super().power_iterate_(weight, max_iter, tol)
-        squarings = min(_MAX_SQUARINGS, int(math.log2(max_iter)))
-        wide = W.shape[0] < W.shape[1]  # iterate on the left vector u (WWᵀ is the smaller Gram)
-        M = W / W.abs().amax().clamp_min(torch.finfo(W.dtype).tiny)  # entries in [-1, 1]: no overflow in MᵀM
-        G = M @ M.t() if wide else M.t() @ M
-        for _ in range(squarings):
-            G = G / torch.linalg.matrix_norm(G).clamp_min(torch.finfo(G.dtype).tiny)
-            G = G @ G
-        def estimate(x: Tensor) -> float:  # σ̂ / max |Wᵢⱼ| at the unit vector x
-            sigma = float(torch.linalg.vector_norm(M.t() @ x if wide else M @ x))
-            if not math.isfinite(sigma):
-                raise NonFiniteError(f"{type(self).__name__}: the weight contains NaN or Inf")
-            return sigma
-
-        x = self._u if wide else self._v
-        per_product = 2**squarings
-        previous, steps = estimate(x), 0
-        while steps < max_iter:
-            x = _normalize(G @ x)
-            steps += per_product
-            sigma = estimate(x)
-            if sigma - previous <= tol * sigma * per_product / _CHECK_EVERY:
-                break
-            previous = sigma
-        v = _normalize(W.t() @ x) if wide else x
+        block, _, steps = top_singular_subspace(W, self._block, tol=tol, max_iter=max_iter)
+        self._block.copy_(block)
+        x = block[:, 0]
+        v = _normalize(W.t() @ x) if W.shape[0] < W.shape[1] else x
         self._v.copy_(v)
         self._u.copy_(_normalize(W @ v))
         return steps
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        state_dict.setdefault(prefix + "_block", self._block)  # a state saved without the block
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
         return weight.flatten(1).t() @ u
