@@ -13,20 +13,23 @@ fixture (default ``cpu``)::
 A device that this machine cannot run (``cuda`` without CUDA, ``meta``, a misspelt name) stops
 the session before any test runs, with one line saying why; nothing falls back to the CPU.
 
-Every test that takes ``device`` is marked ``device`` (``-m device`` selects them): the
-solvers, linear solvers, backward modes, gradients against their dense references, higher-order
-derivatives and transforms, the layer and the models.  They build their maps and modules on the
-CPU and move them with ``.to(device)``, draw random tensors on the CPU (the same numbers on
-every device) and move them, and create constant tensors with ``device=``.  The library is
-never told the device: it must follow its inputs, which is what running these tests on a GPU
-checks (no ``torch.set_default_device``, which would hide a tensor the library creates on the
-default device instead of its input's).
+Every test that takes ``device`` is marked ``device`` (``-m device`` selects them): the forward
+solvers (fixed-point, Anderson, Broyden, splitting; per-sample control), the linear solvers, the
+backward modes against their dense references, higher-order derivatives and ``torch.func``,
+autocast and ``torch.compile``, the layer, the monotone maps, the warm-start cache and the
+models.  They build their maps and modules on the CPU and move them with ``.to(device)``, draw
+random tensors on the CPU (the same numbers on every device) and move them, and create
+constant tensors with ``device=``.  The library is never told the device: it must follow its
+inputs, which is what running these tests on a GPU checks (``torch.set_default_device`` would
+hide a tensor that the library creates on the default device instead of its input's).
 
-The other tests stay on the CPU by design: DDP over gloo (``test_ddp_faults``), the scripts
-run as subprocesses (``test_train_mnist``, ``test_scripts``, ``test_hpo_scripts``,
-``test_stability``, ...; ``benchmarks/device_check.sh`` runs ``train.mnist`` on the GPU
-instead), the documentation's code blocks (``test_docs``), the checkpoint files, option
-checks and the counting of host reads (``test_operator``), which do not depend on a device.
+The other tests run on the CPU whatever the variable says.  By design: DDP over gloo
+(``test_ddp_faults``), the scripts run as subprocesses (``test_train_mnist``, ``test_scripts``,
+``test_hpo_scripts``, ``test_chains``, ``test_stability``, ...; ``benchmarks/device_check.sh``
+runs ``train.mnist`` on the GPU instead), the documentation's code blocks (``test_docs``),
+checkpoints, option checks, and the counting of host reads (``test_operator``).  Not converted
+yet: diagnostics, hypergradients, the graph layer, iMAML, the open-core protocols, the property
+tests, failure policies, the conv spectral norm, closed-form Jacobians and memory growth.
 """
 
 from __future__ import annotations
