@@ -10,7 +10,8 @@
 #   1. tests   the tests that take the device (pytest -m device) with IMPLICITNETS_TEST_DEVICE=$DEVICE;
 #              the other tests (DDP over gloo, scripts in subprocesses, docs) are CPU by design
 #   2. mnist   the default `python -m train.mnist --device $DEVICE` (FC DEQ, then its MLP in the same
-#              run, 100 epochs each) and the DEQ ÷ MLP time ratio from its summary.json
+#              run, 100 epochs each) and the DEQ ÷ MLP time ratios (whole run, model steps) from
+#              its summary.json
 #   3. limit   `python benchmarks/limit.py --device $DEVICE` (training step ÷ bare tensor code)
 # benchmarks/vs_jax.py has no GPU column (it measures the CPU step, pinned to one core): not run.
 #
@@ -118,27 +119,18 @@ rm -rf "$OUT/mnist"  # no --resume: a fresh run
 run_stage mnist "$BUDGET_MNIST" \
     "$PYTHON" -m train.mnist --device "$DEVICE" --out "$OUT/mnist" --no-progress --no-plot "${MNIST[@]}"
 if [[ -f "$OUT/mnist/summary.json" ]]; then
-    # the whole run (data, evaluation, checkpoints included) and its training loops alone
-    RATIO=$("$PYTHON" - "$OUT/mnist" <<'EOF'
-import json, os, sys
+    # the whole run (data, evaluation, checkpoints included) and the model's training steps alone
+    RATIO=$("$PYTHON" - "$OUT/mnist/summary.json" <<'EOF'
+import json, sys
 
-out = sys.argv[1]
-deq = json.load(open(os.path.join(out, "summary.json")))
+deq = json.load(open(sys.argv[1]))
 mlp = deq.get("baseline")
-
-
-def train_seconds(folder):
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        return sum(json.loads(line)["train_seconds"] for line in f if line.strip())
-
-
-if mlp is None or not deq["seconds"] or not mlp["seconds"]:
+if mlp is None or not deq["seconds"] or not mlp["seconds"] or not mlp.get("step_seconds"):
     print("no ratio: the run has no baseline or no completed epoch")
 else:
-    loop = train_seconds(out) / train_seconds(os.path.join(out, "baseline"))
     print(f"DEQ / MLP time {deq['seconds'] / mlp['seconds']:.2f}x whole run ({deq['seconds']:.1f}s / "
-          f"{mlp['seconds']:.1f}s), {loop:.2f}x training loop; test acc {deq['test_acc']:.4f} / "
-          f"{mlp['test_acc']:.4f} after {deq['epochs_completed']} epochs")
+          f"{mlp['seconds']:.1f}s), {deq['step_seconds'] / mlp['step_seconds']:.2f}x model steps; "
+          f"test acc {deq['test_acc']:.4f} / {mlp['test_acc']:.4f} after {deq['epochs_completed']} epochs")
 EOF
     )
     echo "$RATIO"
