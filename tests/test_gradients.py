@@ -31,7 +31,7 @@ def dense_reference(cell: inn.maps.TanhMap, x: torch.Tensor, R: torch.Tensor) ->
     with torch.no_grad():
         w, _ = TIGHT.solve(lambda z: cell(z, x), cell.initial_state(x))
     J = torch.func.jacrev(lambda z: cell(z, x))(w).reshape(w.numel(), w.numel()).detach()
-    eye = torch.eye(w.numel())
+    eye = torch.eye(w.numel(), device=w.device)
     v = torch.linalg.solve((eye - J).T, R.reshape(-1)).reshape(w.shape)
     xr = x.detach().requires_grad_()
     out = (v * cell(w, xr)).sum()
@@ -60,9 +60,9 @@ EXACT_MODES = [
 
 @pytest.mark.parametrize("backward", EXACT_MODES, ids=repr)
 @pytest.mark.parametrize("solver", [TIGHT, inn.Anderson(max_iter=200, tol=1e-14, memory=5)], ids=repr)
-def test_matches_dense_implicit_gradient(backward, solver):
-    cell = make_cell()
-    x, R = torch.randn(3, 5), torch.randn(3, 6)
+def test_matches_dense_implicit_gradient(backward, solver, device):
+    cell = make_cell().to(device)
+    x, R = torch.randn(3, 5).to(device), torch.randn(3, 6).to(device)
     reference = dense_reference(cell, x, R)
     grads, stats = grads_of(cell, x, R, backward, solver)
     assert stats.converged
@@ -77,20 +77,20 @@ ALL_MODES = EXACT_MODES + [inn.ITD(truncate=5), inn.JacobianFree()]
 
 
 @pytest.mark.parametrize("backward", ALL_MODES, ids=repr)
-def test_every_parameter_gets_a_gradient(backward):
-    cell = inn.maps.TanhMap(4, 7, contraction=0.9)
+def test_every_parameter_gets_a_gradient(backward, device):
+    cell = inn.maps.TanhMap(4, 7, contraction=0.9).to(device)
     layer = inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(max_iter=100, tol=1e-10), backward=backward)
-    layer(torch.randn(2, 4)).square().sum().backward()
+    layer(torch.randn(2, 4).to(device)).square().sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_gradcheck_through_layer():
-    cell = make_cell(1)
+def test_gradcheck_through_layer(device):
+    cell = make_cell(1).to(device)
     layer = inn.FixedPointLayer(
         cell, solver=TIGHT, backward=inn.AID(linear.GMRES(max_iter=60, tol=1e-13, restart=60))
     )
-    x = torch.randn(2, 5, requires_grad=True)
+    x = torch.randn(2, 5).to(device).requires_grad_()
     assert torch.autograd.gradcheck(layer, (x,))
     params = (cell.A.weight, cell.B.weight, cell.B.bias)
 
@@ -100,16 +100,16 @@ def test_gradcheck_through_layer():
             x.detach(),
             solver=TIGHT,
             backward=inn.AID(linear.GMRES(max_iter=60, tol=1e-13, restart=60)),
-            z0=torch.zeros(2, 6),
+            z0=torch.zeros(2, 6, device=device),
         )[0]
 
     assert torch.autograd.gradcheck(from_params, tuple(p.detach().requires_grad_() for p in params))
 
 
 @pytest.mark.parametrize("K", [1, 3, 10])
-def test_truncated_itd_from_fixed_point_equals_aid_fp(K):
-    cell = make_cell(2)
-    x, R = torch.randn(3, 5), torch.randn(3, 6)
+def test_truncated_itd_from_fixed_point_equals_aid_fp(K, device):
+    cell = make_cell(2).to(device)
+    x, R = torch.randn(3, 5).to(device), torch.randn(3, 6).to(device)
     with torch.no_grad():
         w_star, _ = TIGHT.solve(lambda z: cell(z, x), cell.initial_state(x))
     solver = inn.FixedPointIteration(max_iter=K + 7, tol=0.0)
@@ -119,9 +119,9 @@ def test_truncated_itd_from_fixed_point_equals_aid_fp(K):
         assert rel(a, b) <= 1e-10
 
 
-def test_errors_fall_geometrically_with_t_equal_k():
-    cell = make_cell(3)
-    x, R = torch.randn(3, 5), torch.randn(3, 6)
+def test_errors_fall_geometrically_with_t_equal_k(device):
+    cell = make_cell(3).to(device)
+    x, R = torch.randn(3, 5).to(device), torch.randn(3, 6).to(device)
     reference = torch.cat([g.reshape(-1) for g in dense_reference(cell, x, R)])
     ts = [5, 10, 15, 20, 25, 30]
     for make_mode in (lambda t: inn.ITD(), lambda t: inn.AID(linear.Neumann(max_iter=t, tol=0.0))):
@@ -137,10 +137,10 @@ def test_errors_fall_geometrically_with_t_equal_k():
 
 
 @pytest.mark.parametrize("backward", ALL_MODES, ids=repr)
-def test_second_backward_with_retain_graph_is_identical(backward):
-    cell = make_cell(4)
+def test_second_backward_with_retain_graph_is_identical(backward, device):
+    cell = make_cell(4).to(device)
     layer = inn.FixedPointLayer(cell, solver=TIGHT, backward=backward)
-    loss = layer(torch.randn(3, 5)).sin().sum()
+    loss = layer(torch.randn(3, 5).to(device)).sin().sum()
     first = torch.autograd.grad(loss, list(layer.parameters()), retain_graph=True)
     second = torch.autograd.grad(loss, list(layer.parameters()))
     for a, b in zip(first, second):
@@ -148,9 +148,9 @@ def test_second_backward_with_retain_graph_is_identical(backward):
 
 
 @pytest.mark.parametrize("backward", EXACT_MODES[1:], ids=repr)
-def test_weight_tying_two_applications_in_one_graph(backward):
-    cell = make_cell(5, in_features=6, width=6)
-    x = torch.randn(2, 6)
+def test_weight_tying_two_applications_in_one_graph(backward, device):
+    cell = make_cell(5, in_features=6, width=6).to(device)
+    x = torch.randn(2, 6).to(device)
 
     def loss_with(mode):
         layer = inn.FixedPointLayer(cell, solver=TIGHT, backward=mode)
@@ -163,12 +163,12 @@ def test_weight_tying_two_applications_in_one_graph(backward):
         assert rel(a, b) <= 1e-8
 
 
-def test_ridge_regression_gradient_step_cg_matches_closed_form():
+def test_ridge_regression_gradient_step_cg_matches_closed_form(device):
     torch.manual_seed(6)
     n, p = 40, 8
-    X, y = torch.randn(n, p), torch.randn(n)
-    Xv, yv = torch.randn(n, p), torch.randn(n)
-    lam = torch.tensor(0.7, requires_grad=True)
+    X, y = torch.randn(n, p).to(device), torch.randn(n).to(device)
+    Xv, yv = torch.randn(n, p).to(device), torch.randn(n).to(device)
+    lam = torch.tensor(0.7, device=device, requires_grad=True)
 
     def inner(w, lam):
         return 0.5 * (X @ w - y).square().sum() + 0.5 * lam * w.square().sum()
@@ -177,12 +177,12 @@ def test_ridge_regression_gradient_step_cg_matches_closed_form():
     phi = inn.maps.GradientStep(inner, step_size=1.0 / L)
     w, stats = inn.fixed_point(
         phi, lam, solver=inn.Anderson(max_iter=500, tol=1e-14, memory=8),
-        backward=inn.AID(linear.CG(max_iter=100, tol=1e-14)), z0=torch.zeros(p),
+        backward=inn.AID(linear.CG(max_iter=100, tol=1e-14)), z0=torch.zeros(p, device=device),
     )
     outer = 0.5 * (Xv @ w - yv).square().sum()
     (grad,) = torch.autograd.grad(outer, lam)
     with torch.no_grad():
-        H = X.T @ X + lam * torch.eye(p)
+        H = X.T @ X + lam * torch.eye(p, device=device)
         w_star = torch.linalg.solve(H, X.T @ y)
         g_w = Xv.T @ (Xv @ w_star - yv)
         exact = -g_w @ torch.linalg.solve(H, w_star)
@@ -191,12 +191,12 @@ def test_ridge_regression_gradient_step_cg_matches_closed_form():
     assert stats.backward.converged
 
 
-def test_jacobian_free_gradient_is_its_definition():
+def test_jacobian_free_gradient_is_its_definition(device):
     """JFB replaces the adjoint v of (I − ∂₁Φᵀ) v = ∇E by v = ∇E, so its gradient is
     ∂Φ/∂θᵀ ∇E at w*.  For Φ = tanh(A w + B x + c) and E = <R, w>, with δ = R ⊙ (1 − w*²):
     ∇A = δᵀ w*, ∇B = δᵀ x, ∇c = Σ δ, ∇x = δ B — written out here without autograd."""
-    cell = make_cell(seed=3)
-    x, R = torch.randn(4, 5), torch.randn(4, 6)
+    cell = make_cell(seed=3).to(device)
+    x, R = torch.randn(4, 5).to(device), torch.randn(4, 6).to(device)
     grads, stats = grads_of(cell, x, R, inn.JacobianFree())
     assert stats.converged
     with torch.no_grad():

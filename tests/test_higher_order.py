@@ -71,11 +71,12 @@ class TupleMap(nn.Module):
         return x.new_zeros(x.shape[0], self.A.weight.shape[0]), x.new_zeros(x.shape[0], 3)
 
 
-def make_map(kind: str, seed: int = 0) -> nn.Module:
+def make_map(kind: str, device: torch.device, seed: int = 0) -> nn.Module:
+    """The map of ``kind``, initialised on the CPU (the same weights on every device), on ``device``."""
     torch.manual_seed(seed)
     if kind == "tanh":
-        return inn.maps.TanhMap(5, 4, contraction=0.5, exact=True).to(DT)
-    return UserTanh(5, 4) if kind == "user" else TupleMap(5, 4)
+        return inn.maps.TanhMap(5, 4, contraction=0.5, exact=True).to(DT).to(device)
+    return (UserTanh(5, 4) if kind == "user" else TupleMap(5, 4)).to(device)
 
 
 MAPS = ["tanh", "user", "tuple"]
@@ -100,13 +101,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-def inputs(seed: int = 1, batch: int = 3) -> torch.Tensor:
-    return torch.randn(batch, 5, dtype=DT, generator=torch.Generator().manual_seed(seed))
+def inputs(device: torch.device, seed: int = 1, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 5, dtype=DT, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
 def loss_of(out) -> torch.Tensor:
     w = flat(out)
-    return (w.square() * torch.linspace(0.5, 1.5, w.shape[1], dtype=DT)).sum() + w.sum()
+    return (w.square() * torch.linspace(0.5, 1.5, w.shape[1], dtype=DT, device=w.device)).sum() + w.sum()
 
 
 def hvp(lay: inn.FixedPointLayer, x: torch.Tensor) -> list[torch.Tensor]:
@@ -115,26 +116,26 @@ def hvp(lay: inn.FixedPointLayer, x: torch.Tensor) -> list[torch.Tensor]:
     wrt = [*lay.parameters(), x]
     grads = torch.autograd.grad(loss_of(lay(x)), wrt, create_graph=True)
     gen = torch.Generator().manual_seed(7)
-    vs = [torch.randn(t.shape, dtype=DT, generator=gen) for t in wrt]
+    vs = [torch.randn(t.shape, dtype=DT, generator=gen).to(t.device) for t in wrt]
     return list(torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), wrt))
 
 
 @pytest.mark.parametrize("backward", AID_MODES, ids=repr)
 @pytest.mark.parametrize("kind", MAPS)
-def test_hessian_vector_product_matches_unrolled_itd(kind, backward):
-    cell, x = make_map(kind), inputs()
+def test_hessian_vector_product_matches_unrolled_itd(kind, backward, device):
+    cell, x = make_map(kind, device), inputs(device)
     reference = hvp(layer(cell, inn.ITD()), x)
     got = hvp(layer(cell, backward), x)
     for a, b in zip(got, reference):
         assert rel(a, b) < RTOL
 
 
-def test_unrolled_reference_matches_finite_differences():
-    cell, x = make_map("tanh"), inputs()
+def test_unrolled_reference_matches_finite_differences(device):
+    cell, x = make_map("tanh", device), inputs(device)
     lay = layer(cell, inn.ITD())
     p = cell.B.weight
     gen = torch.Generator().manual_seed(3)
-    v = torch.randn(p.shape, dtype=DT, generator=gen)
+    v = torch.randn(p.shape, dtype=DT, generator=gen).to(device)
 
     def grad_at(delta: float) -> torch.Tensor:
         with torch.no_grad():
@@ -164,9 +165,9 @@ def maml_outer_gradient(lay: inn.FixedPointLayer, x_train, x_val, lr: float = 0.
 
 @pytest.mark.parametrize("backward", AID_MODES[:2], ids=repr)
 @pytest.mark.parametrize("kind", MAPS)
-def test_maml_step_matches_unrolled_itd(kind, backward):
-    cell = make_map(kind)
-    x_train, x_val = inputs(1), inputs(2)
+def test_maml_step_matches_unrolled_itd(kind, backward, device):
+    cell = make_map(kind, device)
+    x_train, x_val = inputs(device, 1), inputs(device, 2)
     reference = maml_outer_gradient(layer(cell, inn.ITD()), x_train, x_val)
     got = maml_outer_gradient(layer(cell, backward), x_train, x_val)
     for a, b in zip(got, reference):
@@ -186,11 +187,11 @@ SOLVERS = [
 @pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: type(s).__name__)
 @pytest.mark.parametrize("backward", EVERY_MODE, ids=repr)
 @pytest.mark.parametrize("kind", ["tanh", "tuple"])
-def test_vmap_of_grad_matches_a_loop_of_backward_passes(kind, backward, solver):
-    cell = make_map(kind)
+def test_vmap_of_grad_matches_a_loop_of_backward_passes(kind, backward, solver, device):
+    cell = make_map(kind, device)
     lay = layer(cell, backward, solver)
     params = {k: v.detach() for k, v in lay.named_parameters()}
-    X = inputs(batch=4)
+    X = inputs(device, batch=4)
 
     def sample_loss(p, xi):
         return loss_of(functional_call(lay, p, (xi[None],)))
@@ -218,14 +219,14 @@ def dense_input_jacobian(cell: nn.Module, x: torch.Tensor) -> torch.Tensor:
     wf = flat(w if not single else w[0]).reshape(-1)
     Jw = torch.func.jacrev(phi, 0)(wf, x.reshape(-1))
     Jx = torch.func.jacrev(phi, 1)(wf, x.reshape(-1))
-    return torch.linalg.solve(torch.eye(wf.numel(), dtype=DT) - Jw, Jx)
+    return torch.linalg.solve(torch.eye(wf.numel(), dtype=DT, device=wf.device) - Jw, Jx)
 
 
 @pytest.mark.parametrize("transform", ["jacrev", "jacfwd"])
 @pytest.mark.parametrize("backward", EVERY_MODE[:1] + AID_MODES, ids=repr)
 @pytest.mark.parametrize("kind", MAPS)
-def test_jacobians_match_the_dense_implicit_jacobian(kind, backward, transform):
-    cell, x = make_map(kind), inputs()
+def test_jacobians_match_the_dense_implicit_jacobian(kind, backward, transform, device):
+    cell, x = make_map(kind, device), inputs(device)
     reference = dense_input_jacobian(cell, x)
     lay = layer(cell, backward)
     jac = getattr(torch.func, transform)(lambda xi: flat(lay(xi)).reshape(-1))(x)
@@ -234,10 +235,10 @@ def test_jacobians_match_the_dense_implicit_jacobian(kind, backward, transform):
 
 @pytest.mark.parametrize("backward", EVERY_MODE[:1] + AID_MODES, ids=repr)
 @pytest.mark.parametrize("kind", MAPS)
-def test_dual_tensors_give_the_implicit_tangent(kind, backward):
-    cell, x = make_map(kind), inputs()
+def test_dual_tensors_give_the_implicit_tangent(kind, backward, device):
+    cell, x = make_map(kind, device), inputs(device)
     reference = dense_input_jacobian(cell, x)
-    tangent = torch.randn(x.shape, dtype=DT, generator=torch.Generator().manual_seed(5))
+    tangent = torch.randn(x.shape, dtype=DT, generator=torch.Generator().manual_seed(5)).to(device)
     lay = layer(cell, backward)
     with fwAD.dual_level():
         out = lay(fwAD.make_dual(x, tangent))
@@ -247,8 +248,8 @@ def test_dual_tensors_give_the_implicit_tangent(kind, backward):
 
 @pytest.mark.parametrize("backward", EVERY_MODE[:1] + AID_MODES, ids=repr)
 @pytest.mark.parametrize("kind", MAPS)
-def test_torch_func_hessian_of_a_small_scalar_function(kind, backward):
-    cell, x = make_map(kind), inputs(batch=2)
+def test_torch_func_hessian_of_a_small_scalar_function(kind, backward, device):
+    cell, x = make_map(kind, device), inputs(device, batch=2)
 
     def scalar(lay):
         return lambda xi: loss_of(lay(xi))
@@ -258,8 +259,8 @@ def test_torch_func_hessian_of_a_small_scalar_function(kind, backward):
     assert rel(got, reference) < RTOL
 
 
-def test_torch_func_jvp_solves_one_tangent_system_instead_of_unrolling():
-    cell, x = make_map("tanh"), inputs()
+def test_torch_func_jvp_solves_one_tangent_system_instead_of_unrolling(device):
+    cell, x = make_map("tanh", device), inputs(device)
     counts = []
 
     class Counting(linear.GMRES):
@@ -283,11 +284,11 @@ def jfb_one_step_hvp(cell: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     wrt = [*cell.parameters(), x]
     grads = torch.autograd.grad(loss_of(cell.step(w, cell.inject(x))), wrt, create_graph=True)
     gen = torch.Generator().manual_seed(7)
-    vs = [torch.randn(t.shape, dtype=DT, generator=gen) for t in wrt]
+    vs = [torch.randn(t.shape, dtype=DT, generator=gen).to(t.device) for t in wrt]
     return list(torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), wrt))
 
 
-def gradient_step_map() -> inn.maps.GradientStep:
+def gradient_step_map(device: torch.device) -> inn.maps.GradientStep:
     """A gradient step on a strongly convex quadratic: a symmetric ∂₁Φ (CG applies)."""
     torch.manual_seed(0)
 
@@ -297,10 +298,10 @@ def gradient_step_map() -> inn.maps.GradientStep:
             self.M = nn.Parameter(torch.randn(4, 4, dtype=DT) * 0.3)
 
         def forward(self, w, x):
-            H = self.M @ self.M.T + torch.eye(4, dtype=DT)
+            H = self.M @ self.M.T + torch.eye(4, dtype=DT, device=w.device)
             return 0.5 * ((w @ H) * w).sum() - (w * x.tanh()).sum()
 
-    return inn.maps.GradientStep(Quadratic(), step_size=0.3)
+    return inn.maps.GradientStep(Quadratic().to(device), step_size=0.3)
 
 
 BUILT_IN = [
@@ -316,10 +317,10 @@ BUILT_IN = [
 
 
 @pytest.mark.parametrize("backward", BUILT_IN, ids=repr)
-def test_every_built_in_mode_gives_its_exact_higher_order_derivative_or_raises(backward):
+def test_every_built_in_mode_gives_its_exact_higher_order_derivative_or_raises(backward, device):
     symmetric = isinstance(backward, inn.AID) and type(backward.linear_solver) is linear.CG
-    cell = gradient_step_map() if symmetric else make_map("tanh")
-    x = torch.randn(3, 4 if symmetric else 5, dtype=DT, generator=torch.Generator().manual_seed(1))
+    cell = gradient_step_map(device) if symmetric else make_map("tanh", device)
+    x = torch.randn(3, 4 if symmetric else 5, dtype=DT, generator=torch.Generator().manual_seed(1)).to(device)
     if isinstance(backward, inn.JacobianFree):
         reference = jfb_one_step_hvp(cell, x)
     else:
@@ -332,8 +333,8 @@ def test_every_built_in_mode_gives_its_exact_higher_order_derivative_or_raises(b
 
 
 @pytest.mark.parametrize("policy", [inn.Warn(), inn.Raise(), inn.FallbackITD(), inn.FallbackJacobianFree()], ids=repr)
-def test_a_failed_adjoint_solve_in_a_higher_order_backward_is_never_silent(policy):
-    cell, x = make_map("tanh"), inputs()
+def test_a_failed_adjoint_solve_in_a_higher_order_backward_is_never_silent(policy, device):
+    cell, x = make_map("tanh", device), inputs(device)
     lay = layer(cell, inn.AID(linear.Neumann(max_iter=2, tol=1e-12), on_failure=policy))
     if isinstance(policy, inn.Raise):
         with pytest.raises(inn.ConvergenceError):
@@ -348,14 +349,14 @@ def test_a_failed_adjoint_solve_in_a_higher_order_backward_is_never_silent(polic
     assert lay.stats.backward.converged is False
 
 
-def test_a_closure_captured_tensor_gets_its_first_order_gradient_and_a_higher_order_one_raises():
+def test_a_closure_captured_tensor_gets_its_first_order_gradient_and_a_higher_order_one_raises(device):
     torch.manual_seed(0)
-    A = (0.4 * torch.linalg.qr(torch.randn(4, 4, dtype=DT))[0]).requires_grad_()
+    A = (0.4 * torch.linalg.qr(torch.randn(4, 4, dtype=DT))[0]).to(device).requires_grad_()
 
     def f(w, x):
         return torch.tanh(w @ A.T + x)
 
-    x = inputs()[:, :4]
+    x = inputs(device)[:, :4]
     aid = inn.AID(linear.GMRES(max_iter=60, tol=1e-13))
     (g_aid,) = torch.autograd.grad(loss_of(inn.fixed_point(f, x, solver=SOLVER, backward=aid)[0]), A)
     (g_itd,) = torch.autograd.grad(loss_of(inn.fixed_point(f, x, solver=SOLVER, backward=inn.ITD())[0]), A)
@@ -397,8 +398,8 @@ class Richardson(linear.LinearSolver):
 
 
 @pytest.mark.parametrize("kind", ["tanh", "tuple"])
-def test_user_defined_solvers_under_every_transform(kind):
-    cell, x = make_map(kind), inputs()
+def test_user_defined_solvers_under_every_transform(kind, device):
+    cell, x = make_map(kind, device), inputs(device)
     lay = layer(cell, inn.AID(Richardson()), Halving())
     reference_layer = layer(cell, inn.ITD())
     for a, b in zip(hvp(lay, x), hvp(reference_layer, x)):
@@ -409,8 +410,8 @@ def test_user_defined_solvers_under_every_transform(kind):
     assert rel(per_sample.squeeze(1), flat(reference_layer(x))) < RTOL
 
 
-def test_vmap_solves_the_mapped_problems_as_one_batch():
-    cell, x = make_map("tanh"), inputs(batch=6)
+def test_vmap_solves_the_mapped_problems_as_one_batch(device):
+    cell, x = make_map("tanh", device), inputs(device, batch=6)
     sizes = []
 
     class Recording(inn.FixedPointIteration):
@@ -425,8 +426,8 @@ def test_vmap_solves_the_mapped_problems_as_one_batch():
     assert rel(out.squeeze(1), layer(cell, inn.ITD())(x)) < RTOL
 
 
-def test_torch_func_grad_through_a_parametrized_map_matches_autograd():
-    cell, x = make_map("tanh"), inputs()
+def test_torch_func_grad_through_a_parametrized_map_matches_autograd(device):
+    cell, x = make_map("tanh", device), inputs(device)
     lay = layer(cell, inn.AID(linear.GMRES(max_iter=60, tol=1e-13)))
     params = {k: v.detach() for k, v in lay.named_parameters()}
     grads = torch.func.grad(lambda p: loss_of(functional_call(lay, p, (x,))))(params)
@@ -437,10 +438,10 @@ def test_torch_func_grad_through_a_parametrized_map_matches_autograd():
 
 
 @pytest.mark.parametrize("backward", [inn.JacobianFree(), inn.ITD(), inn.ITD(truncate=50)], ids=repr)
-def test_forward_mode_agrees_with_reverse_mode_in_the_approximate_modes(backward):
+def test_forward_mode_agrees_with_reverse_mode_in_the_approximate_modes(backward, device):
     """JacobianFree and truncated ITD define their own derivatives; forward mode must give the
     same ones as reverse mode (not a zero tangent), for the input and for a parameter."""
-    cell, x = make_map("tanh"), inputs()
+    cell, x = make_map("tanh", device), inputs(device)
     lay = layer(cell, backward, inn.FixedPointIteration(max_iter=100, tol=0.0))
     rev, fwd = torch.func.jacrev(lay)(x), torch.func.jacfwd(lay)(x)
     assert float(rev.abs().max()) > 0.1 and rel(fwd, rev) < 1e-12

@@ -24,16 +24,16 @@ def _tight(backward):
 
 @pytest.mark.parametrize("model_cls, kwargs", [(FCEquilibrium, dict(in_features=36, width=12, num_classes=3)),
                                                (ConvEquilibrium, dict(channels=4, num_classes=3, image_size=8))])
-def test_gradients_match_the_exact_implicit_gradient(model_cls, kwargs):
+def test_gradients_match_the_exact_implicit_gradient(model_cls, kwargs, device):
     """AID-GMRES and full ITD agree with the dense implicit gradient (``Exact``) to 1e-8."""
     torch.manual_seed(0)
-    x = torch.randn(3, 1, 6, 6) if model_cls is FCEquilibrium else torch.randn(3, 1, 8, 8)
+    x = (torch.randn(3, 1, 6, 6) if model_cls is FCEquilibrium else torch.randn(3, 1, 8, 8)).to(device)
     grads = {}
     modes = [("exact", inn.AID(linear.Exact())), ("gmres", inn.AID(linear.GMRES(max_iter=200, tol=1e-14))),
              ("itd", inn.ITD())]
     for name, backward in modes:
         torch.manual_seed(1)
-        model = model_cls(**kwargs, contraction=0.7, **_tight(backward)).double().eval()
+        model = model_cls(**kwargs, contraction=0.7, **_tight(backward)).double().eval().to(device)
         model.zero_grad()
         model(x.double()).pow(2).sum().backward()
         grads[name] = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
@@ -42,12 +42,13 @@ def test_gradients_match_the_exact_implicit_gradient(model_cls, kwargs):
         assert err <= 1e-8, (name, float(err))
 
 
-def test_conv_model_respects_its_contraction_after_training_steps():
+def test_conv_model_respects_its_contraction_after_training_steps(device):
     torch.manual_seed(0)
     model = ConvEquilibrium(channels=6, image_size=12, contraction=0.8,
-                            solver=inn.FixedPointIteration(max_iter=15, tol=0.0), backward=inn.ITD()).double()
+                            solver=inn.FixedPointIteration(max_iter=15, tol=0.0), backward=inn.ITD())
+    model = model.double().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    x, y = torch.randn(8, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (8,))
+    x, y = torch.randn(8, 1, 12, 12, dtype=torch.float64).to(device), torch.randint(0, 10, (8,)).to(device)
     for _ in range(10):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -56,14 +57,14 @@ def test_conv_model_respects_its_contraction_after_training_steps():
     assert model.lipschitz_bound() <= 0.8 * (1 + 1e-6)
 
 
-def test_projection_for_unconstrained_models():
+def test_projection_for_unconstrained_models(device):
     torch.manual_seed(0)
-    fc = FCEquilibrium(16, 8, 3, contraction=None)
+    fc = FCEquilibrium(16, 8, 3, contraction=None).to(device)
     with torch.no_grad():
         fc.contraction_weight.mul_(10)
     fc.project_(0.6)
     assert fc.lipschitz_bound() == pytest.approx(0.6, rel=1e-6)
-    conv = ConvEquilibrium(channels=4, image_size=8, contraction=None).double()
+    conv = ConvEquilibrium(channels=4, image_size=8, contraction=None).double().to(device)
     with torch.no_grad():
         conv.contraction_weight.mul_(10)
     conv.project_(0.6)

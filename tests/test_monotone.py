@@ -78,11 +78,11 @@ CASES = {"fc": (make_fc, (3, 5)), "conv": (make_conv, (2, 2, 5, 5))}
 
 
 @pytest.fixture(params=list(CASES))
-def problem(request):
+def problem(request, device):
     make, shape = CASES[request.param]
-    cell = make()
+    cell = make().to(device)
     torch.manual_seed(1)
-    return cell, torch.randn(*shape)
+    return cell, torch.randn(*shape).to(device)
 
 
 # -- the parametrization -----------------------------------------------------------------
@@ -90,30 +90,31 @@ def problem(request):
 
 @pytest.mark.parametrize("m", [0.05, 1.0, 3.0])
 @pytest.mark.parametrize("rows", [4, 7, 12])
-def test_parametrization_is_m_monotone_for_random_weights(m, rows):
+def test_parametrization_is_m_monotone_for_random_weights(m, rows, device):
     torch.manual_seed(rows)
-    A, B = 3 * torch.randn(rows, 7), 3 * torch.randn(7, 7)
+    A, B = 3 * torch.randn(rows, 7).to(device), 3 * torch.randn(7, 7).to(device)
     W = MonotoneWeight(m)(A, B)
-    sym = torch.eye(7) - 0.5 * (W + W.T)
+    sym = torch.eye(7, device=device) - 0.5 * (W + W.T)
     assert float(torch.linalg.eigvalsh(sym).min()) >= m - 1e-12
     assert torch.linalg.matrix_norm(W, 2) > 1  # no contraction implied
 
 
-def test_right_inverse_is_exact_on_monotone_weights_and_projects_the_others():
+def test_right_inverse_is_exact_on_monotone_weights_and_projects_the_others(device):
     P = MonotoneWeight(0.2)
     torch.manual_seed(0)
-    W = P(torch.randn(6, 6), torch.randn(6, 6))
+    W = P(torch.randn(6, 6).to(device), torch.randn(6, 6).to(device))
     torch.testing.assert_close(P(*P.right_inverse(W)), W, rtol=0, atol=1e-12)
-    V = 3 * torch.randn(6, 6)  # far from monotone
+    V = 3 * torch.randn(6, 6).to(device)  # far from monotone
     projected = P(*P.right_inverse(V))
     torch.testing.assert_close(projected - projected.T, V - V.T, rtol=0, atol=1e-12)  # skew part kept
-    assert abs(float(torch.linalg.eigvalsh(torch.eye(6) - 0.5 * (projected + projected.T)).min()) - 0.2) < 1e-12
+    sym = torch.eye(6, device=device) - 0.5 * (projected + projected.T)
+    assert abs(float(torch.linalg.eigvalsh(sym).min()) - 0.2) < 1e-12
 
 
-def test_registered_parametrization_trains_both_factors():
-    layer = monotone_weight(torch.nn.Linear(5, 5, bias=False), m=0.3)
+def test_registered_parametrization_trains_both_factors(device):
+    layer = monotone_weight(torch.nn.Linear(5, 5, bias=False).to(device), m=0.3)
     assert layer.parametrizations.weight.original0.shape == (5, 5)
-    (layer.weight * torch.randn(5, 5)).sum().backward()
+    (layer.weight * torch.randn(5, 5).to(device)).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
 
 
@@ -130,21 +131,21 @@ def test_bad_margin_raises(m):
 # -- the maps ----------------------------------------------------------------------------
 
 
-def test_conv_weight_is_the_circular_convolution_formula():
-    cell = make_conv()
-    z, y = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5)
+def test_conv_weight_is_the_circular_convolution_formula(device):
+    cell = make_conv().to(device)
+    z, y = torch.randn(2, 3, 5, 5).to(device), torch.randn(2, 3, 5, 5).to(device)
     A, B = cell.A.weight, cell.B.weight
     expected = (1 - cell.m) * z - circular_conv_t(circular_conv(z, A), A) + circular_conv(z, B) - circular_conv_t(z, B)
     torch.testing.assert_close(cell.weight_mv(z), expected, rtol=0, atol=1e-12)
     torch.testing.assert_close((cell.weight_mv(z) * y).sum(), (z * cell.weight_rmv(y)).sum(), rtol=1e-12, atol=0)
 
 
-def test_maps_are_monotone_but_not_contractions(problem):
+def test_maps_are_monotone_but_not_contractions(problem, device):
     cell, x = problem
     like = cell.initial_state(x)[:1]
     W = dense(cell.weight_mv, like).detach()
     n = W.shape[0]
-    assert float(torch.linalg.eigvalsh(torch.eye(n) - 0.5 * (W + W.T)).min()) >= cell.m - 1e-12
+    assert float(torch.linalg.eigvalsh(torch.eye(n, device=device) - 0.5 * (W + W.T)).min()) >= cell.m - 1e-12
     assert abs(cell.lipschitz_bound() - float(torch.linalg.matrix_norm(W, 2))) <= 1e-10 * cell.lipschitz_bound()
     assert cell.lipschitz_bound() > 2
     assert float(torch.linalg.eigvals(W).abs().max()) > 1  # spectral radius > 1 as well
@@ -180,7 +181,7 @@ def reference_equilibrium(cell, x: Tensor, z: Tensor) -> Tensor:
     out = torch.zeros_like(u)
     for i in range(x.shape[0]):
         S = z.reshape(x.shape[0], -1)[i] > 1e-9
-        out[i, S] = torch.linalg.solve(torch.eye(int(S.sum())) - W[S][:, S], u[i, S])
+        out[i, S] = torch.linalg.solve(torch.eye(int(S.sum()), device=u.device) - W[S][:, S], u[i, S])
         pre = W @ out[i] + u[i]
         assert bool((out[i, S] > 0).all()) and bool((pre[~S] < 0).all())  # z = ReLU(W z + u), strictly
     return out.reshape(z.shape)
@@ -205,14 +206,14 @@ def test_splitting_solvers_agree_with_each_other_and_a_dense_solve(problem):
 
 @pytest.mark.parametrize("solver", [PR, FB], ids=["PR", "FB"])
 @pytest.mark.parametrize("backward", [GMRES, inn.ITD()], ids=repr)
-def test_gradients_match_the_dense_implicit_gradient(problem, solver, backward):
+def test_gradients_match_the_dense_implicit_gradient(problem, solver, backward, device):
     cell, x = problem
     params = [p for p in cell.parameters()]
     R = torch.randn_like(cell.initial_state(x))
     with torch.no_grad():
         z, _ = solve(cell, x, PR)
     J = dense(lambda y: torch.func.jvp(lambda a: cell(a, x), (z,), (y,))[1], z).detach()
-    v = torch.linalg.solve((torch.eye(J.shape[0]) - J).T, R.reshape(-1)).reshape(z.shape)
+    v = torch.linalg.solve((torch.eye(J.shape[0], device=device) - J).T, R.reshape(-1)).reshape(z.shape)
     xr = x.clone().requires_grad_()
     reference = torch.autograd.grad((v * cell(z, xr)).sum(), [*params, xr])
 
@@ -228,10 +229,11 @@ def test_gradients_match_the_dense_implicit_gradient(problem, solver, backward):
 
 @pytest.mark.parametrize("backward", [GMRES, inn.ITD(), inn.ITD(truncate=5), inn.JacobianFree()], ids=repr)
 @pytest.mark.parametrize("solver", [PR, FB], ids=["PR", "FB"])
-def test_every_parameter_gets_a_finite_gradient(backward, solver):
-    cell, x = make_fc(), torch.randn(3, 5)
+def test_every_parameter_gets_a_finite_gradient(backward, solver, device):
+    cell, x = make_fc().to(device), torch.randn(3, 5).to(device)
     layer = inn.FixedPointLayer(cell, solver=solver, backward=backward)
-    R = torch.randn(3, 8)  # (‖z*‖² would make the JFB gradient of the skew part exactly zero: z* z*ᵀ is symmetric)
+    # (‖z*‖² would make the JFB gradient of the skew part exactly zero: z* z*ᵀ is symmetric)
+    R = torch.randn(3, 8).to(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", inn.ConvergenceWarning)
         (R * layer(x)).sum().backward()
@@ -239,8 +241,8 @@ def test_every_parameter_gets_a_finite_gradient(backward, solver):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-def test_warm_start_at_the_equilibrium_stays_there():
-    cell, x = make_fc(), torch.randn(3, 5)
+def test_warm_start_at_the_equilibrium_stays_there(device):
+    cell, x = make_fc().to(device), torch.randn(3, 5).to(device)
     with torch.no_grad():
         z, _ = solve(cell, x, PR)
         _, stats = inn.fixed_point(cell, x, solver=inn.PeacemanRachford(max_iter=6, tol=0.0, check_every=1),
@@ -268,10 +270,10 @@ def _record_points(cell, monkeypatch, solver: type) -> list[Tensor]:
 
 @pytest.mark.parametrize("make", [inn.PeacemanRachford, inn.ForwardBackward])
 @pytest.mark.parametrize("alpha", [0.4, 1.0])
-def test_residual_is_that_of_the_map_at_the_last_point(make, alpha, monkeypatch):
+def test_residual_is_that_of_the_map_at_the_last_point(make, alpha, monkeypatch, device):
     """``tol = 0``: exactly ``max_iter`` map evaluations, one residual; the solver returns
     Φ(z) at its last point z and reports ‖Φ(z) − z‖ / ‖Φ(z)‖ (Φ evaluated here directly)."""
-    cell, x = make_fc(), torch.randn(3, 5)
+    cell, x = make_fc().to(device), torch.randn(3, 5).to(device)
     seen = _record_points(cell, monkeypatch, make)
     with torch.no_grad():
         out, stats = inn.fixed_point(cell, x, solver=make(max_iter=7, tol=0.0, alpha=alpha), backward=inn.ITD())
@@ -284,16 +286,16 @@ def test_residual_is_that_of_the_map_at_the_last_point(make, alpha, monkeypatch)
     assert stats.residual > 1e-6  # not converged yet: the check is not vacuous
 
 
-def test_forward_backward_with_unit_step_is_picard_iteration():
-    cell, x = make_fc(), torch.randn(3, 5)
+def test_forward_backward_with_unit_step_is_picard_iteration(device):
+    cell, x = make_fc().to(device), torch.randn(3, 5).to(device)
     a, sa = solve(cell, x, inn.ForwardBackward(max_iter=9, tol=0.0, alpha=1.0, check_every=1))
     b, sb = solve(cell, x, inn.FixedPointIteration(max_iter=9, tol=0.0, check_every=1))
     torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
     assert sa.trace == pytest.approx(sb.trace, rel=1e-12) and len(sa.trace) == 9
 
 
-def test_non_convergence_goes_to_the_failure_policy():
-    cell, x = make_fc(), torch.randn(3, 5)
+def test_non_convergence_goes_to_the_failure_policy(device):
+    cell, x = make_fc().to(device), torch.randn(3, 5).to(device)
     with pytest.warns(inn.ConvergenceWarning, match="PeacemanRachford did not converge"):
         _, stats = inn.fixed_point(cell, x, solver=inn.PeacemanRachford(max_iter=3, tol=1e-12), backward=inn.ITD())
     assert not stats.converged and stats.iterations == 3
@@ -325,9 +327,9 @@ class DiagonalMonotone(MonotoneMap):
         return lambda v: v / (1 + alpha * (1 - self.w))
 
 
-def test_a_users_monotone_map_works_with_both_solvers():
-    cell = DiagonalMonotone(torch.tensor([-3.0, 0.5, -1.0]), m=0.5)
-    x = torch.tensor([[1.0, 2.0, -1.0]])
+def test_a_users_monotone_map_works_with_both_solvers(device):
+    cell = DiagonalMonotone(torch.tensor([-3.0, 0.5, -1.0], device=device), m=0.5)
+    x = torch.tensor([[1.0, 2.0, -1.0]], device=device)
     expected = torch.relu(x / (1 - cell.w.detach()))  # z = ReLU(w z + x): z = x / (1 − w) where positive
     for solver in (PR, inn.ForwardBackward(max_iter=500, tol=1e-14, alpha=0.2)):
         z, stats = inn.fixed_point(cell, x, solver=solver, backward=GMRES)
@@ -396,15 +398,15 @@ def test_freezing_converged_samples_gives_the_same_equilibria_with_fewer_evaluat
     assert rel(z_frz, reference) <= 1e-10 and rel(z_all, reference) <= 1e-10
 
 
-def test_itd_through_a_frozen_splitting_solve_matches_the_dense_implicit_gradient():
-    cell = make_fc()
+def test_itd_through_a_frozen_splitting_solve_matches_the_dense_implicit_gradient(device):
+    cell = make_fc().to(device)
     torch.manual_seed(1)
-    x = torch.cat([torch.randn(3, 5), 4 * torch.randn(3, 5)])
-    R = torch.randn(6, 8)
+    x = torch.cat([torch.randn(3, 5).to(device), 4 * torch.randn(3, 5).to(device)])
+    R = torch.randn(6, 8).to(device)
     with torch.no_grad():
         z, _ = solve(cell, x, PR)
     J = dense(lambda y: torch.func.jvp(lambda a: cell(a, x), (z,), (y,))[1], z).detach()
-    v = torch.linalg.solve((torch.eye(J.shape[0]) - J).T, R.reshape(-1)).reshape(z.shape)
+    v = torch.linalg.solve((torch.eye(J.shape[0], device=device) - J).T, R.reshape(-1)).reshape(z.shape)
     xr = x.clone().requires_grad_()
     reference = torch.autograd.grad((v * cell(z, xr)).sum(), xr)[0]
     xr = x.clone().requires_grad_()
@@ -413,10 +415,10 @@ def test_itd_through_a_frozen_splitting_solve_matches_the_dense_implicit_gradien
     assert rel(torch.autograd.grad((R * w).sum(), xr)[0], reference) <= 1e-8
 
 
-def test_return_best_keeps_each_samples_lowest_residual_point():
+def test_return_best_keeps_each_samples_lowest_residual_point(device):
     """Forward–backward with a step far too large oscillates; each sample comes back at the
     best point it visited, never worse than where the iteration stopped."""
-    cell, x = make_fc(), torch.randn(4, 5)
+    cell, x = make_fc().to(device), torch.randn(4, 5).to(device)
     solver = dict(max_iter=30, tol=1e-12, alpha=3.0)
     with torch.no_grad():
         _, last = solve(cell, x, inn.ForwardBackward(**solver))

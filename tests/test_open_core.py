@@ -55,7 +55,7 @@ def coupled_reference(f: Coupled, x: torch.Tensor, R: tuple[torch.Tensor, ...]) 
     with torch.no_grad():
         w, _ = TIGHT.solve(lambda z: f(z, x), f.initial_state(x))
     J = torch.func.jacrev(lambda v: _flat(f(_unflat(v, w), x)))(_flat(w)).detach()
-    v = torch.linalg.solve((torch.eye(J.shape[0]) - J).T, _flat(R))
+    v = torch.linalg.solve((torch.eye(J.shape[0], device=J.device) - J).T, _flat(R))
     xr = x.detach().requires_grad_()
     out = (v * _flat(f(w, xr))).sum()
     return list(torch.autograd.grad(out, [*f.parameters(), xr]))

@@ -4,6 +4,7 @@ solvers' tol = 0 paths (no host synchronisation inside the loop)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -217,6 +218,32 @@ def test_tol_zero_reads_the_device_once_per_solve(monkeypatch, solver, syncs):
         _, info = solver.solve(A, g)
     assert counter.count == syncs
     assert info.iterations == 30 and info.converged and math.isfinite(info.residual)
+
+
+@pytest.mark.parametrize("backward", [inn.ITD(), inn.JacobianFree(), inn.AID(linear.Neumann(max_iter=1, tol=0.0)),
+                                      inn.AID(linear.NormalCG(max_iter=1, tol=0.0)),
+                                      inn.AID(linear.GMRES(max_iter=1, tol=0.0, restart=100))], ids=repr)
+@pytest.mark.parametrize("solver_cls", [inn.FixedPointIteration, inn.Anderson, inn.Broyden], ids=lambda c: c.__name__)
+def test_tol_zero_training_step_reads_the_device_as_often_at_any_iteration_count(monkeypatch, solver_cls, backward):
+    """A forward and backward pass through a layer with tol = 0 everywhere: the host reads are
+    a fixed few per pass, the same at t = k = 5 and 25 (on a GPU each read waits for every
+    queued kernel)."""
+    counts = []
+    for t in (5, 25):
+        cell, x = tanh_map()
+        mode = backward
+        if isinstance(backward, inn.AID):
+            mode = inn.AID(dataclasses.replace(backward.linear_solver, max_iter=t))
+        layer = inn.FixedPointLayer(cell, solver=solver_cls(max_iter=t, tol=0.0), backward=mode)
+        with monkeypatch.context() as patch:
+            counter = _SyncCounter(patch)
+            layer(x).square().sum().backward()
+        assert layer.stats.iterations == t
+        counts.append(counter.count)
+    # the input's NaN check and the forward statistics; AID adds the adjoint's final residual and
+    # its finiteness check, GMRES one read per restart cycle (its small least-squares problem)
+    expected = 2 if not isinstance(backward, inn.AID) else 5 if isinstance(mode.linear_solver, linear.GMRES) else 4
+    assert counts == [expected, expected]
 
 
 @pytest.mark.parametrize("solver", [linear.Neumann(max_iter=5, tol=0.0), linear.GMRES(max_iter=5, tol=0.0),
