@@ -156,7 +156,7 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
             with torch.no_grad():
                 sums += torch.stack([outcome.loss.detach().double() * cfg.batch_size / world,
                                      (outcome.output.argmax(1) == yb).sum().double(),
-                                     torch.tensor(float(yb.shape[0]), device=device, dtype=torch.float64)])
+                                     torch.full((), float(yb.shape[0]), device=device, dtype=torch.float64)])
             stats = getattr(run.raw_model, "stats", None)
             if stats is not None:
                 f_iters.append(stats.iterations)
