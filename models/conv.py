@@ -65,8 +65,9 @@ class ConvEquilibrium(EquilibriumClassifier):
         if sigma > bound:
             self.contraction_weight.mul_(bound / sigma)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, z0: Tensor | None = None, adjoint_x0: Tensor | None = None) -> Tensor:
+        """Logits of ``x``; ``z0`` and ``adjoint_x0`` start the solves (see ``solve``)."""
         x = rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2)
-        z = self.deq(x)
+        z = self.solve(x, z0, adjoint_x0)
         z = reduce(z, "b c (h p) (w q) -> b c h w", "max", p=2, q=2)
         return self.head(rearrange(z, "b c h w -> b (c h w)"))

@@ -16,6 +16,15 @@ class EquilibriumClassifier(nn.Module):
     cell: nn.Module
     deq: inn.FixedPointLayer
 
+    fixed_point: Tensor | None = None  # w* of the last forward pass (detached), e.g. for a SampleCache
+
+    def solve(self, x: Tensor, z0: Tensor | None, adjoint_x0: Tensor | None) -> Tensor:
+        """``w*`` of the prepared input ``x`` from ``z0`` (default: the cell's initial state), the
+        backward's adjoint solve from ``adjoint_x0``; keeps ``w*`` in :attr:`fixed_point`."""
+        w = self.deq(x, z0=z0, adjoint_x0=adjoint_x0)
+        self.fixed_point = w.detach()
+        return w
+
     @property
     def stats(self) -> inn.SolverStats | None:
         """The :class:`~implicitnets.SolverStats` of the last forward (and backward) pass."""

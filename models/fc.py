@@ -53,5 +53,6 @@ class FCEquilibrium(EquilibriumClassifier):
         """Project ``A`` onto ``‖A‖₂ ≤ bound`` (clip singular values; for ``contraction=None``)."""
         inn.project_spectral_(self.contraction_weight, bound)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.deq(rearrange(x, "b ... -> b (...)")))
+    def forward(self, x: Tensor, z0: Tensor | None = None, adjoint_x0: Tensor | None = None) -> Tensor:
+        """Logits of ``x``; ``z0`` and ``adjoint_x0`` start the solves (see ``solve``)."""
+        return self.head(self.solve(rearrange(x, "b ... -> b (...)"), z0, adjoint_x0))

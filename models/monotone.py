@@ -54,8 +54,9 @@ class MonotoneEquilibrium(EquilibriumClassifier):
         """``‖W‖₂`` (exact): not a contraction factor; typically above 1."""
         return self.cell.lipschitz_bound()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.deq(rearrange(x, "b ... -> b (...)")))
+    def forward(self, x: Tensor, z0: Tensor | None = None, adjoint_x0: Tensor | None = None) -> Tensor:
+        """Logits of ``x``; ``z0`` and ``adjoint_x0`` start the solves (see ``solve``)."""
+        return self.head(self.solve(rearrange(x, "b ... -> b (...)"), z0, adjoint_x0))
 
 
 class MonotoneConvEquilibrium(EquilibriumClassifier):
@@ -88,7 +89,8 @@ class MonotoneConvEquilibrium(EquilibriumClassifier):
         """``‖W‖₂`` (exact, from the symbol): not a contraction factor; typically above 1."""
         return self.cell.lipschitz_bound()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, z0: Tensor | None = None, adjoint_x0: Tensor | None = None) -> Tensor:
+        """Logits of ``x``; ``z0`` and ``adjoint_x0`` start the solves (see ``solve``)."""
         x = rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2)
-        z = reduce(self.deq(x), "b c (h p) (w q) -> b c h w", "max", p=2, q=2)
+        z = reduce(self.solve(x, z0, adjoint_x0), "b c (h p) (w q) -> b c h w", "max", p=2, q=2)
         return self.head(rearrange(z, "b c h w -> b (c h w)"))

@@ -120,6 +120,31 @@ def test_resume_ends_with_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("backward", ["aid-fp", "jfb"])
+def test_warm_start_saves_iterations_and_resumes_with_its_cache(tmp_path, backward):
+    """--warm-start starts each sample's solves from its last w* (and AID's adjoint solution):
+    without augmentation the forward needs fewer iterations from the second epoch on; the
+    checkpoint holds the cache, so a resumed run ends with the uninterrupted run's weights."""
+    common = ["--epochs", "3", "--width", "32", "--batch-size", "250", "--augment", "0", "--backward", backward,
+              "--backward-tol", "1e-4", "--tol", "1e-5", "--t", "60", "--k", "60"]
+    cold = run(tmp_path / "cold", *common)
+    warm = run(tmp_path / "warm", *common, "--warm-start")
+    def iterations(name: str, key: str) -> list[float]:
+        return [json.loads(line)[key] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    f_cold, f_warm = iterations("cold", "forward_iterations"), iterations("warm", "forward_iterations")
+    assert f_warm[0] == f_cold[0] and f_warm[2] < 0.9 * f_cold[2]  # epoch 1: nothing cached yet
+    if backward == "aid-fp":
+        assert iterations("warm", "backward_iterations")[2] < iterations("cold", "backward_iterations")[2]
+    assert abs(warm["test_acc"] - cold["test_acc"]) <= 0.02  # a start changes iterations, not the solution
+    ckpt = torch.load(tmp_path / "warm" / "checkpoint.pt", weights_only=True)
+    assert ckpt["warm_start"]["w__0"].shape == (5000, 32) and bool(ckpt["warm_start"]["w__seen"].all())
+    run(tmp_path / "split", *common, "--warm-start", "--stop-after", "2")
+    run(tmp_path / "split", *common, "--warm-start", "--resume")
+    a, b = weights(tmp_path / "warm"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_preset_grazzi2020_is_the_reference_experiment():
     cfg = mnist.parse_args(["--preset", "grazzi2020"])
     assert (cfg.model, cfg.width, cfg.t, cfg.k, cfg.tol, cfg.batch_size) == ("fc", 200, 20, 20, 0.0, 5000)

@@ -81,12 +81,16 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
 
 
 def resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-           log: Callable[[str], None]) -> tuple[int, int, list[dict]]:
+           log: Callable[[str], None], modules: dict[str, nn.Module] | None = None) -> tuple[int, int, list[dict]]:
     """Epochs done, optimiser steps taken and the per-epoch history of the checkpoint at
-    ``path`` (model, optimiser and RNGs restored in place); ``(0, 0, [])`` if there is none."""
+    ``path`` (model, optimiser and RNGs restored in place, and each of ``modules`` from the
+    state dict saved under its name, when there is one); ``(0, 0, [])`` if there is none."""
     if not os.path.exists(path):
         log(f"--resume: no checkpoint at {path}, starting from scratch")
         return 0, 0, []
     ckpt = load_checkpoint(path, model, optimizer, device)
+    for name, module in (modules or {}).items():
+        if ckpt.get(name) is not None:
+            module.load_state_dict(ckpt[name])
     log(f"resumed from {path} after epoch {ckpt['epoch']} (step {ckpt['step']})")
     return ckpt["epoch"], ckpt["step"], ckpt["history"]

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import implicitnets as inn
 import models
 from models import count_parameters
 from train.atomic import write_atomic
@@ -98,6 +99,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     project: Callable[[], None] | None
     data: DeviceData
+    cache: inn.SampleCache | None  # --warm-start: each training sample's last w* and adjoint solution
     rank: int
     world: int
     autocast: torch.autocast
@@ -136,9 +138,11 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
             for group in run.optimizer.param_groups:
                 group["lr"] = run.lr(step)
 
-            def forward(xb=xb, yb=yb):
+            def forward(xb=xb, yb=yb, idx=idx):
+                starts = {} if run.cache is None else dict(z0=run.cache.start("w", idx, None),
+                                                            adjoint_x0=run.cache.start("v", idx, None))
                 with run.autocast:
-                    logits = run.model(xb).float()
+                    logits = run.model(xb, **starts).float()
                 # sum over the local share / global batch · world: the mean over processes gives the global mean
                 loss = F.cross_entropy(logits, yb, reduction="sum", label_smoothing=cfg.label_smoothing)
                 return loss * (world / cfg.batch_size), logits
@@ -158,6 +162,9 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
                                      (outcome.output.argmax(1) == yb).sum().double(),
                                      torch.full((), float(yb.shape[0]), device=device, dtype=torch.float64)])
             stats = getattr(run.raw_model, "stats", None)
+            if run.cache is not None:
+                run.cache.store("w", idx, run.raw_model.fixed_point)
+                run.cache.store("v", idx, stats.backward.adjoint)
             if stats is not None:
                 f_iters.append(stats.iterations)
                 f_resid.append(stats.residual)
@@ -241,11 +248,14 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     if project is not None:
         project()
     is_deq = hasattr(raw_model, "stats")
-    run = Run(cfg, model, raw_model, optimizer, project, data, rank, world,
+    # under torchrun each process caches the samples it saw; the checkpoint holds rank 0's cache
+    cache = inn.SampleCache(data.train_x.shape[0]).to(device) if cfg.warm_start and is_deq else None
+    run = Run(cfg, model, raw_model, optimizer, project, data, cache, rank, world,
               torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp))
 
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")  # written at the end of every epoch
-    start_epoch, step, history = resume(ckpt_path, raw_model, optimizer, device, log) if cfg.resume else (0, 0, [])
+    start_epoch, step, history = resume(ckpt_path, raw_model, optimizer, device, log, modules=dict(
+        warm_start=cache) if cache is not None else None) if cfg.resume else (0, 0, [])
     log(f"{cfg.model}: {count_parameters(raw_model):,} parameters | data {data.name} ({data.train_x.shape[0]} "
         f"train, {data.test_x.shape[0]} test) | device {device} x {world} | backward "
         f"{cfg.backward if is_deq else '(explicit)'} | out {cfg.out}")
@@ -270,7 +280,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
             lines = "".join(json.dumps(r) + "\n" for r in history)
             write_atomic(os.path.join(cfg.out, "metrics.jsonl"), lines.encode())
             save_checkpoint(ckpt_path, raw_model, optimizer, epoch=epoch + 1, step=step, history=history,
-                            config=dataclasses.asdict(cfg))
+                            config=dataclasses.asdict(cfg), warm_start=cache.state_dict() if cache else None)
         if world > 1:
             dist.barrier()
 
