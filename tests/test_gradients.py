@@ -208,3 +208,38 @@ def test_jacobian_free_gradient_is_its_definition(device):
     # and it is not the implicit gradient: ‖A‖₂ = 0.8 makes the two differ by far more than 1e-12
     reference = dense_reference(cell, x, R)
     assert min(rel(g, r) for g, r in zip(grads, reference)) > 1e-3
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_phantom_gradient_of_k_undamped_steps_is_aid_with_k_neumann_iterations(steps, device):
+    """From the converged w*, K differentiable steps w ← Φ(w) give Σ_{j<K} ∂₂Φᵀ (Jᵀ)ʲ ∇E: the
+    truncated Neumann series of AID-FP with K iterations, to rounding."""
+    cell = make_cell(seed=4).to(device)
+    x, R = torch.randn(3, 5).to(device), torch.randn(3, 6).to(device)
+    phantom, stats = grads_of(cell, x, R, inn.JacobianFree(steps=steps))
+    neumann, _ = grads_of(cell, x, R, inn.AID(linear.Neumann(max_iter=steps, tol=0.0)))
+    assert stats.converged
+    for name, g, n in zip(["A", "B", "c", "x"], phantom, neumann):
+        assert rel(g, n) <= 1e-12, (name, rel(g, n))
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.6])
+def test_phantom_gradient_converges_to_the_implicit_gradient_as_steps_grow(damping, device):
+    """The damped steps w ← w + λ(Φ(w) − w) contract the error of the implicit gradient by
+    ‖1 − λ + λJ‖ per step: 300 steps reach the dense reference to 1e-10; 3 do not."""
+    cell = make_cell(seed=5).to(device)
+    x, R = torch.randn(3, 5).to(device), torch.randn(3, 6).to(device)
+    reference = dense_reference(cell, x, R)
+    many, _ = grads_of(cell, x, R, inn.JacobianFree(steps=300, damping=damping))
+    few, _ = grads_of(cell, x, R, inn.JacobianFree(steps=3, damping=damping))
+    for name, g, r in zip(["A", "B", "c", "x"], many, reference):
+        assert rel(g, r) <= 1e-10, (name, rel(g, r))
+    assert max(rel(g, r) for g, r in zip(few, reference)) > 1e-3
+
+
+def test_phantom_gradient_keeps_the_solver_value():
+    cell = make_cell(seed=6)
+    x = torch.randn(3, 5)
+    w0, _ = inn.fixed_point(cell, x.requires_grad_(), solver=TIGHT, backward=inn.JacobianFree())
+    w3, _ = inn.fixed_point(cell, x, solver=TIGHT, backward=inn.JacobianFree(steps=3, damping=0.5))
+    assert torch.equal(w0, w3) and w3.requires_grad

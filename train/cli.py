@@ -31,7 +31,7 @@ __all__ = [
 
 SOLVERS = ("fp", "anderson", "broyden", "pr", "fb")
 LINEAR_SOLVERS = ("fp", "cg", "normalcg", "gmres", "exact")
-BACKWARDS = ("itd", "itd:K", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb")
+BACKWARDS = ("itd", "itd:K", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb", "phantom:K[:λ]")
 FAILURE_POLICIES = ("warn", "raise", "itd", "jfb")
 HYPERGRADIENTS = ("itd", "itd:K", "forward-itd", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "aid-exact", "jfb")
 
@@ -91,7 +91,8 @@ def make_backward(spec: str, k: int, tol: float = 0.0, *, warm_start: bool = Fal
     """``itd`` (reverse mode through every forward step), ``itd:K`` (the last K steps),
     ``aid-<linear solver>`` (k iterations of that solver, see :func:`make_linear_solver`;
     ``warm_start``: from the previous adjoint solution; ``on_failure``: see
-    :func:`make_failure_policy`, checked whatever the mode), ``jfb`` (Jacobian-free: ``v = ∇E``)."""
+    :func:`make_failure_policy`, checked whatever the mode), ``jfb`` (Jacobian-free: ``v = ∇E``),
+    ``phantom:K[:λ]`` (the phantom gradient: K differentiable steps damped by λ, default 1, from w*)."""
     policy = make_failure_policy(on_failure)
     if spec == "itd":
         return inn.ITD()
@@ -102,6 +103,12 @@ def make_backward(spec: str, k: int, tol: float = 0.0, *, warm_start: bool = Fal
             raise ValueError(f"--backward itd:K needs an integer K >= 1, got {spec!r}") from err
     if spec == "jfb":
         return inn.JacobianFree()
+    if spec.startswith("phantom:"):
+        steps, _, damping = spec[8:].partition(":")
+        try:
+            return inn.JacobianFree(steps=int(steps), damping=float(damping or 1.0))
+        except ValueError as err:
+            raise ValueError(f"--backward phantom:K[:λ] needs an integer K >= 1 and 0 < λ <= 1, got {spec!r}") from err
     if spec.startswith("aid-") and spec[4:] in LINEAR_SOLVERS:
         return inn.AID(make_linear_solver(spec[4:], k, tol), warm_start=warm_start, on_failure=policy)
     raise ValueError(f"unknown --backward {spec!r}; choose one of {', '.join(BACKWARDS)}")
