@@ -188,6 +188,35 @@ def _flat_cat(tensors: tuple[Tensor, ...]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+#: the autograd engine that ``torch.autograd.grad`` calls
+_ENGINE = torch.autograd.Variable._execution_engine
+
+
+def _walk(
+    outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False
+) -> tuple[Tensor, ...]:
+    """``Σᵢ (∂outputsᵢ / ∂inputs)ᵀ cotangentsᵢ``: one walk of the recorded graph, which is kept.
+
+    ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
+    create_graph=create)`` without its Python argument checks (the cotangents are shaped and
+    typed like the outputs by construction; the engine still validates them): that wrapper
+    costs about as much as a small product, and an adjoint solve makes one walk per
+    iteration.  An input the outputs do not reach gets zeros.  The results are detached
+    unless ``create``.
+    """
+    live = [i for i, o in enumerate(outputs) if o.requires_grad]
+    if not live:  # the outputs do not depend on the inputs at all: J = 0
+        return tuple(torch.zeros_like(z) for z in inputs)
+    if len(live) < len(outputs):
+        outputs, cotangents = tuple(outputs[i] for i in live), tuple(cotangents[i] for i in live)
+    if create:
+        with torch.enable_grad():
+            grads = _ENGINE.run_backward(outputs, cotangents, True, True, inputs, True, False)
+    else:
+        grads = _ENGINE.run_backward(outputs, cotangents, True, False, inputs, True, False)
+    return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
+
+
 class GraphJacobian(LinearOperator):
     """``J = ∂ out / ∂ w`` on a recorded graph ``out = Φ(w, ·)``.
 
@@ -228,21 +257,7 @@ class GraphJacobian(LinearOperator):
 
     def _join(self, tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
         out = tensors[0] if self.single else _flat_cat(tensors)
-        return out.detach().to(dtype)
-
-    @staticmethod
-    def _grad(
-        outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False
-    ) -> tuple[Tensor, ...]:
-        pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
-        if not pairs:  # the output does not depend on w at all: J = 0
-            return tuple(torch.zeros_like(z) for z in inputs)
-        with torch.enable_grad():
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], inputs, [c for _, c in pairs],
-                retain_graph=True, create_graph=create, allow_unused=True,
-            )
-        return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
+        return out.to(dtype)
 
     def rmv(self, y: Tensor) -> Tensor:
         """``Jᵀ y``: one vector–Jacobian product on the recorded graph.
@@ -250,7 +265,7 @@ class GraphJacobian(LinearOperator):
         Args:
             y: A vector shaped like :attr:`like`; the result has its dtype.
         """
-        return self._join(self._grad(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
+        return self._join(_walk(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
 
     def mv(self, x: Tensor) -> Tensor:
         """``J x``: the derivative of ``u ↦ Jᵀu`` (linear in ``u``) applied to ``x``.
@@ -261,7 +276,7 @@ class GraphJacobian(LinearOperator):
         if self._dual is None:
             with torch.enable_grad():
                 dummies = tuple(torch.zeros_like(o, requires_grad=True) for o in self.outs)
-                jtu = self._grad(self.outs, self.ws, dummies, create=True)
+                jtu = _walk(self.outs, self.ws, dummies, create=True)
             self._dual = (jtu, dummies)
         jtu, dummies = self._dual
-        return self._join(self._grad(jtu, dummies, self._split(x, self.ws)), x.dtype)
+        return self._join(_walk(jtu, dummies, self._split(x, self.ws)), x.dtype)
