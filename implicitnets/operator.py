@@ -192,21 +192,22 @@ def _flat_cat(tensors: tuple[Tensor, ...]) -> Tensor:
 _ENGINE = torch.autograd.Variable._execution_engine
 
 
-def _walk(
-    outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False
-) -> tuple[Tensor, ...]:
+def walk(
+    outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False,
+    unreached: str = "zeros",
+) -> tuple[Tensor | None, ...]:
     """``Σᵢ (∂outputsᵢ / ∂inputs)ᵀ cotangentsᵢ``: one walk of the recorded graph, which is kept.
 
     ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
     create_graph=create)`` without its Python argument checks (the cotangents are shaped and
     typed like the outputs by construction; the engine still validates them): that wrapper
     costs about as much as a small product, and an adjoint solve makes one walk per
-    iteration.  An input the outputs do not reach gets zeros.  The results are detached
-    unless ``create``.
+    iteration.  An input the outputs do not reach gets zeros (``unreached="zeros"``) or
+    ``None`` (``"none"``).  The results are detached unless ``create``.
     """
     live = [i for i, o in enumerate(outputs) if o.requires_grad]
     if not live:  # the outputs do not depend on the inputs at all: J = 0
-        return tuple(torch.zeros_like(z) for z in inputs)
+        return tuple(torch.zeros_like(z) if unreached == "zeros" else None for z in inputs)
     if len(live) < len(outputs):
         outputs, cotangents = tuple(outputs[i] for i in live), tuple(cotangents[i] for i in live)
     if create:
@@ -214,6 +215,8 @@ def _walk(
             grads = _ENGINE.run_backward(outputs, cotangents, True, True, inputs, True, False)
     else:
         grads = _ENGINE.run_backward(outputs, cotangents, True, False, inputs, True, False)
+    if unreached != "zeros":
+        return tuple(grads)
     return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
 
 
@@ -265,7 +268,7 @@ class GraphJacobian(LinearOperator):
         Args:
             y: A vector shaped like :attr:`like`; the result has its dtype.
         """
-        return self._join(_walk(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
+        return self._join(walk(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
 
     def mv(self, x: Tensor) -> Tensor:
         """``J x``: the derivative of ``u ↦ Jᵀu`` (linear in ``u``) applied to ``x``.
@@ -276,7 +279,7 @@ class GraphJacobian(LinearOperator):
         if self._dual is None:
             with torch.enable_grad():
                 dummies = tuple(torch.zeros_like(o, requires_grad=True) for o in self.outs)
-                jtu = _walk(self.outs, self.ws, dummies, create=True)
+                jtu = walk(self.outs, self.ws, dummies, create=True)
             self._dual = (jtu, dummies)
         jtu, dummies = self._dual
-        return self._join(_walk(jtu, dummies, self._split(x, self.ws)), x.dtype)
+        return self._join(walk(jtu, dummies, self._split(x, self.ws)), x.dtype)

@@ -300,7 +300,7 @@ class FixedPoint(torch.autograd.Function):
         z0 = tensors[n_fz : n_fz + spec.n_w]
         _, u, P = spec.split(tensors[n_fz:])
         if spec.fast is not None:  # solved already: w*'s value, a copy
-            return tuple(z.to(f.dtype, copy=True) for z, f in zip(spec.fast.z, tensors[:n_fz]))
+            return tuple(z.to(d, copy=True) for z, d in zip(spec.fast.z, spec.fast.dtypes))
         held = len(P) == len(spec.held) and all(a is b for a, b in zip(P, spec.held))
         with contextlib.nullcontext() if held else spec.phi.substituted(P):
             z, stats = spec.solver.solve(BoundMap(spec.phi.step, u, spec.owner), spec.state(z0))
