@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -372,3 +373,9 @@ class FixedPoint(torch.autograd.Function):
         outs = _loop(lambda *a: FixedPoint.apply(inner, *a), size, tensors, dims)
         spec.stats = inner.stats
         return outs, (0,) * len(outs)
+
+
+# ``Function.apply`` binds its arguments to ``forward``'s signature at every call; a signature
+# computed once spares ``inspect`` rebuilding it per solve
+for _function in (FixedPoint, LinearFixedPoint):
+    _function.forward.__signature__ = inspect.signature(_function.forward)
