@@ -41,19 +41,6 @@ def _check_options(solver: object, backward: object) -> None:
         )
 
 
-def _touch_parametrizations(module: nn.Module) -> None:
-    """Evaluate every parametrized tensor once inside ``cached()``, with autograd as the
-    caller has it (on, unless under ``no_grad``).
-
-    Otherwise the first evaluation may happen under the solver's ``no_grad`` and the cached
-    weight would carry no graph: its parameters would silently get no gradient.
-    """
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub):
-            for name in sub.parametrizations:
-                getattr(sub, name)
-
-
 def _as_state(value: object, name: str) -> State:
     """``value`` as a tensor or a tuple of tensors (a list becomes a tuple)."""
     if isinstance(value, list):
@@ -187,11 +174,12 @@ def _solve(
     z0: State | None, adjoint_x0: Tensor | None,
 ) -> tuple[State, SolverStats]:
     with parametrize.cached():
-        if module is not None:
-            _touch_parametrizations(module)
         form = parts_of(f)
         step = form.step
         u = form.inject(x) if form.inject is not None else x
+        # every parametrized tensor is evaluated here, inside cached(), with autograd as the
+        # caller has it: were its first evaluation under the solver's no_grad, the cached
+        # weight would carry no graph and its parameters would silently get no gradient
         names, params = map_tensors(module)
         needs_grad = torch.is_grad_enabled() and (
             module is None or any(t.requires_grad for t in (*parts(x), *parts(u), *params))
