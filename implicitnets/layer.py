@@ -7,6 +7,7 @@ respect to ``x`` and θ by the chosen backward mode (:class:`ITD`, :class:`AID`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -68,9 +69,9 @@ def _check_input(x: State, module: nn.Module | None) -> None:
 class _FiniteInputs:
     """The NaN/Inf check of ``x`` and a given ``z0``, without a host sync of its own.
 
-    One sum per tensor is queued before the solve and read after it (the solve's
-    statistics synchronise anyway); a non-finite sum is confirmed element-wise (a finite
-    tensor whose sum overflows is not an error).
+    One sum per tensor is queued before the solve and their total read after it (the
+    solve's statistics synchronise anyway); a non-finite total is confirmed element-wise
+    (finite tensors whose sums overflow are not an error).
     """
 
     def __init__(self, named: list[tuple[str, Tensor]]) -> None:
@@ -80,8 +81,8 @@ class _FiniteInputs:
     @host_read
     def check(self) -> None:
         """Raise :class:`NonFiniteError` naming the first input that holds NaN or Inf."""
-        sums = self.sums[0] if len(self.sums) == 1 else torch.stack(self.sums)
-        if bool(torch.isfinite(sums).all()):  # the one read
+        total = self.sums[0] if len(self.sums) == 1 else torch.stack(self.sums).sum()
+        if math.isfinite(total.item()):  # the one read
             return
         for name, t in self.named:
             if not torch.isfinite(t).all():
