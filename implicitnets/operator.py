@@ -249,6 +249,8 @@ class GraphJacobian(LinearOperator):
         self.single = isinstance(out, Tensor)
         self._like = self.outs[0].detach() if self.single else _flat_cat(tuple(o.detach() for o in self.outs))
         self._dual: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
+        #: a tensor state whose output depends on w: a product of the output's dtype is one engine call
+        self._lean = self.single and self.outs[0].requires_grad
 
     @property
     def like(self) -> Tensor:
@@ -270,6 +272,9 @@ class GraphJacobian(LinearOperator):
         Args:
             y: A vector shaped like :attr:`like`; the result has its dtype.
         """
+        if self._lean and y.dtype == self._like.dtype:
+            (g,) = _ENGINE.run_backward(self.outs, (y,), True, False, self.ws, True, False)
+            return torch.zeros_like(y) if g is None else g
         return self._join(walk(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
 
     def mv(self, x: Tensor) -> Tensor:
