@@ -24,14 +24,17 @@ the graph of ``w_{t+1}`` (the script asks the layer which).
 The FC cell is ``TanhMap(784, width)`` at batch {128, 1000} × width {200, 1000}; the conv cell
 ``ConvCell(4, 48, (14, 14))`` (ReLU, 3×3) at batch 64.  Both use ``contraction=None`` with the
 weight rescaled once to norm 0.9 (so neither side pays a parametrisation).  t = k = 20.
+The user-map cases (``user 128×200``, ``user 1000×200``) run the same FC step with the map
+written by a user as an ``nn.Module`` with ``inject`` and ``step`` (``tanh(A(w) + u)``) and no
+closed-form Jacobian: the library's generic path, against the same bare limit.
 
 Before timing, the script checks that the limit computes the library's gradients: in
 float64 (relative difference <= 1e-10 for every weight) and, at the timed size, in float32
 (<= 1e-4, reported).  Targets: ratio <= 1.20 for AID-FP and JacobianFree, <= 1.35 for ITD
-and AID-GMRES (every FC size); <= 1.3 for the conv cell (every mode).
+and AID-GMRES (every FC size, the user map's too); <= 1.3 for the conv cell (every mode).
 
     python benchmarks/limit.py [--quick] [--device cpu|cuda] [--threads N] [--repeats N]
-                               [--clock wall|cpu] [--cases 128x200,conv] [--modes AID-FP,ITD]
+                               [--clock wall|cpu] [--cases 128x200,conv,user] [--modes AID-FP,ITD]
 """
 
 from __future__ import annotations
@@ -72,6 +75,35 @@ def fc_net(in_features: int, width: int) -> Net:
     with torch.no_grad():
         cell.A.weight.mul_(0.9 / torch.linalg.matrix_norm(cell.A.weight, 2))
     return Net(cell, width)
+
+
+class UserTanh(nn.Module):
+    """``w ← tanh(A(w) + u)``, ``u = B(x)``: the FC map as a user writes it, with no closed-form
+    Jacobian (the adjoint products take the library's generic path)."""
+
+    def __init__(self, in_features: int, width: int):
+        super().__init__()
+        self.A = nn.Linear(width, width, bias=False)
+        self.B = nn.Linear(in_features, width)
+
+    def inject(self, x: Tensor) -> Tensor:
+        return self.B(x)
+
+    def step(self, w: Tensor, u: Tensor) -> Tensor:
+        return torch.tanh(self.A(w) + u)
+
+    def initial_state(self, x: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[0], self.A.weight.shape[0])
+
+
+def user_net(in_features: int, width: int) -> Net:
+    """The weights of :func:`fc_net` (same seed) in a :class:`UserTanh` map."""
+    fc = fc_net(in_features, width)
+    cell = UserTanh(in_features, width)
+    cell.load_state_dict(fc.cell.state_dict())
+    net = Net(cell, width)
+    net.head.load_state_dict(fc.head.state_dict())
+    return net
 
 
 def conv_net(in_channels: int, channels: int, size: int) -> Net:
@@ -282,7 +314,7 @@ def rel_diff(a: list[Tensor], b: list[Tensor]) -> float:
 
 
 def case_data(kind: str, batch: int, size: int, in_features: int, device, dtype=torch.float32):
-    if kind == "FC":
+    if kind != "conv":
         x = torch.randn(batch, in_features, device=device, dtype=dtype)
     else:
         x = torch.randn(batch, 4, size, size, device=device, dtype=dtype)
@@ -304,23 +336,26 @@ def main() -> int:
     unknown = set(modes) - set(MODES)
     if unknown:
         raise SystemExit(f"unknown --modes {sorted(unknown)}; choose from {MODES}")
-    cases = [("FC", 128, 200), ("FC", 1000, 200), ("FC", 128, 1000), ("FC", 1000, 1000), ("conv", 64, 48)]
+    cases = [("FC", 128, 200), ("FC", 1000, 200), ("FC", 128, 1000), ("FC", 1000, 1000), ("conv", 64, 48),
+             ("user", 128, 200), ("user", 1000, 200)]
     if args.quick:
-        cases = [("FC", 128, 200), ("conv", 64, 48)]
+        cases = [("FC", 128, 200), ("conv", 64, 48), ("user", 128, 200)]
     if args.cases:
         want = set(args.cases.split(","))
-        cases = [c for c in cases if (c[0] == "conv" and "conv" in want) or f"{c[1]}x{c[2]}" in want]
+        cases = [c for c in cases if (c[0] == "conv" and "conv" in want) or (c[0] == "user" and "user" in want)
+                 or f"{'user' if c[0] == 'user' else ''}{c[1]}x{c[2]}" in want]
     print(f"# t = {args.t}, k = {args.k}, float32; FC TanhMap({args.in_features}, width), "
-          "conv ConvCell(4, 48, (14, 14)) ReLU at batch 64")
+          "conv ConvCell(4, 48, (14, 14)) ReLU at batch 64, user: the FC map as a user's nn.Module (no closed form)")
 
     verdicts = harness.Verdicts()
     rows, worst = [], {}
     for kind, batch, width in cases:
-        label = f"FC {batch}×{width}" if kind == "FC" else f"conv {batch}×48×14×14"
+        label = f"conv {batch}×48×14×14" if kind == "conv" else f"{kind} {batch}×{width}"
         for mode in modes:
             torch.manual_seed(args.seed)
-            make = (lambda: fc_net(args.in_features, width)) if kind == "FC" else (lambda: conv_net(4, 48, 14))
-            cell_cls = BareFC if kind == "FC" else BareConv
+            make = {"FC": lambda: fc_net(args.in_features, width), "user": lambda: user_net(args.in_features, width),
+                    "conv": lambda: conv_net(4, 48, 14)}[kind]
+            cell_cls = BareConv if kind == "conv" else BareFC
             net = make().to(device)
             # the limit must compute our gradients: float64 at a small batch, then float32 at this size
             net64 = copy.deepcopy(net).double()
@@ -331,7 +366,7 @@ def main() -> int:
             cands = {"ours": ours(net, mode, args.t, args.k, x, y),
                      "limit": bare(net, cell_cls, mode, args.t, args.k, x, y)}
             e32 = rel_diff(cands["ours"](), cands["limit"]())
-            target = FC_TARGET[mode] if kind == "FC" else CONV_TARGET
+            target = CONV_TARGET if kind == "conv" else FC_TARGET[mode]
             verdicts.check(f"{label} {mode}: the limit computes our gradients (float64 rel. diff <= {F64_RTOL:g}, "
                            f"float32 <= {F32_RTOL:g})", e64 <= F64_RTOL and e32 <= F32_RTOL,
                            f"float64 {e64:.1e}, float32 {e32:.1e}")
@@ -347,8 +382,8 @@ def main() -> int:
                          "grad diff f64", "grad diff f32"], rows,
                         f"Training step ÷ bare limit, t = {args.t}, k = {args.k}")
     for (kind, mode), (ratio, label) in worst.items():
-        target = FC_TARGET[mode] if kind == "FC" else CONV_TARGET
-        what = "every FC size" if kind == "FC" else "conv cell"
+        target = CONV_TARGET if kind == "conv" else FC_TARGET[mode]
+        what = {"FC": "every FC size", "user": "user map, every size", "conv": "conv cell"}[kind]
         verdicts.check(f"{mode} ({what}): training step / limit <= {target:.2f}", ratio <= target,
                        f"worst {ratio:.3f} ({label})")
     return verdicts.finish()

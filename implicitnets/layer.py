@@ -7,6 +7,7 @@ respect to ``x`` and θ by the chosen backward mode (:class:`ITD`, :class:`AID`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -41,19 +42,6 @@ def _check_options(solver: object, backward: object) -> None:
         )
 
 
-def _touch_parametrizations(module: nn.Module) -> None:
-    """Evaluate every parametrized tensor once inside ``cached()``, with autograd as the
-    caller has it (on, unless under ``no_grad``).
-
-    Otherwise the first evaluation may happen under the solver's ``no_grad`` and the cached
-    weight would carry no graph: its parameters would silently get no gradient.
-    """
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub):
-            for name in sub.parametrizations:
-                getattr(sub, name)
-
-
 def _as_state(value: object, name: str) -> State:
     """``value`` as a tensor or a tuple of tensors (a list becomes a tuple)."""
     if isinstance(value, list):
@@ -81,9 +69,9 @@ def _check_input(x: State, module: nn.Module | None) -> None:
 class _FiniteInputs:
     """The NaN/Inf check of ``x`` and a given ``z0``, without a host sync of its own.
 
-    One sum per tensor is queued before the solve and read after it (the solve's
-    statistics synchronise anyway); a non-finite sum is confirmed element-wise (a finite
-    tensor whose sum overflows is not an error).
+    One sum per tensor is queued before the solve and their total read after it (the
+    solve's statistics synchronise anyway); a non-finite total is confirmed element-wise
+    (finite tensors whose sums overflow are not an error).
     """
 
     def __init__(self, named: list[tuple[str, Tensor]]) -> None:
@@ -93,8 +81,8 @@ class _FiniteInputs:
     @host_read
     def check(self) -> None:
         """Raise :class:`NonFiniteError` naming the first input that holds NaN or Inf."""
-        sums = self.sums[0] if len(self.sums) == 1 else torch.stack(self.sums)
-        if bool(torch.isfinite(sums).all()):  # the one read
+        total = self.sums[0] if len(self.sums) == 1 else torch.stack(self.sums).sum()
+        if math.isfinite(total.item()):  # the one read
             return
         for name, t in self.named:
             if not torch.isfinite(t).all():
@@ -187,11 +175,12 @@ def _solve(
     z0: State | None, adjoint_x0: Tensor | None,
 ) -> tuple[State, SolverStats]:
     with parametrize.cached():
-        if module is not None:
-            _touch_parametrizations(module)
         form = parts_of(f)
         step = form.step
         u = form.inject(x) if form.inject is not None else x
+        # every parametrized tensor is evaluated here, inside cached(), with autograd as the
+        # caller has it: were its first evaluation under the solver's no_grad, the cached
+        # weight would carry no graph and its parameters would silently get no gradient
         names, params = map_tensors(module)
         needs_grad = torch.is_grad_enabled() and (
             module is None or any(t.requires_grad for t in (*parts(x), *parts(u), *params))

@@ -101,6 +101,8 @@ class Transposed(LinearOperator):
 
     def __init__(self, op: LinearOperator) -> None:
         self.op = op
+        if type(self) is Transposed:  # A's products, bound once: a product of Aᵀ is one call
+            self.mv, self.rmv, self.mv_add, self.rmv_add = op.rmv, op.mv, op.rmv_add, op.mv_add  # type: ignore[method-assign]
 
     @property
     def like(self) -> Tensor:
@@ -188,6 +190,38 @@ def _flat_cat(tensors: tuple[Tensor, ...]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+#: the autograd engine that ``torch.autograd.grad`` calls
+_ENGINE = torch.autograd.Variable._execution_engine
+
+
+def walk(
+    outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False,
+    unreached: str = "zeros",
+) -> tuple[Tensor | None, ...]:
+    """``Σᵢ (∂outputsᵢ / ∂inputs)ᵀ cotangentsᵢ``: one walk of the recorded graph, which is kept.
+
+    ``torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, allow_unused=True,
+    create_graph=create)`` without its Python argument checks (the cotangents are shaped and
+    typed like the outputs by construction; the engine still validates them): that wrapper
+    costs about as much as a small product, and an adjoint solve makes one walk per
+    iteration.  An input the outputs do not reach gets zeros (``unreached="zeros"``) or
+    ``None`` (``"none"``).  The results are detached unless ``create``.
+    """
+    live = [i for i, o in enumerate(outputs) if o.requires_grad]
+    if not live:  # the outputs do not depend on the inputs at all: J = 0
+        return tuple(torch.zeros_like(z) if unreached == "zeros" else None for z in inputs)
+    if len(live) < len(outputs):
+        outputs, cotangents = tuple(outputs[i] for i in live), tuple(cotangents[i] for i in live)
+    if create:
+        with torch.enable_grad():
+            grads = _ENGINE.run_backward(outputs, cotangents, True, True, inputs, True, False)
+    else:
+        grads = _ENGINE.run_backward(outputs, cotangents, True, False, inputs, True, False)
+    if unreached != "zeros":
+        return tuple(grads)
+    return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
+
+
 class GraphJacobian(LinearOperator):
     """``J = ∂ out / ∂ w`` on a recorded graph ``out = Φ(w, ·)``.
 
@@ -215,6 +249,8 @@ class GraphJacobian(LinearOperator):
         self.single = isinstance(out, Tensor)
         self._like = self.outs[0].detach() if self.single else _flat_cat(tuple(o.detach() for o in self.outs))
         self._dual: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None
+        #: a tensor state whose output depends on w: a product of the output's dtype is one engine call
+        self._lean = self.single and self.outs[0].requires_grad
 
     @property
     def like(self) -> Tensor:
@@ -228,21 +264,7 @@ class GraphJacobian(LinearOperator):
 
     def _join(self, tensors: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
         out = tensors[0] if self.single else _flat_cat(tensors)
-        return out.detach().to(dtype)
-
-    @staticmethod
-    def _grad(
-        outputs: tuple[Tensor, ...], inputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool = False
-    ) -> tuple[Tensor, ...]:
-        pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
-        if not pairs:  # the output does not depend on w at all: J = 0
-            return tuple(torch.zeros_like(z) for z in inputs)
-        with torch.enable_grad():
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], inputs, [c for _, c in pairs],
-                retain_graph=True, create_graph=create, allow_unused=True,
-            )
-        return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
+        return out.to(dtype)
 
     def rmv(self, y: Tensor) -> Tensor:
         """``Jᵀ y``: one vector–Jacobian product on the recorded graph.
@@ -250,7 +272,10 @@ class GraphJacobian(LinearOperator):
         Args:
             y: A vector shaped like :attr:`like`; the result has its dtype.
         """
-        return self._join(self._grad(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
+        if self._lean and y.dtype == self._like.dtype:
+            (g,) = _ENGINE.run_backward(self.outs, (y,), True, False, self.ws, True, False)
+            return torch.zeros_like(y) if g is None else g
+        return self._join(walk(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
 
     def mv(self, x: Tensor) -> Tensor:
         """``J x``: the derivative of ``u ↦ Jᵀu`` (linear in ``u``) applied to ``x``.
@@ -261,7 +286,7 @@ class GraphJacobian(LinearOperator):
         if self._dual is None:
             with torch.enable_grad():
                 dummies = tuple(torch.zeros_like(o, requires_grad=True) for o in self.outs)
-                jtu = self._grad(self.outs, self.ws, dummies, create=True)
+                jtu = walk(self.outs, self.ws, dummies, create=True)
             self._dual = (jtu, dummies)
         jtu, dummies = self._dual
-        return self._join(self._grad(jtu, dummies, self._split(x, self.ws)), x.dtype)
+        return self._join(walk(jtu, dummies, self._split(x, self.ws)), x.dtype)

@@ -10,6 +10,10 @@ map's closed form or from that step's graph), and lets autograd carry ``v`` thro
 the solver's last iterate.  The backward sees exactly the forward's weights and dropout
 masks.  No tensor hooks.
 
+For a map without a closed form (the generic path, :mod:`implicitnets.backward.leaf_step`)
+that step is recorded from leaves ``w*`` and ``u``: each product ``Jᵀv`` of the adjoint solve
+walks only the step's own graph, and ``∂_{u,P}Φᵀ v`` is one walk of it at the end.
+
 That first-order backward is the fast path.  When a derivative of the backward itself may be
 needed (``create_graph=True``: Hessian–vector products, MAML, gradient penalties), in
 forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``/``jacfwd``) and under every
@@ -36,6 +40,7 @@ from ..transforms import transforms_active
 from .adjoint import adjoint_message, solve_adjoint
 from .base import BackwardMode, Problem
 from .implicit import FixedPoint, make_spec
+from .leaf_step import LeafStep
 from .traced import run_traced
 
 __all__ = ["AID"]
@@ -111,27 +116,37 @@ class AID(BackwardMode):
             return z, stats
         form = step_parts(problem.step)
         closed, graph = form.jacobian, form.jacobian_needs_graph
-        with torch.enable_grad():
-            # a J that reads only values needs no graph through w (and the backward no w-gradient)
-            z_in = map_parts(lambda t: t.detach().requires_grad_(graph), z)
-            fz = problem.step(z_in, problem.u)
-        J = closed(z_in, problem.u, fz) if closed is not None else GraphJacobian(fz, z_in)
+        leaf = LeafStep.record(problem, z) if closed is None else None
+        if leaf is not None:  # the generic path: J and ∂₂Φ on the step's own graph
+            z_in, fz, J = leaf.w, leaf.fz, leaf.J
+        else:
+            with torch.enable_grad():
+                # a J that reads only values needs no graph through w (and the backward no w-gradient)
+                z_in = map_parts(lambda t: t.detach().requires_grad_(graph), z)
+                fz = problem.step(z_in, problem.u)
+            J = closed(z_in, problem.u, fz) if closed is not None else GraphJacobian(fz, z_in)
         spec.stats = stats
-        spec.fast = _Eager(self, problem, stats, J, z, z_in, fz)
-        out = FixedPoint.apply(spec, *parts(fz), *inputs)
+        spec.fast = _Eager(self, problem, stats, J, z, z_in, fz, leaf)
+        out = FixedPoint.apply(spec, *spec.fast.fz, *inputs)
         return pack(fz, out), stats
 
 
 class _Eager:
     """AID's first-order backward on the graph of the differentiable step ``fz = Φ(w*, x)``:
     ``g ↦ v = (I − Jᵀ)⁻¹ g`` with the operator ``J`` built in the forward, handed back as
-    the cotangent of ``fz``."""
+    the cotangent of ``fz`` (then :attr:`fz` holds the parts of ``fz``, inputs of
+    :class:`FixedPoint`), or, on the generic path (a :class:`LeafStep`), passed through the
+    step's own graph to the gradients of ``u`` and ``P`` (then :attr:`fz` is empty)."""
 
     def __init__(self, mode: AID, problem: Problem, stats: SolverStats, J: LinearOperator, z: State,
-                 z_in: State, fz: State):
-        self.mode, self.problem, self.stats, self.J = mode, problem, stats, J
+                 z_in: State, fz: State, leaf: LeafStep | None = None):
+        self.mode, self.problem, self.stats, self.J, self.leaf = mode, problem, stats, J, leaf
         self.z = tuple(t.detach() for t in parts(z))
-        self.z_in, self.fz = parts(z_in), parts(fz)
+        self.z_in, self.out = parts(z_in), parts(fz)
+        #: the step's parts attached to :class:`FixedPoint` (none on the generic path)
+        self.fz = self.out if leaf is None else ()
+        #: the dtypes of w* as returned (the map's output's)
+        self.dtypes = tuple(f.dtype for f in self.out)
         self.single = isinstance(fz, Tensor)
 
     def flatten(self, grads: tuple[Tensor, ...]) -> Tensor:
@@ -154,10 +169,19 @@ class _Eager:
             return tuple(next(grads) if t.requires_grad else None for t in wrt)
 
     def backward(self, grads: tuple[Tensor | None, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
-        """The cotangents of ``fz`` and, after an ITD fallback, the gradients of ``(u, P)``."""
-        mode, stats, fz = self.mode, self.stats, self.fz
+        """The cotangents of the attached ``fz`` and the gradients of ``(u, P)`` (on the
+        generic path, or after an ITD fallback)."""
+        cotangent, extra = self._solve(grads)
+        if self.leaf is None:
+            return cotangent, extra
+        through = self.leaf.pullback(cotangent)
+        return (), tuple(a if b is None else b if a is None else a + b for a, b in zip(through, extra))
+
+    def _solve(self, grads: tuple[Tensor | None, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...]]:
+        """The cotangent of ``fz`` and, after an ITD fallback, the gradients of ``(u, P)``."""
+        mode, stats = self.mode, self.stats
         none_extra = (None,) * (len(parts(self.problem.u)) + len(self.problem.params))
-        grads = tuple(torch.zeros_like(f) if g is None else g for g, f in zip(grads, fz))
+        grads = tuple(torch.zeros_like(f) if g is None else g for g, f in zip(grads, self.out))
         g = self.flatten(grads)
         v, info, finite = solve_adjoint(self.J, g, mode.linear_solver, self.problem.adjoint_x0)
         stats.backward.iterations = info.iterations
@@ -182,7 +206,10 @@ class _Eager:
     def check_inputs(self) -> None:
         """Refuse a higher-order derivative when the step depends on a tensor that needs a
         gradient but is neither ``x`` nor a parameter of the map (e.g. one captured by a
-        closure): the higher-order rules could not see it."""
+        closure): the higher-order rules could not see it.  (On the generic path the step was
+        recorded only when it depends on no such tensor.)"""
+        if self.leaf is not None:
+            return
         p = self.problem
         known = {id(t) for t in (*self.z_in, *parts(p.u), *p.params)}
         stops = {t.grad_fn for t in (*parts(p.u), *p.params) if t.grad_fn is not None}

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -300,7 +301,7 @@ class FixedPoint(torch.autograd.Function):
         z0 = tensors[n_fz : n_fz + spec.n_w]
         _, u, P = spec.split(tensors[n_fz:])
         if spec.fast is not None:  # solved already: w*'s value, a copy
-            return tuple(z.to(f.dtype, copy=True) for z, f in zip(spec.fast.z, tensors[:n_fz]))
+            return tuple(z.to(d, copy=True) for z, d in zip(spec.fast.z, spec.fast.dtypes))
         held = len(P) == len(spec.held) and all(a is b for a, b in zip(P, spec.held))
         with contextlib.nullcontext() if held else spec.phi.substituted(P):
             z, stats = spec.solver.solve(BoundMap(spec.phi.step, u, spec.owner), spec.state(z0))
@@ -372,3 +373,9 @@ class FixedPoint(torch.autograd.Function):
         outs = _loop(lambda *a: FixedPoint.apply(inner, *a), size, tensors, dims)
         spec.stats = inner.stats
         return outs, (0,) * len(outs)
+
+
+# ``Function.apply`` binds its arguments to ``forward``'s signature at every call; a signature
+# computed once spares ``inspect`` rebuilding it per solve
+for _function in (FixedPoint, LinearFixedPoint):
+    _function.forward.__signature__ = inspect.signature(_function.forward)

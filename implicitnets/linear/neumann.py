@@ -76,10 +76,12 @@ class Neumann(LinearSolver):
             limit = self.tol
 
         compiled = use_compiled(self.compile, b)
+        # the product of one iteration, bound once (the eager loop calls it directly)
+        product = (lambda x, c: self.compile(richardson_step)(M, x, c)) if compiled else M.mv_add
 
         def step(x: Tensor) -> Tensor:
             """The next iterate ``(I − A) x + b``; ``step(x) − x`` is x's residual ``b − A x``."""
-            return self.compile(richardson_step)(M, x, b) if compiled else M.mv_add(x, b)
+            return product(x, b)
 
         def first_step(x: Tensor) -> Tensor:
             try:
@@ -108,7 +110,7 @@ class Neumann(LinearSolver):
                         x = y
                     break
             x = y
-            y = step(x) if used else first_step(x)
+            y = product(x, b) if used else first_step(x)  # step(x)
             used += 1
         if x is None:  # stopped before the first iteration (cold start): x = 0, r = b
             return p.finish(torch.zeros_like(b), b, 0, self.tol)

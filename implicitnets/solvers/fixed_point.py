@@ -100,7 +100,8 @@ class FixedPointIteration(IterativeSolver):
         z, beta, step = z0, float(self.damping), g
         for k in range(self.max_iter):
             fz = step(z)
-            check_structure(fz, z)
+            if k == 0:  # later inputs have the shapes of this output
+                check_structure(fz, z)
             new = fz if beta == 1.0 else map_parts(lambda a, b: torch.lerp(a.to(b.dtype), b, beta), z, fz)
             stop = monitor.record(fz, z, new)
             z = new

@@ -59,11 +59,19 @@ def sample_norms(fz: State, z: State, batch: int) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         a, b = parts(fz), parts(z)
         dtype = _work_dtype(a[0])
-        nums = [torch.linalg.vector_norm(x.to(dtype) - y.to(dtype), dim=1) for x, y in _as_rows(a, b, batch)]
-        dens = [torch.linalg.vector_norm(x, dim=1, dtype=dtype) for x, _ in _as_rows(a, b, batch)]
+        rows = _as_rows(a, b, batch)
+        nums = [torch.linalg.vector_norm(_diff(x, y, dtype), dim=1) for x, y in rows]
+        dens = [torch.linalg.vector_norm(x, dim=1, dtype=dtype) for x, _ in rows]
         if len(nums) == 1:
             return nums[0], dens[0]
         return torch.stack(nums).square().sum(0).sqrt(), torch.stack(dens).square().sum(0).sqrt()
+
+
+def _diff(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x − y`` in ``dtype``."""
+    if x.dtype == y.dtype == dtype:
+        return x - y
+    return x.to(dtype) - y.to(dtype)
 
 
 def _as_rows(a: tuple[Tensor, ...], b: tuple[Tensor, ...], batch: int) -> list[tuple[Tensor, Tensor]]:
