@@ -190,8 +190,18 @@ def _flat_cat(tensors: tuple[Tensor, ...]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-#: the autograd engine that ``torch.autograd.grad`` calls
-_ENGINE = torch.autograd.Variable._execution_engine
+#: the autograd engine's entry point that ``torch.autograd.grad`` calls (None if absent)
+_ENGINE_RUN = getattr(getattr(torch.autograd.Variable, "_execution_engine", None), "run_backward", None)
+
+
+def _run_backward(outputs: tuple[Tensor, ...], cotangents: tuple[Tensor, ...], create: bool,
+                  inputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients of ``inputs`` (``None`` where unreached), the graph kept: the engine entry
+    point without ``torch.autograd.grad``'s argument checks, or ``torch.autograd.grad``
+    itself where a PyTorch version has no such entry point."""
+    if _ENGINE_RUN is not None:
+        return _ENGINE_RUN(outputs, cotangents, True, create, inputs, True, False)
+    return torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, create_graph=create, allow_unused=True)
 
 
 def walk(
@@ -214,9 +224,9 @@ def walk(
         outputs, cotangents = tuple(outputs[i] for i in live), tuple(cotangents[i] for i in live)
     if create:
         with torch.enable_grad():
-            grads = _ENGINE.run_backward(outputs, cotangents, True, True, inputs, True, False)
+            grads = _run_backward(outputs, cotangents, True, inputs)
     else:
-        grads = _ENGINE.run_backward(outputs, cotangents, True, False, inputs, True, False)
+        grads = _run_backward(outputs, cotangents, False, inputs)
     if unreached != "zeros":
         return tuple(grads)
     return tuple(torch.zeros_like(z) if g is None else g for g, z in zip(grads, inputs))
@@ -273,7 +283,7 @@ class GraphJacobian(LinearOperator):
             y: A vector shaped like :attr:`like`; the result has its dtype.
         """
         if self._lean and y.dtype == self._like.dtype:
-            (g,) = _ENGINE.run_backward(self.outs, (y,), True, False, self.ws, True, False)
+            (g,) = _run_backward(self.outs, (y,), False, self.ws)
             return torch.zeros_like(y) if g is None else g
         return self._join(walk(self.outs, self.ws, self._split(y, self.outs)), y.dtype)
 

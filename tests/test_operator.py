@@ -308,3 +308,18 @@ def test_a_huge_finite_input_is_not_an_error():
     x = torch.full((2, 5), 1e308)
     z, stats = inn.fixed_point(cell, x, solver=inn.FixedPointIteration(max_iter=3, tol=0.0), backward=inn.ITD())
     assert torch.isfinite(z).all() and stats.iterations == 3
+
+
+def test_graph_jacobian_products_without_the_engine_entry_point(monkeypatch):
+    """The products fall back to ``torch.autograd.grad`` where PyTorch lacks the engine's
+    entry point, with the same values."""
+    torch.manual_seed(0)
+    A = torch.randn(4, 4, dtype=torch.float64)
+    w = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    out = torch.tanh(w @ A.T)
+    y = torch.randn(3, 4, dtype=torch.float64)
+    expected = GraphJacobian(out, w).rmv(y)
+    monkeypatch.setattr(inn.operator, "_ENGINE_RUN", None)
+    fallback = GraphJacobian(out, w)
+    torch.testing.assert_close(fallback.rmv(y), expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(fallback.mv(y), torch.func.jvp(lambda z: torch.tanh(z @ A.T), (w.detach(),), (y,))[1])
