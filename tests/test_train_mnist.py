@@ -39,7 +39,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoint.pt", weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("backward", ["itd", "itd:3", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb"])
+@pytest.mark.parametrize(
+    "backward", ["itd", "itd:3", "aid-fp", "aid-cg", "aid-normalcg", "aid-gmres", "jfb", "phantom:2:0.5"])
 @pytest.mark.parametrize("model", ["fc", "conv"])
 def test_two_step_smoke_every_backward_mode(tmp_path, model, backward):
     extra = ["--channels", "8", "--batch-size", "20"] if model == "conv" else ["--width", "32"]
@@ -143,6 +144,15 @@ def test_warm_start_saves_iterations_and_resumes_with_its_cache(tmp_path, backwa
     run(tmp_path / "split", *common, "--warm-start", "--resume")
     a, b = weights(tmp_path / "warm"), weights(tmp_path / "split")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_adjoint_tolerance_is_tied_to_the_forward_one_unless_given():
+    tied = mnist.build_model(mnist.parse_args(["--tol", "3e-4"])).deq.backward.linear_solver
+    assert tied.tol == 3e-4 and tied.max_iter == 20
+    given = mnist.build_model(mnist.parse_args(["--tol", "3e-4", "--backward-tol", "0"])).deq.backward.linear_solver
+    assert given.tol == 0.0
+    with pytest.raises(ValueError, match="--backward-tol"):
+        mnist.check_config(mnist.parse_args(["--backward-tol", "-0.5"]))
 
 
 def test_preset_grazzi2020_is_the_reference_experiment():

@@ -51,7 +51,7 @@ from train.baseline import comparison, matched_size
 from train.checkpoint import CheckpointError, resume, save_checkpoint
 from train.cli import make_backward, make_optimizer, make_solver
 from train.data import DataError, DeviceData, load, on_device
-from train.mnist_config import ACTIVATION, BASELINE, MATCHED_SIZE, Config, check_config
+from train.mnist_config import ACTIVATION, BASELINE, MATCHED_SIZE, Config, backward_tol, check_config
 from train.mnist_config import parse_args as parse_options
 from train.plots import training_curves
 from train.processes import init_processes
@@ -69,7 +69,7 @@ parse_args = functools.partial(parse_options, description=__doc__)  # argv → C
 def build_model(cfg: Config) -> nn.Module:
     contraction = cfg.gamma if cfg.contraction == "spectral" else None
     solver = make_solver(cfg.solver, cfg.t, cfg.tol, alpha=cfg.alpha)
-    backward = make_backward(cfg.backward, cfg.k, cfg.backward_tol, on_failure=cfg.on_failure)
+    backward = make_backward(cfg.backward, cfg.k, backward_tol(cfg), on_failure=cfg.on_failure)
     if cfg.model == "mon":
         return models.MonotoneEquilibrium(784, cfg.width, 10, m=cfg.m, solver=solver, backward=backward)
     if cfg.model == "monconv":

@@ -15,7 +15,7 @@ from train.data import DATASETS
 from train.schedule import SCHEDULES
 
 __all__ = ["Config", "PRESETS", "MODEL_DEFAULTS", "BASELINE", "MATCHED_SIZE", "ACTIVATION", "parse_args",
-           "check_config"]
+           "check_config", "backward_tol"]
 
 BASELINE = {"fc": "mlp", "conv": "cnn", "mon": "mlp", "monconv": "cnn"}  # equilibrium model → explicit network
 MATCHED_SIZE = {"mon": "width", "monconv": "channels"}  # the baseline's size option matched to a monotone model
@@ -28,7 +28,7 @@ class Config:
     t: int = 20  # forward solver iterations (max_iter)
     k: int = 20  # backward linear-solver iterations (AID)
     tol: float = 1e-4  # forward stopping tolerance on the relative residual; 0 runs exactly t
-    backward_tol: float = 0.0  # AID tolerance; 0 runs exactly k iterations
+    backward_tol: float = -1.0  # AID tolerance (at most k iterations); -1: tied to --tol; 0 runs exactly k
     on_failure: str = "warn"  # a failed AID adjoint solve: warn (keep it), raise, itd (recompute by ITD), jfb
     solver: str = "fp"  # fp | anderson | broyden | pr | fb (pr, fb: monotone models only)
     alpha: float = 1.0  # step size of the splitting solvers pr / fb
@@ -116,12 +116,19 @@ CHOICES = dict(
 def check_config(cfg: Config) -> None:
     """Raise ``ValueError`` naming the first bad option of ``cfg``."""
     check_choices(cfg, CHOICES, at_least_one=("t", "k", "epochs", "batch_size", "eval_batch_size"))
-    if not (cfg.lr > 0 and cfg.gamma > 0 and cfg.tol >= 0 and cfg.backward_tol >= 0 and cfg.augment >= 0):
-        raise ValueError("--lr and --gamma must be > 0; --tol, --backward-tol and --augment must be >= 0")
+    if not (cfg.lr > 0 and cfg.gamma > 0 and cfg.tol >= 0 and (cfg.backward_tol >= 0 or cfg.backward_tol == -1)
+            and cfg.augment >= 0):
+        raise ValueError("--lr and --gamma must be > 0; --tol and --augment must be >= 0; --backward-tol >= 0 or -1 "
+                         "(tied to --tol)")
     if not cfg.dist_timeout > 0:
         raise ValueError(f"--dist-timeout must be > 0 seconds, got {cfg.dist_timeout}")
     if cfg.solver in ("pr", "fb") and cfg.model not in MATCHED_SIZE:
         raise ValueError(f"--solver {cfg.solver} is an operator-splitting solver: only for --model mon or monconv")
     if not (cfg.alpha > 0 and cfg.m > 0):
         raise ValueError("--alpha and --m must be > 0")
-    make_backward(cfg.backward, cfg.k, cfg.backward_tol, on_failure=cfg.on_failure)  # raises on an unknown mode
+    make_backward(cfg.backward, cfg.k, backward_tol(cfg), on_failure=cfg.on_failure)  # raises on an unknown mode
+
+
+def backward_tol(cfg: Config) -> float:
+    """The adjoint solve's tolerance: ``--backward-tol``, or the forward's ``--tol`` when it is -1."""
+    return cfg.tol if cfg.backward_tol == -1 else cfg.backward_tol
