@@ -147,9 +147,10 @@ def test_warm_start_saves_iterations_and_resumes_with_its_cache(tmp_path, backwa
 
 
 def test_the_adjoint_tolerance_is_tied_to_the_forward_one_unless_given():
-    tied = mnist.build_model(mnist.parse_args(["--tol", "3e-4"])).deq.backward.linear_solver
+    tied = mnist.build_model(mnist.parse_args(["--backward", "aid-fp", "--tol", "3e-4"])).deq.backward.linear_solver
     assert tied.tol == 3e-4 and tied.max_iter == 20
-    given = mnist.build_model(mnist.parse_args(["--tol", "3e-4", "--backward-tol", "0"])).deq.backward.linear_solver
+    given = mnist.build_model(mnist.parse_args(["--backward", "aid-fp", "--tol", "3e-4", "--backward-tol", "0"]))
+    given = given.deq.backward.linear_solver
     assert given.tol == 0.0
     with pytest.raises(ValueError, match="--backward-tol"):
         mnist.check_config(mnist.parse_args(["--backward-tol", "-0.5"]))

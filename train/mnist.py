@@ -8,15 +8,18 @@
     python -m train.mnist --preset grazzi2020           # the reference experiment
     torchrun --nproc_per_node=2 -m train.mnist ...      # DistributedDataParallel (gloo / nccl)
 
-The default run trains ``w = tanh(A w + B x + c)`` (width 200, ‖A‖₂ ≤ 0.9, AID-FP, t = k = 20)
-on the embedded 5,000 MNIST digits and then, with the same recipe (100 epochs of Adam, lr
-1e-3 on a cosine schedule, batch 100, random shifts of up to 2 pixels), the explicit
-784-200-200-10 tanh network of the same size, and prints the two side by side.
+The default run trains ``w = tanh(A w + B x + c)`` (width 200, ‖A‖₂ ≤ 0.9, forward solve to
+1e-3, the 2-step phantom gradient) on the embedded 5,000 MNIST digits and then, with the same
+recipe (100 epochs of Adam, lr 1e-3 on a cosine schedule, batch 100, random shifts of up to 2
+pixels), the explicit 784-200-200-10 tanh network of the same size, and prints the two side
+by side with their time ratios (whole run and model steps alone).
 
-``--backward``: ``itd``, ``itd:K``, ``aid-fp`` / ``aid-normalcg`` / ``aid-gmres`` / ``aid-cg``
-(k steps of that linear solver; CG assumes a symmetric Jacobian, which these models lack), or
-``jfb``.  Monotone models (``mon``, ``monconv``: ``z = ReLU(W z + U x + b)``, ``I − W ⪰ m I``)
-use operator splitting (``--solver pr`` / ``fb``) and their own defaults.
+``--backward``: ``phantom:K[:λ]`` (K damped steps from w*), ``jfb``, ``itd``, ``itd:K``, or
+``aid-fp`` / ``aid-normalcg`` / ``aid-gmres`` / ``aid-cg`` (at most k steps of that linear
+solver, to ``--backward-tol``, by default the forward's ``--tol``; CG assumes a symmetric
+Jacobian, which these models lack).  Monotone models (``mon``, ``monconv``:
+``z = ReLU(W z + U x + b)``, ``I − W ⪰ m I``) use operator splitting (``--solver pr`` / ``fb``)
+and their own defaults.
 
 Reads top to bottom: model and processes, one epoch of guarded steps (a non-finite step is
 skipped and logged), evaluation, one run, main.  Draws are seeded by (seed, epoch) and the
