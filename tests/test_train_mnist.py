@@ -87,7 +87,8 @@ def test_baseline_trained_in_the_same_run(tmp_path, capsys):
 def test_monotone_models_train_with_splitting_solvers(tmp_path, model, extra, solver):
     alpha = "1.0" if solver == "pr" else "0.5"
     summary = run(tmp_path, "--model", model, "--solver", solver, "--alpha", alpha, "--epochs", "2",
-                  "--batch-size", "500", "--t", "6", "--k", "5", "--tol", "0", "--augment", "0", *extra)
+                  "--batch-size", "500", "--t", "6", "--k", "5", "--tol", "0", "--augment", "0",
+                  "--backward", "aid-gmres", *extra)
     assert summary["steps"] == 20 and summary["skipped_steps"] == 0 and summary["backward"] == "aid-gmres"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records]
