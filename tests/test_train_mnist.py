@@ -78,6 +78,8 @@ def test_baseline_trained_in_the_same_run(tmp_path, capsys):
     ours, theirs = summary["config"], base["config"]
     assert {key for key in ours if ours[key] != theirs[key]} == {"model", "out"}  # the same recipe
     assert 0 < summary["step_seconds"] < summary["seconds"] and 0 < base["step_seconds"] < base["seconds"]
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < record["step_cpu_seconds"] and 0 < record["step_seconds"] < record["train_seconds"]
     assert json.loads((tmp_path / "summary.json").read_text())["baseline"]["model"] == "mlp"
     assert (tmp_path / "baseline" / "checkpoint.pt").is_file()
 

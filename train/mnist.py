@@ -125,7 +125,7 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
     perm = torch.randperm(n_train, generator=generator).to(device)
     offsets = torch.randint(0, 2 * cfg.augment + 1, (n_train, 2), generator=generator).to(device)
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss·n, correct, n
-    f_iters, f_resid, b_iters, b_resid, skipped, step_seconds = [], [], [], [], [], 0.0
+    f_iters, f_resid, b_iters, b_resid, skipped, step_seconds, step_cpu = [], [], [], [], [], 0.0, 0.0
     bar = tqdm(range(n_train // cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (rank == 0 and cfg.progress), dynamic_ncols=True)  # the last partial batch is dropped
     with FoldedWarnings(f"epoch {epoch + 1}") as folded:  # solver warnings: one line per epoch
@@ -150,12 +150,13 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
                 loss = F.cross_entropy(logits, yb, reduction="sum", label_smoothing=cfg.label_smoothing)
                 return loss * (world / cfg.batch_size), logits
 
-            began = time.perf_counter()  # model-step time: forward, backward, optimiser step (no data handling)
+            began, began_cpu = time.perf_counter(), time.process_time()  # model-step time: forward, backward, step
             outcome = guarded_step(list(run.raw_model.parameters()), run.optimizer, forward, after_step=run.project,
                                    ddp=run.model if world > 1 else None)
             if device.type == "cuda":  # the step's kernels finish before its time is read
                 torch.cuda.synchronize(device)
             step_seconds, step = step_seconds + time.perf_counter() - began, step + 1
+            step_cpu += time.process_time() - began_cpu  # this process's CPU time: no waiting for a busy core
             if outcome.skipped:
                 skipped.append(step - 1)
                 warnings.warn(f"step {step - 1}: skipped ({outcome.skipped[:300]})", RuntimeWarning, stacklevel=1)
@@ -186,6 +187,7 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
         forward_residual_max=max(f_resid, default=None),
         backward_iterations=mean(b_iters), backward_residual=mean(b_resid),
         skipped_steps=skipped, convergence_warnings=folded.convergence, step_seconds=step_seconds,
+        step_cpu_seconds=step_cpu,
     )
 
 
