@@ -92,8 +92,8 @@ MODEL_DEFAULTS = {
     # AID-FP's Neumann series may diverge) and a forward solve to 1e-3, chosen on time to accuracy
     "mon": dict(width=174, solver="pr", alpha=1.0, m=0.5, t=40, tol=1e-3, backward="phantom:2:0.5", lr=2e-3,
                 weight_decay=1e-4, label_smoothing=0.1),
-    # monDEQ, conv: the conv model's budget
-    "monconv": dict(channels=38, solver="pr", alpha=1.0, m=0.5, t=30, backward="aid-gmres", lr=2e-3,
+    # monDEQ, conv: the conv model's budget; the FC monotone model's damped phantom gradient and tolerance
+    "monconv": dict(channels=38, solver="pr", alpha=1.0, m=0.5, t=30, tol=1e-3, backward="phantom:2:0.5", lr=2e-3,
                     weight_decay=1e-4, epochs=10),
 }
 
