@@ -270,3 +270,23 @@ def test_conv_cell_tanh_under_compile_matches_eager_float64():
     _close(value, ref)
     for g, r in zip(torch.autograd.grad(value.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
         _close(g, r)
+
+
+def test_export_keeps_aten_tanh():
+    """``torch.export`` of the map step holds ``aten.tanh``: an exported program needs nothing of
+    this library's operators."""
+    cell = _cell()
+    w, u = torch.randn(4, 10, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, w, u):
+            return self.cell.step(w, u)
+
+    exported = torch.export.export(Step(), (w, u))
+    targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    assert torch.ops.aten.tanh.default in targets and torch.ops.implicitnets.tanh.default not in targets
+    _close(exported.module()(w, u), cell.step(w, u))

@@ -12,6 +12,7 @@ does not look into: the compiled code calls ATen's ``tanh`` there.  Its derivati
 ``x̄ = ȳ ⊙ (1 − y²)`` (from the output ``y``) is written in plain operations, which inductor
 fuses with their neighbours, and is itself differentiable.  Only code that calls this
 function is affected; nothing changes ``torch.tanh`` or inductor's settings for other code.
+``torch.export`` keeps ``aten.tanh``, so an exported program needs nothing of this library.
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ def _tanh_vmap(info: Any, in_dims: tuple[int | None], x: Tensor) -> tuple[Tensor
 
 def tanh(x: Tensor) -> Tensor:
     """``y = tanh(x)`` elementwise: ``torch.tanh``, or the opaque ``implicitnets::tanh`` (ATen's
-    kernel) while ``torch.compile`` traces a CPU tensor.  Derivative ``1 − y²``.
+    kernel) while ``torch.compile`` (not ``torch.export``) traces a CPU tensor.  Derivative ``1 − y²``.
 
     Args:
         x: Any floating-point tensor.
     """
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.device.type == "cpu":
         return _Tanh.apply(x)
     return torch.tanh(x)
