@@ -9,7 +9,9 @@ stopping test otherwise).  Inductor fuses the pointwise work of the map and of t
 Jacobian products with the matrix products' inputs and outputs, and plans the buffers of
 the unrolled loop so that iterates reuse memory instead of allocating at every step.  The
 host reads the residual once per chunk, so with ``cuda_graphs=True`` a GPU replays each
-chunk as a CUDA graph (``mode="reduce-overhead"``).
+chunk as a CUDA graph (``mode="reduce-overhead"``).  On the CPU the shipped maps' ``tanh``
+stays ATen's kernel inside the compiled code (:mod:`implicitnets.maps.activation`): inductor's
+own CPU ``tanh`` is several times slower.
 
 Without the option the solvers run eagerly, as before.  Inside a ``torch.func`` transform
 (``vmap``, ``grad``, ...) and inside an outer ``torch.compile`` the compiled path steps

@@ -154,3 +154,139 @@ def test_fullgraph_with_the_compiled_path_inside():
     x = _x()
     explained = torch._dynamo.explain(lambda x: model(x).square().sum())(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+# --------------------------------------------------------------------------- maps.activation.tanh
+
+
+def _forward_graphs(fn, *args):
+    """The AOT forward graphs of ``fn`` compiled with ``fullgraph=True`` (eager kernels)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep))
+    return compiled(*args), graphs
+
+
+def _targets(graphs) -> set:
+    return {node.target for gm in graphs for node in gm.graph.nodes if node.op == "call_function"}
+
+
+def test_tanh_is_torch_tanh_in_eager_mode():
+    """Eager (and inside ``torch.func``): ``torch.tanh`` itself, bit for bit."""
+    from implicitnets.maps.activation import tanh
+
+    x = torch.randn(5, 7, dtype=torch.float64)
+    assert torch.equal(tanh(x), torch.tanh(x))
+    assert torch.equal(torch.func.vmap(tanh)(x), torch.tanh(x))
+
+
+def test_tanh_under_compile_on_cpu_is_the_opaque_aten_kernel():
+    """Traced on a CPU tensor, the map's ``tanh`` is the operator ``implicitnets::tanh`` (inductor
+    leaves it to ATen), never ``aten.tanh``; inductor's output equals eager ``torch.tanh``
+    bit for bit (the same kernel)."""
+    from implicitnets.maps.activation import tanh
+
+    x = torch.randn(64, 33)
+    _, graphs = _forward_graphs(lambda x: tanh(2 * x) + 1, x)
+    targets = _targets(graphs)
+    assert torch.ops.implicitnets.tanh.default in targets and torch.ops.aten.tanh.default not in targets
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(lambda x: tanh(x), fullgraph=True)(x), torch.tanh(x))
+    # the built-in map's step goes through it too
+    cell = _cell()
+    w, u = torch.randn(4, 10, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+    _, graphs = _forward_graphs(cell.step, w, u)
+    assert torch.ops.implicitnets.tanh.default in _targets(graphs)
+
+
+def test_tanh_under_compile_derivatives_float64():
+    """The derivative of the compiled ``tanh`` is that of ``torch.tanh``: ``gradcheck`` and the
+    closed form ``1 − y²`` to 1e-12.  Its rule is itself differentiable (checked on the rule
+    outside the compiler: ``torch.compile`` has no double backward)."""
+    from implicitnets.maps.activation import _Tanh, tanh
+
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: tanh(x), fullgraph=True, backend="aot_eager")
+    assert torch.autograd.gradcheck(f, (x,))
+    (g,) = torch.autograd.grad(f(x).sum(), x)
+    y = torch.tanh(x.detach())
+    _close(g, 1 - y**2)
+    assert torch.autograd.gradgradcheck(_Tanh.apply, (x,))
+    (gg,) = torch.autograd.grad(torch.autograd.grad(_Tanh.apply(x).sum(), x, create_graph=True)[0].sum(), x)
+    _close(gg, -2 * y * (1 - y**2))
+
+
+def test_tanh_operator_rules():
+    """``implicitnets::tanh`` passes ``torch.library.opcheck`` (schema, fake tensor) and maps
+    under ``vmap``."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.implicitnets.tanh.default, (x,), test_utils=("test_schema", "test_faketensor"))
+    assert torch.equal(torch.func.vmap(torch.ops.implicitnets.tanh)(x), torch.tanh(x))
+
+
+def test_fullgraph_inductor_matches_eager_float64():
+    """The FC model compiled by inductor (``fullgraph=True``; ``tanh`` through ATen) gives eager's
+    values and gradients to 1e-12 in float64."""
+    model, x = _fc_model(inn.AID(linear.Neumann(12, tol=0.0))), _x()
+
+    def loss(x):
+        return model(x).square().sum()
+
+    params = list(model.parameters())
+    ref_value = loss(x)
+    ref = torch.autograd.grad(ref_value, params)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True)
+    for _ in range(2):
+        value = compiled(x)
+        grads = torch.autograd.grad(value, params)
+        _close(value, ref_value)
+        for g, r in zip(grads, ref):
+            _close(g, r)
+
+
+def test_conv_cell_tanh_under_compile_matches_eager_float64():
+    """The conv cell with ``activation="tanh"`` uses the same operator when compiled and agrees
+    with eager to 1e-12 in float64 (values and gradients)."""
+    torch.manual_seed(0)
+    cell = inn.maps.ConvCell(2, 3, (5, 5), contraction=None, activation="tanh").double()
+    z = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    u = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    _, graphs = _forward_graphs(cell.step, z, u)
+    assert torch.ops.implicitnets.tanh.default in _targets(graphs)
+    torch._dynamo.reset()
+    step = torch.compile(cell.step, fullgraph=True)
+    params = list(cell.A.parameters())  # step(z, u) sees B only through u
+    value = step(z, u)
+    ref = cell.step(z, u)
+    _close(value, ref)
+    for g, r in zip(torch.autograd.grad(value.square().sum(), params), torch.autograd.grad(ref.square().sum(), params)):
+        _close(g, r)
+
+
+def test_export_keeps_aten_tanh():
+    """``torch.export`` of the map step holds ``aten.tanh``: an exported program needs nothing of
+    this library's operators."""
+    cell = _cell()
+    w, u = torch.randn(4, 10, dtype=torch.float64), torch.randn(4, 10, dtype=torch.float64)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, w, u):
+            return self.cell.step(w, u)
+
+    exported = torch.export.export(Step(), (w, u))
+    targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    assert torch.ops.aten.tanh.default in targets and torch.ops.implicitnets.tanh.default not in targets
+    _close(exported.module()(w, u), cell.step(w, u))

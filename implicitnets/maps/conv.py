@@ -7,13 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..parametrizations.conv import conv_operator_norm, conv_spectral_norm
+from .activation import tanh
 from .protocol import Map
 from .sizes import check_sizes
 from .slope_jacobian import SlopeJacobian
 
 __all__ = ["ConvCell"]
 
-_ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh}
+# tanh: ATen's kernel also inside compiled CPU graphs (maps.activation)
+_ACTIVATIONS = {"relu": torch.relu, "tanh": tanh}
 
 
 class ConvCell(Map):

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..parametrizations.spectral import spectral_norm
+from .activation import tanh
 from .protocol import Map
 from .sizes import check_sizes
 from .slope_jacobian import SlopeJacobian
@@ -90,7 +91,7 @@ class TanhMap(Map):
             w: The state, shape (batch, width).
             u: The input term, shape (batch, width).
         """
-        return torch.tanh(torch.addmm(u, w, self.A.weight.t()))
+        return tanh(torch.addmm(u, w, self.A.weight.t()))
 
     def forward(self, w: Tensor, x: Tensor) -> Tensor:
         return self.step(w, self.inject(x))
