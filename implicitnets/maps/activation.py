@@ -24,14 +24,23 @@ from torch import Tensor
 
 __all__ = ["tanh"]
 
-_lib = torch.library.Library("implicitnets", "FRAGMENT")
-_lib.define("tanh(Tensor x) -> Tensor")
-_lib.impl("tanh", torch.tanh, "CompositeExplicitAutograd")
+# the operator needs torch.library's register_fake / register_vmap (PyTorch >= 2.4); without them
+# tanh is torch.tanh everywhere (compiled code then uses inductor's own tanh)
+_OPAQUE = hasattr(torch.library, "register_fake") and hasattr(torch.library, "register_vmap")
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
+if _OPAQUE:
+    _lib = torch.library.Library("implicitnets", "FRAGMENT")
+    _lib.define("tanh(Tensor x) -> Tensor")
+    _lib.impl("tanh", torch.tanh, "CompositeExplicitAutograd")
 
-@torch.library.register_fake("implicitnets::tanh", lib=_lib)
-def _tanh_fake(x: Tensor) -> Tensor:
-    return torch.empty_like(x)
+    @torch.library.register_fake("implicitnets::tanh", lib=_lib)
+    def _tanh_fake(x: Tensor) -> Tensor:
+        return torch.empty_like(x)
+
+    @torch.library.register_vmap("implicitnets::tanh", lib=_lib)
+    def _tanh_vmap(info: Any, in_dims: tuple[int | None], x: Tensor) -> tuple[Tensor, int | None]:
+        return torch.ops.implicitnets.tanh(x), in_dims[0]
 
 
 class _Tanh(torch.autograd.Function):
@@ -54,11 +63,6 @@ class _Tanh(torch.autograd.Function):
         return grad * (1 - y * y)
 
 
-@torch.library.register_vmap("implicitnets::tanh", lib=_lib)
-def _tanh_vmap(info: Any, in_dims: tuple[int | None], x: Tensor) -> tuple[Tensor, int | None]:
-    return torch.ops.implicitnets.tanh(x), in_dims[0]
-
-
 def tanh(x: Tensor) -> Tensor:
     """``y = tanh(x)`` elementwise: ``torch.tanh``, or the opaque ``implicitnets::tanh`` (ATen's
     kernel) while ``torch.compile`` (not ``torch.export``) traces a CPU tensor.  Derivative ``1 − y²``.
@@ -66,6 +70,6 @@ def tanh(x: Tensor) -> Tensor:
     Args:
         x: Any floating-point tensor.
     """
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting() and x.device.type == "cpu":
+    if _OPAQUE and torch.compiler.is_compiling() and not _is_exporting() and x.device.type == "cpu":
         return _Tanh.apply(x)
     return torch.tanh(x)
