@@ -40,7 +40,7 @@ from ..transforms import transforms_active
 from .adjoint import adjoint_message, solve_adjoint
 from .base import BackwardMode, Problem
 from .implicit import FixedPoint, make_spec
-from .leaf_step import LeafStep
+from .leaf_step import LeafStep, foreign_leaf
 from .traced import run_traced
 
 __all__ = ["AID"]
@@ -211,20 +211,11 @@ class _Eager:
         if self.leaf is not None:
             return
         p = self.problem
-        known = {id(t) for t in (*self.z_in, *parts(p.u), *p.params)}
-        stops = {t.grad_fn for t in (*parts(p.u), *p.params) if t.grad_fn is not None}
-        seen, stack = set(), [f.grad_fn for f in self.fz if f.grad_fn is not None]
-        while stack:
-            node = stack.pop()
-            if node in seen or node in stops:
-                continue
-            seen.add(node)
-            leaf = getattr(node, "variable", None)
-            if leaf is not None and id(leaf) not in known:
-                raise NotImplementedError(
-                    "AID: a higher-order derivative (create_graph=True) was requested, but the map depends on a "
-                    f"tensor of shape {tuple(leaf.shape)} that needs a gradient and is neither the input x nor a "
-                    "parameter of an nn.Module map (e.g. one captured by a closure). Pass it through x, or make the "
-                    "map an nn.Module that owns it."
-                )
-            stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+        leaf = foreign_leaf(tuple(self.fz), (*self.z_in, *parts(p.u), *p.params), (*parts(p.u), *p.params))
+        if leaf is not None:
+            raise NotImplementedError(
+                "AID: a higher-order derivative (create_graph=True) was requested, but the map depends on a "
+                f"tensor of shape {tuple(leaf.shape)} that needs a gradient and is neither the input x nor a "
+                "parameter of an nn.Module map (e.g. one captured by a closure). Pass it through x, or make the "
+                "map an nn.Module that owns it."
+            )

@@ -26,7 +26,27 @@ from ..operator import GraphJacobian, walk
 from ..state import State, map_parts, parts
 from .base import Problem
 
-__all__ = ["LeafStep"]
+__all__ = ["LeafStep", "foreign_leaf"]
+
+
+def foreign_leaf(outputs: tuple[Tensor, ...], known: tuple[Tensor, ...], stops: tuple[Tensor, ...]) -> Tensor | None:
+    """A tensor that needs a gradient, that the graph of ``outputs`` reaches, and that is none
+    of ``known`` (e.g. one captured by a closure); the graphs that produced ``stops`` are not
+    searched.  ``None`` when there is none."""
+    ids = {id(t) for t in known}
+    ends = {t.grad_fn for t in stops if t.grad_fn is not None}
+    seen: set = set()
+    stack = [f.grad_fn for f in outputs if f.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in ends:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)
+        if leaf is not None and id(leaf) not in ids:
+            return leaf
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return None
 
 
 class LeafStep:
@@ -57,20 +77,7 @@ class LeafStep:
     def self_contained(self) -> bool:
         """Whether the graph of :attr:`fz` reaches no tensor needing a gradient besides the
         leaves ``w``, ``u`` and the tensors ``P`` (whose own graphs are not searched)."""
-        known = {id(t) for t in (*parts(self.w), *self.u, *self.params)}
-        stops = {t.grad_fn for t in self.params if t.grad_fn is not None}
-        seen: set = set()
-        stack = [f.grad_fn for f in parts(self.fz) if f.grad_fn is not None]
-        while stack:
-            node = stack.pop()
-            if node in seen or node in stops:
-                continue
-            seen.add(node)
-            leaf = getattr(node, "variable", None)
-            if leaf is not None and id(leaf) not in known:
-                return False
-            stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-        return True
+        return foreign_leaf(parts(self.fz), (*parts(self.w), *self.u, *self.params), self.params) is None
 
     def pullback(self, v: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
         """``∂_{u,P}Φᵀ v`` for the parts of ``u`` and then ``P`` (``None`` for a tensor that
