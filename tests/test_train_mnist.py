@@ -390,3 +390,21 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert resumed["epochs_completed"] == 4
     a, b = weights(tmp_path / "straight"), weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_switch_backward_changes_the_estimator_after_a_fraction_of_the_epochs(tmp_path):
+    """--switch-backward aid-fp --switch-at 0.5: the phantom gradient (no adjoint solve) for the
+    first half of the epochs, then AID-FP; a resumed run switches at the same epoch."""
+    common = ["--epochs", "4", "--width", "32", "--batch-size", "500", "--switch-backward", "aid-fp",
+              "--switch-at", "0.5", "--tol", "1e-4"]
+    run(tmp_path / "straight", *common)
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["backward_iterations"] is None for r in records] == [True, True, False, False]
+    run(tmp_path / "split", *common, "--stop-after", "3")
+    run(tmp_path / "split", *common, "--resume")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="--switch-at"):
+        mnist.check_config(mnist.parse_args(["--switch-at", "1.5"]))
+    with pytest.raises(ValueError, match="unknown --backward"):
+        mnist.check_config(mnist.parse_args(["--switch-backward", "aid-xx"]))

@@ -268,6 +268,9 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         if (cfg.max_steps and step >= cfg.max_steps) or (cfg.stop_after and epoch - start_epoch >= cfg.stop_after):
             break
+        if cfg.switch_backward and epoch >= round(cfg.switch_at * cfg.epochs) and is_deq:  # the late estimator
+            raw_model.deq.backward = make_backward(cfg.switch_backward, cfg.k, backward_tol(cfg),
+                                                   on_failure=cfg.on_failure)
         t0 = time.time()
         step, trained = train_epoch(run, epoch, step)
         train_seconds = time.time() - t0

@@ -29,6 +29,8 @@ class Config:
     k: int = 20  # backward linear-solver iterations (AID)
     tol: float = 1e-4  # forward stopping tolerance on the relative residual; 0 runs exactly t
     backward_tol: float = -1.0  # AID tolerance (at most k iterations); -1: tied to --tol; 0 runs exactly k
+    switch_backward: str = ""  # from epoch --switch-at on, train with this backward mode instead (e.g. aid-fp)
+    switch_at: float = 0.5  # the fraction of --epochs after which --switch-backward takes over
     on_failure: str = "warn"  # a failed AID adjoint solve: warn (keep it), raise, itd (recompute by ITD), jfb
     solver: str = "fp"  # fp | anderson | broyden | pr | fb (pr, fb: monotone models only)
     alpha: float = 1.0  # step size of the splitting solvers pr / fb
@@ -134,6 +136,10 @@ def check_config(cfg: Config) -> None:
     if not (cfg.alpha > 0 and cfg.m > 0):
         raise ValueError("--alpha and --m must be > 0")
     make_backward(cfg.backward, cfg.k, backward_tol(cfg), on_failure=cfg.on_failure)  # raises on an unknown mode
+    if cfg.switch_backward:
+        make_backward(cfg.switch_backward, cfg.k, backward_tol(cfg), on_failure=cfg.on_failure)
+    if not 0 <= cfg.switch_at <= 1:
+        raise ValueError(f"--switch-at must be a fraction of the epochs in [0, 1], got {cfg.switch_at}")
 
 
 def backward_tol(cfg: Config) -> float:
