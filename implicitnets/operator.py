@@ -101,8 +101,6 @@ class Transposed(LinearOperator):
 
     def __init__(self, op: LinearOperator) -> None:
         self.op = op
-        if type(self) is Transposed:  # A's products, bound once: a product of Aᵀ is one call
-            self.mv, self.rmv, self.mv_add, self.rmv_add = op.rmv, op.mv, op.rmv_add, op.mv_add  # type: ignore[method-assign]
 
     @property
     def like(self) -> Tensor:

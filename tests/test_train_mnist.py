@@ -233,8 +233,16 @@ def test_the_embedded_fashion_subset_is_real_and_balanced():
 
 
 def test_a_failed_download_leaves_no_folders_behind(tmp_path, monkeypatch):
-    """torchvision's download fails part-way (no network is touched: it is replaced)."""
+    """torchvision's download fails part-way (no network is touched: it is replaced, and any
+    socket connection would fail the test)."""
+    import socket
+
     from torchvision import datasets
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the test tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
 
     def broken_download(self):
         raw = Path(self.raw_folder)

@@ -76,16 +76,12 @@ class Neumann(LinearSolver):
             limit = self.tol
 
         compiled = use_compiled(self.compile, b)
-        # the product of one iteration, bound once (the eager loop calls it directly)
+        # one iteration: the next iterate (I − A) x + b; next − x is x's residual b − A x
         product = (lambda x, c: self.compile(richardson_step)(M, x, c)) if compiled else M.mv_add
-
-        def step(x: Tensor) -> Tensor:
-            """The next iterate ``(I − A) x + b``; ``step(x) − x`` is x's residual ``b − A x``."""
-            return product(x, b)
 
         def first_step(x: Tensor) -> Tensor:
             try:
-                out = step(x)
+                out = product(x, b)
             except RuntimeError:
                 check_shape(op.mv(x), shape, "mv")  # name a product of the wrong shape
                 raise
@@ -110,7 +106,7 @@ class Neumann(LinearSolver):
                         x = y
                     break
             x = y
-            y = product(x, b) if used else first_step(x)  # step(x)
+            y = product(x, b) if used else first_step(x)
             used += 1
         if x is None:  # stopped before the first iteration (cold start): x = 0, r = b
             return p.finish(torch.zeros_like(b), b, 0, self.tol)
