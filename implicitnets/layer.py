@@ -223,7 +223,8 @@ class FixedPointLayer(nn.Module):
         """``w*`` for the input ``x``, solved from ``z0`` (default: the map's initial state);
         ``adjoint_x0`` starts the backward solve (default: ``backward.next_start``), e.g. rows
         of a :class:`~implicitnets.SampleCache`."""
-        if adjoint_x0 is None and self.stats is not None:
+        # only the mode reads the previous call's statistics: torch.compile guards on what is read
+        if adjoint_x0 is None:
             adjoint_x0 = self.backward.next_start(self.stats)
         z, self.stats = fixed_point(
             self.cell, x, solver=self.solver, backward=self.backward, z0=z0, adjoint_x0=adjoint_x0

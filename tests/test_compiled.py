@@ -143,6 +143,20 @@ def test_fullgraph_compiles_the_fc_model_with_tol_zero(backward):
     assert math.isclose(float(stats.residual), ref_stats.residual, rel_tol=1e-9)
 
 
+def test_a_compiled_model_compiles_once():
+    """The layer's own statistics of the previous call are not a guard: a compiled training
+    step compiles once and is reused from the second call on (AID without warm start)."""
+    from torch._dynamo.testing import CompileCounter
+
+    model, x = _fc_model(inn.AID(linear.Neumann(12, tol=0.0))), _x()
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: model(x).square().sum(), backend=counter, fullgraph=True)
+    for _ in range(3):
+        compiled(x).backward()
+    assert counter.frame_count == 1
+
+
 def test_fullgraph_with_the_compiled_path_inside():
     """A layer whose solvers carry ``Compile()`` also compiles whole under an outer
     ``torch.compile(fullgraph=True)``: the outer compiler traces the eager loops."""

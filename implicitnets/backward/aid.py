@@ -86,16 +86,18 @@ class AID(BackwardMode):
         check_instance("AID", "on_failure", self.on_failure, FailurePolicy, "Warn(), Raise()")
         check_bool("AID", "warm_start", self.warm_start)
 
-    def next_start(self, previous: SolverStats) -> Tensor | None:
+    def next_start(self, previous: SolverStats | None) -> Tensor | None:
         """The previous adjoint solution ``v`` when ``warm_start`` (used if its shape matches).
 
         Args:
-            previous: The :class:`~implicitnets.SolverStats` of the layer's previous call.
+            previous: The :class:`~implicitnets.SolverStats` of the layer's previous call, or
+                ``None`` before the first.
 
         Returns:
-            ``previous.backward.adjoint`` when ``warm_start``, else ``None``.
+            ``previous.backward.adjoint`` when ``warm_start`` and there was a previous call,
+            else ``None``.
         """
-        return previous.backward.adjoint if self.warm_start else None
+        return previous.backward.adjoint if self.warm_start and previous is not None else None
 
     def run(self, problem: Problem) -> tuple[State, SolverStats]:
         if self.on_failure.needs_itd and problem.module is None:

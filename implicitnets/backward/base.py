@@ -79,12 +79,13 @@ class BackwardMode(abc.ABC):
             ``problem.params``, and the :class:`~implicitnets.SolverStats`.
         """
 
-    def next_start(self, previous: SolverStats) -> Tensor | None:
+    def next_start(self, previous: SolverStats | None) -> Tensor | None:
         """The start of the backward solve of a layer's next call, from the statistics of its
         previous call (``Problem.adjoint_x0``); ``None`` (the default) starts from zero.
 
         Args:
-            previous: The :class:`~implicitnets.SolverStats` of the layer's previous call.
+            previous: The :class:`~implicitnets.SolverStats` of the layer's previous call, or
+                ``None`` before the first.
 
         Returns:
             The start, or ``None``.
