@@ -24,7 +24,7 @@ class PeacemanRachford(SplittingSolver):
 
     Converges linearly for every ``α > 0`` because ``I − W`` is strongly monotone and
     Lipschitz; the rate depends on α.  The resolvent is the map's
-    :meth:`~implicitnets.maps.MonotoneMap.resolvent`, factorised once per solve (LU for
+    :meth:`~implicitnets.maps.MonotoneMap.resolvent`, computed once per solve (one inverse for
     :class:`~implicitnets.maps.MonotoneFC`, one inverse per frequency for
     :class:`~implicitnets.maps.MonotoneConv`).  The start ``s₀ = (1 − α) z₀ + α (W z₀ + u)``
     makes the exact equilibrium a fixed point of the iteration, so a warm start stays put.
@@ -56,12 +56,12 @@ class PeacemanRachford(SplittingSolver):
         v = f.weight_mv(z0) + u
         keep = yield z0, f.prox(v, 1.0)
         s = torch.lerp(z0, v, alpha)  # s₀
+        au = alpha * u
         while True:
             if keep is not None:
-                s, u = s[keep], u[keep]
-            z = f.prox(s, alpha)
-            half = 2 * z - s
-            z_half = resolvent(half + alpha * u)
-            s = 2 * z_half - half
+                s, au = s[keep], au[keep]
+            half = torch.lerp(s, f.prox(s, alpha), 2.0)  # s½ = 2z − s, z = prox(s)
+            z_half = resolvent(half + au)
+            s = torch.lerp(half, z_half, 2.0)  # 2z½ − s½
             # z½ + α(I − W) z½ = s½ + αu, so W z½ + u = z½ + (z½ − s½)/α: Φ(z½) without a product with W
-            keep = yield z_half, f.prox(z_half + (z_half - half) / alpha, 1.0)
+            keep = yield z_half, f.prox(torch.lerp(half, z_half, 1.0 + 1.0 / alpha), 1.0)
