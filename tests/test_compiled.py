@@ -304,3 +304,142 @@ def test_export_keeps_aten_tanh():
     targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
     assert torch.ops.aten.tanh.default in targets and torch.ops.implicitnets.tanh.default not in targets
     _close(exported.module()(w, u), cell.step(w, u))
+
+
+# --------------------------------------------------------------------------- parametrizations
+
+
+def _bounded_model(width: int = 10) -> torch.nn.Module:
+    """The FC model with the default ``TanhMap`` (``contraction=0.9``: a ``SpectralBound`` on
+    ``A``), its raw weight scaled to ``‖W‖₂ = 1.5`` so that the bound is active, and evaluated
+    once eagerly so that the bound's vectors are converged for that weight."""
+    torch.manual_seed(0)
+    cell = inn.maps.TanhMap(6, width, dtype=torch.float64)
+    with torch.no_grad():
+        raw = cell.A.parametrizations.weight.original
+        raw.mul_(1.5 / torch.linalg.matrix_norm(raw, 2))
+    model = torch.nn.Sequential(
+        inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(12, tol=0.0),
+                            backward=inn.AID(linear.Neumann(12, tol=0.0))),
+        torch.nn.Linear(width, 3, dtype=torch.float64),
+    )
+    model(_x6())
+    return model
+
+
+def _x6() -> torch.Tensor:
+    return torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+
+def _bound_of(model) -> inn.parametrizations.SpectralBound:
+    return model[0].cell.A.parametrizations.weight[0]
+
+
+def _sigma_hat(model) -> torch.Tensor:
+    """``σ̂ = uᵀ W v`` from the bound's buffers (no refresh)."""
+    bound = _bound_of(model)
+    return bound._u @ model[0].cell.A.parametrizations.weight.original.detach() @ bound._v
+
+
+def test_fullgraph_compiles_the_default_spectrally_bounded_map():
+    """The default ``TanhMap`` (``contraction=0.9``) compiles whole: the bound's refresh is
+    traced with no host read (no storage pointer, no ``torch.equal``, no ``float``)."""
+    model, x = _bounded_model(), _x6()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x: model(x).square().sum())(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+@pytest.mark.parametrize("width", [10, 24])
+def test_compiled_spectral_bound_matches_eager_under_adam_float64(width):
+    """Two copies of the bounded FC model, one trained eagerly and one through
+    ``torch.compile(fullgraph=True)``, over Adam steps: the same losses, gradients and σ̂ to
+    1e-10 (the traced refresh's one subspace step from the warm block is what the eager
+    refresh does on a slowly moving weight), and the bound holds at every step."""
+    import copy
+
+    eager = _bounded_model(width)
+    compiled_model = copy.deepcopy(eager)
+    x = _x6()
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: compiled_model(x).square().sum(), backend="aot_eager", fullgraph=True)
+    opt_e = torch.optim.Adam(eager.parameters(), lr=1e-3)
+    opt_c = torch.optim.Adam(compiled_model.parameters(), lr=1e-3)
+    for _ in range(4):
+        opt_e.zero_grad()
+        opt_c.zero_grad()
+        loss_e = eager(x).square().sum()
+        loss_e.backward()
+        loss_c = compiled(x)
+        loss_c.backward()
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-10, atol=0)
+        for pc, pe in zip(compiled_model.parameters(), eager.parameters()):
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(_sigma_hat(compiled_model), _sigma_hat(eager), rtol=1e-10, atol=0)
+        assert _sigma_hat(compiled_model) > 0.9  # the bound is active
+        # the effective weight; an eager read after the compiled evaluation does not iterate
+        effective = compiled_model[0].cell.A.weight.detach()
+        assert _bound_of(compiled_model).last_iterations == 0
+        assert torch.linalg.matrix_norm(effective, 2) <= 0.9 * (1 + 1e-8)
+        opt_e.step()
+        opt_c.step()
+
+
+def test_compiled_evaluations_of_an_unchanged_weight_are_identical():
+    """A compiled evaluation refreshes the bound's buffers after a weight change and leaves
+    them bit for bit as they are when the weight has not changed since: two compiled
+    evaluations with no optimiser step between give identical outputs and σ̂."""
+    model, x = _bounded_model(24), _x6()
+    bound = _bound_of(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: model(x), backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        model[0].cell.A.parametrizations.weight.original.add_(
+            1e-3 * torch.randn(24, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3)))
+    before = [b.clone() for b in (bound._u, bound._v, bound._block)]
+    first = compiled(x)
+    after_first = [b.clone() for b in (bound._u, bound._v, bound._block)]
+    sigma_first = _sigma_hat(model)
+    assert all(not torch.equal(a, b) for a, b in zip(after_first, before))  # the weight changed: refreshed
+    second = compiled(x)
+    assert torch.equal(second, first) and torch.equal(_sigma_hat(model), sigma_first)
+    assert all(torch.equal(a, b) for a, b in zip((bound._u, bound._v, bound._block), after_first))
+    _ = model[0].cell.A.weight  # eager: the weight was seen by the compiled evaluation
+    assert bound.last_iterations == 0
+    assert all(torch.equal(a, b) for a, b in zip((bound._u, bound._v, bound._block), after_first))
+
+
+def test_compiled_spectral_bound_lets_a_nan_weight_propagate():
+    """Traced, a NaN in the weight cannot raise (that needs a host read): it propagates into
+    the bounded weight.  Eagerly it raises (``test_nan_in_a_spectrally_bounded_weight_raises``)."""
+    module = inn.spectral_norm(torch.nn.Linear(4, 4, dtype=torch.float64), bound=0.5)
+    with torch.no_grad():
+        module.parametrizations.weight.original[0, 0] = math.nan
+    torch._dynamo.reset()
+    weight = torch.compile(lambda: module.weight, backend="aot_eager", fullgraph=True)()
+    assert torch.isnan(weight).all()
+
+
+def test_fullgraph_compiles_the_conv_cell_with_its_operator_bound():
+    """``ConvCell``'s default ``contraction=0.9`` registers ``ConvOperatorBound``; the model
+    compiles whole, and for a weight already seen it gives eager's loss."""
+    torch.manual_seed(0)
+    cell = inn.maps.ConvCell(2, 3, (5, 5)).double()
+    assert isinstance(cell.A.parametrizations.weight[0], inn.parametrizations.ConvOperatorBound)
+    model = torch.nn.Sequential(
+        inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(6, tol=0.0),
+                            backward=inn.AID(linear.Neumann(6, tol=0.0))),
+        torch.nn.Flatten(),
+        torch.nn.Linear(75, 3, dtype=torch.float64),
+    )
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def loss(x):
+        return model(x).square().sum()
+
+    ref = loss(x)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    _close(torch.compile(loss, backend="aot_eager", fullgraph=True)(x), ref)

@@ -8,7 +8,9 @@ several times smaller or larger), so it does not make ``z ↦ act(K_W z + u)`` a
 Here ``σ = ‖K_W‖₂`` is estimated by power iteration on ``K_Wᵀ K_W``, with ``K_W`` applied by
 ``conv2d`` and ``K_Wᵀ`` by ``conv_transpose2d`` on the real input shape; the parametrization
 is ``W ↦ W · γ / max(σ, γ)``.  The vectors live in buffers, warm-started, and the iteration
-runs to a tolerance whenever the kernel has changed, so σ tracks the weight as it trains.
+runs to a tolerance whenever the kernel has changed, so σ tracks the weight as it trains
+(traced by ``torch.compile``: four steps per evaluation, no host read; see
+:mod:`implicitnets.parametrizations.power`).
 The estimate ``σ = uᵀ K_W v`` approaches ``‖K_W‖₂`` from below; use
 :func:`conv_operator_norm` with many iterations to check a trained weight.
 """

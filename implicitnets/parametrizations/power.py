@@ -19,6 +19,21 @@ otherwise, in training and eval mode alike.  Hence:
 when ``σ̂`` grows by at most ``tol`` (relative) over 4 steps, or after ``max_iter`` steps.
 The host synchronises once per 4 steps, only when the weight has changed, and once per
 evaluation after an in-place change to compare the values.
+
+Traced by ``torch.compile`` (while ``torch.compiler.is_compiling()``) the refresh reads
+nothing on the host: it runs a fixed number of steps from the stored vectors with no
+stopping test (4 power steps; one subspace step for
+:class:`~implicitnets.parametrizations.SpectralBound`), and the comparison with the weight
+last seen is a tensor, ``changed``, that selects the new or the old vectors
+(``torch.where``).  So an unchanged weight still gives the same ``σ̂`` (the steps run all
+the same, at the cost of one eager refresh), and an eager evaluation after compiled ones
+finds the weight already seen and does not iterate.  Vectors converged for the previous
+weight usually need no more steps for a weight moved by one optimiser step; a weight that
+jumped (loaded, projected, set by hand) is followed only at the fixed steps' rate, and
+until then ``σ̂`` lies below ``σ``: evaluate it once eagerly after such a change.  A NaN or
+Inf in the weight cannot raise without a host read: it propagates into ``σ̂`` and the
+output (the eager refresh raises ``NonFiniteError``).  ``last_iterations`` counts the steps
+of eager refreshes only.
 """
 
 from __future__ import annotations
@@ -34,7 +49,7 @@ from ..transforms import plain_value
 
 __all__ = ["PowerIterationBound"]
 
-_CHECK_EVERY = 4  # power steps between stopping checks (host syncs)
+_CHECK_EVERY = 4  # power steps between stopping checks (host syncs); the steps of a traced refresh
 
 
 def check_bound(name: str, bound: float) -> None:
@@ -81,6 +96,15 @@ class PowerIterationBound(nn.Module):
     def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def power_steps(self, weight: Tensor, u: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``steps`` (>= 1) power steps for ``weight`` from ``u``: the new ``u``, ``v`` and
+        ``K_W v`` (whose norm is the estimate of ``σ``).  No host read."""
+        for _ in range(steps):
+            v = _normalize(self.adjoint(u, weight))
+            kv = self.apply(v, weight)
+            u = _normalize(kv)
+        return u, v, kv
+
     @torch.no_grad()
     def power_iterate_(self, weight: Tensor, max_iter: int | None = None, tol: float | None = None) -> int:
         """Run the power iteration for ``weight`` to ``tol`` (at most ``max_iter`` steps),
@@ -88,36 +112,52 @@ class PowerIterationBound(nn.Module):
         max_iter = self.max_iter if max_iter is None else max_iter
         tol = self.tol if tol is None else tol
         weight = weight.detach()
-        u, v, kv = self._u, self._v, None
+        u, v = self._u, self._v
         previous, steps = -math.inf, 0
         while steps < max_iter:
-            for _ in range(min(_CHECK_EVERY, max_iter - steps)):
-                v = _normalize(self.adjoint(u, weight))
-                kv = self.apply(v, weight)
-                u = _normalize(kv)
-                steps += 1
+            chunk = min(_CHECK_EVERY, max_iter - steps)
+            u, v, kv = self.power_steps(weight, u, chunk)
+            steps += chunk
             sigma = float(torch.linalg.vector_norm(kv))
             if not math.isfinite(sigma):
                 raise NonFiniteError(f"{type(self).__name__}: the weight contains NaN or Inf")
             if sigma - previous <= tol * sigma:
                 break
             previous = sigma
-        if kv is not None:
+        if steps:
             self._u.copy_(u)
             self._v.copy_(v)
         return steps
 
+    def fixed_steps(self, weight: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The traced refresh's iteration: ``_CHECK_EVERY`` power steps for ``weight`` from the
+        stored vectors, with no stopping test.  Returns ``(buffer, new value)`` pairs."""
+        u, v, _ = self.power_steps(weight, self._u, _CHECK_EVERY)
+        return [(self._u, u), (self._v, v)]
+
     def _refresh(self, weight: Tensor) -> None:
         """Iterate to ``tol`` if ``weight`` differs from the one the vectors belong to (inside a
-        ``torch.func`` transform: the weight's plain value)."""
+        ``torch.func`` transform: the weight's plain value); traced, see :meth:`_refresh_traced`."""
         weight = plain_value(weight)
+        if torch.compiler.is_compiling():
+            self._refresh_traced(weight)
+            return
         key = (weight.untyped_storage().data_ptr(), weight._version, weight.dtype, weight.device)
         self.last_iterations = 0
-        if key != self._seen and not torch.equal(weight.detach(), self._weight_seen):
+        if key != self._seen and not torch.equal(weight, self._weight_seen):
             self.last_iterations = self.power_iterate_(weight)
             with torch.no_grad():
                 self._weight_seen.copy_(weight)
         self._seen = key
+
+    @torch.no_grad()
+    def _refresh_traced(self, weight: Tensor) -> None:
+        """The refresh with no host read: :meth:`fixed_steps` always runs, and its results
+        replace the buffers only if the weight differs from the one last seen."""
+        changed = (weight != self._weight_seen).any()
+        for buffer, new in self.fixed_steps(weight):
+            buffer.copy_(torch.where(changed, new, buffer))
+        self._weight_seen.copy_(weight)
 
     def sigma(self, weight: Tensor) -> Tensor:
         """``σ̂ = uᵀ K_W v`` (a lower bound on ``‖K_W‖₂``, tight once converged), differentiable

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .power import PowerIterationBound, _normalize, check_bound, check_power_options
-from .subspace import BLOCK, top_singular_subspace
+from .subspace import BLOCK, subspace_steps, top_singular_subspace
 
 __all__ = ["SpectralBound", "spectral_norm", "project_spectral_"]
 
@@ -27,7 +27,10 @@ class SpectralBound(PowerIterationBound):
     the smaller Gram matrix with a block of 16 vectors
     (:mod:`implicitnets.parametrizations.subspace`), so a cluster of top singular values does
     not slow it down; it stops when the estimate changes by at most ``tol`` (relative) in one
-    step.  Larger matrices use the plain power iteration with ``W`` and ``Wᵀ``.
+    step.  Larger matrices use the plain power iteration with ``W`` and ``Wᵀ``.  Traced by
+    ``torch.compile``, a refresh is one subspace step (four power steps for larger
+    matrices) with no stopping test and no host read; a NaN in ``W`` then propagates
+    instead of raising (see :mod:`implicitnets.parametrizations.power`).
 
     Args:
         weight: The initial weight (at least 2-D), for the power iteration's vectors.
@@ -68,12 +71,29 @@ class SpectralBound(PowerIterationBound):
         if min(W.shape) > _SUBSPACE_LIMIT:
             return super().power_iterate_(weight, max_iter, tol)
         block, _, steps = top_singular_subspace(W, self._block, tol=tol, max_iter=max_iter)
+        u, v = self._vectors(W, block)
         self._block.copy_(block)
+        self._u.copy_(u)
+        self._v.copy_(v)
+        return steps
+
+    def fixed_steps(self, weight: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """The traced refresh's iteration: one subspace step with its Rayleigh–Ritz step from
+        the stored block (``_CHECK_EVERY`` power steps above the subspace limit), with no
+        stopping test.  Returns ``(buffer, new value)`` pairs."""
+        W = weight.flatten(1)
+        if min(W.shape) > _SUBSPACE_LIMIT:
+            return super().fixed_steps(weight)
+        block, _ = subspace_steps(W, self._block, 1)
+        u, v = self._vectors(W, block)
+        return [(self._block, block), (self._u, u), (self._v, v)]
+
+    @staticmethod
+    def _vectors(W: Tensor, block: Tensor) -> tuple[Tensor, Tensor]:
+        """The singular vectors ``u, v`` of ``W`` (2-D) from the block's first column."""
         x = block[:, 0]
         v = _normalize(W.t() @ x) if W.shape[0] < W.shape[1] else x
-        self._v.copy_(v)
-        self._u.copy_(_normalize(W @ v))
-        return steps
+        return _normalize(W @ v), v
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         state_dict.setdefault(prefix + "_block", self._block)  # a state saved without the block
