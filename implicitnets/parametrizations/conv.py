@@ -5,11 +5,14 @@ A ``Conv2d`` with kernel ``W`` is a linear operator ``K_W`` from ``(C_in, H, W)`
 value of the kernel reshaped to ``(C_out, C_in·k·k)``, which is *not* ``‖K_W‖₂`` (it can be
 several times smaller or larger), so it does not make ``z ↦ act(K_W z + u)`` a contraction.
 
-Here ``σ = ‖K_W‖₂`` is estimated by power iteration on ``K_Wᵀ K_W``, with ``K_W`` applied by
-``conv2d`` and ``K_Wᵀ`` by ``conv_transpose2d`` on the real input shape; the parametrization
-is ``W ↦ W · γ / max(σ, γ)``.  The vectors live in buffers, warm-started, and the iteration
-runs to a tolerance whenever the kernel has changed, so σ tracks the weight as it trains
-(traced by ``torch.compile``: four steps per evaluation, no host read; see
+Here ``σ = ‖K_W‖₂`` is estimated by subspace iteration on ``K_Wᵀ K_W`` with a block of 16
+input images (:mod:`implicitnets.parametrizations.subspace`: the top singular values of a
+convolution come in large clusters, which slow the plain power iteration down), with
+``K_W`` applied by ``conv2d`` and ``K_Wᵀ`` by ``conv_transpose2d`` on the real input shape,
+the block as one batch; the parametrization is ``W ↦ W · γ / max(σ, γ)``.  The block and
+the vectors live in buffers, warm-started, and the iteration runs to a tolerance whenever
+the kernel has changed, so σ tracks the weight as it trains (traced by ``torch.compile``:
+a fixed number of steps per evaluation, no host read; see
 :mod:`implicitnets.parametrizations.power`).
 The estimate ``σ = uᵀ K_W v`` approaches ``‖K_W‖₂`` from below; use
 :func:`conv_operator_norm` with many iterations to check a trained weight.
@@ -23,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .power import PowerIterationBound, _normalize, check_bound, check_power_options
+from .subspace import BLOCK, ScaledOperator
 
 __all__ = ["ConvOperatorBound", "conv_spectral_norm", "conv_operator_norm"]
 
@@ -110,13 +114,30 @@ class ConvOperatorBound(PowerIterationBound):
         self.geometry = _ConvGeometry(input_shape, kernel, stride, padding, dilation, groups)
         generator = torch.Generator(device="cpu").manual_seed(0)
         v0 = torch.randn((1, *input_shape), generator=generator, dtype=weight.dtype)
-        super().__init__(weight, bound, v0, tol=tol, max_iter=max_iter)
+        n = v0.numel()
+        block = torch.randn(n, min(BLOCK, n), generator=generator, dtype=weight.dtype)
+        super().__init__(weight, bound, v0, tol=tol, max_iter=max_iter, block=block)
 
     def apply(self, v: Tensor, weight: Tensor) -> Tensor:
         return self.geometry.apply(v, weight)
 
     def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
         return self.geometry.adjoint(u, weight)
+
+    def operator(self, weight: Tensor) -> ScaledOperator:
+        """``K_W`` on blocks: the block's columns are input images, applied as one batch."""
+        scale = weight.abs().amax()
+        kernel = weight / scale.clamp_min(torch.finfo(weight.dtype).tiny)
+        geometry, out_shape = self.geometry, (weight.shape[0], *self.geometry.output_hw)
+
+        def apply(X: Tensor) -> Tensor:
+            images = X.t().reshape(X.shape[1], *geometry.input_shape)
+            return geometry.apply(images, kernel).flatten(1).t()
+
+        def adjoint(Y: Tensor) -> Tensor:
+            return geometry.adjoint(Y.t().reshape(Y.shape[1], *out_shape), kernel).flatten(1).t()
+
+        return ScaledOperator(apply, adjoint, scale)
 
     def extra_repr(self) -> str:
         return f"bound={self.bound}, input_shape={self.geometry.input_shape}, tol={self.tol}"

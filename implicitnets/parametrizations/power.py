@@ -22,8 +22,9 @@ evaluation after an in-place change to compare the values.
 
 Traced by ``torch.compile`` (while ``torch.compiler.is_compiling()``) the refresh reads
 nothing on the host: it runs a fixed number of steps from the stored vectors with no
-stopping test (4 power steps; one subspace step for
-:class:`~implicitnets.parametrizations.SpectralBound`), and the comparison with the weight
+stopping test (4 power steps, or 2 subspace steps for a bound with a block,
+:class:`~implicitnets.parametrizations.SpectralBound` and
+:class:`~implicitnets.parametrizations.ConvOperatorBound`), and the comparison with the weight
 last seen is a tensor, ``changed``, that selects the new or the old vectors
 (``torch.where``).  So an unchanged weight still gives the same ``σ̂`` (the steps run all
 the same, at the cost of one eager refresh), and an eager evaluation after compiled ones
@@ -46,10 +47,12 @@ from torch import Tensor, nn
 from ..errors import NonFiniteError
 from ..options import check_int, check_real
 from ..transforms import plain_value
+from .subspace import ScaledOperator, subspace_steps, top_singular_subspace
 
 __all__ = ["PowerIterationBound"]
 
 _CHECK_EVERY = 4  # power steps between stopping checks (host syncs); the steps of a traced refresh
+_TRACED_SUBSPACE_STEPS = 2  # subspace steps of a traced refresh (an eager one takes 2 for a slowly moving weight)
 
 
 def check_bound(name: str, bound: float) -> None:
@@ -75,15 +78,22 @@ class PowerIterationBound(nn.Module):
     """Base parametrization ``W ↦ W · γ / max(σ̂(W), γ)`` with ``σ̂`` by power iteration.
 
     Subclasses define ``apply(v, W) = K_W v`` and ``adjoint(u, W) = K_Wᵀ u``; ``v0`` is a
-    starting vector of the input shape (any non-zero tensor).
+    starting vector of the input shape (any non-zero tensor).  A subclass that passes a
+    starting ``block`` (n × b, n the size of ``M``'s input) and returns ``K_W`` from
+    :meth:`operator` is refreshed by subspace iteration on blocks
+    (:mod:`implicitnets.parametrizations.subspace`) instead of the plain power iteration;
+    the block is kept in a buffer, ``_block``.
     """
 
-    def __init__(self, weight: Tensor, bound: float, v0: Tensor, *, tol: float, max_iter: int) -> None:
+    def __init__(self, weight: Tensor, bound: float, v0: Tensor, *, tol: float, max_iter: int,
+                 block: Tensor | None = None) -> None:
         super().__init__()
         self.bound, self.tol, self.max_iter = float(bound), float(tol), int(max_iter)
         v = _normalize(v0.to(device=weight.device, dtype=weight.dtype))
         self.register_buffer("_v", v)
         self.register_buffer("_u", _normalize(self.apply(v, weight.detach())))
+        if block is not None:
+            self.register_buffer("_block", torch.linalg.qr(block.to(device=weight.device, dtype=weight.dtype))[0])
         # The weight the vectors were last iterated for (saved with them, so that a model loaded
         # from a state_dict evaluates exactly as the one saved), and a cheap key of that tensor.
         self.register_buffer("_weight_seen", torch.full_like(weight.detach(), math.nan))
@@ -95,6 +105,22 @@ class PowerIterationBound(nn.Module):
 
     def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def operator(self, weight: Tensor) -> ScaledOperator | None:
+        """``K_W`` on blocks of vectors for the subspace iteration, or ``None`` (the default):
+        the plain power iteration."""
+        return None
+
+    def _block_vectors(self, op: ScaledOperator, weight: Tensor, block: Tensor) -> tuple[Tensor, Tensor]:
+        """The singular vectors ``u, v`` of ``K_W`` from the block's first column."""
+        x = block[:, 0]
+        v = _normalize(self.adjoint(x.view_as(self._u), weight)) if op.transposed else x.view_as(self._v)
+        return _normalize(self.apply(v, weight)), v
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        if "_block" in self._buffers:  # a state saved without the block keeps the current one
+            state_dict.setdefault(prefix + "_block", self._block)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def power_steps(self, weight: Tensor, u: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
         """``steps`` (>= 1) power steps for ``weight`` from ``u``: the new ``u``, ``v`` and
@@ -112,6 +138,14 @@ class PowerIterationBound(nn.Module):
         max_iter = self.max_iter if max_iter is None else max_iter
         tol = self.tol if tol is None else tol
         weight = weight.detach()
+        op = self.operator(weight)
+        if op is not None:
+            block, _, steps = top_singular_subspace(op, self._block, tol=tol, max_iter=max_iter)
+            u, v = self._block_vectors(op, weight, block)
+            self._block.copy_(block)
+            self._u.copy_(u)
+            self._v.copy_(v)
+            return steps
         u, v = self._u, self._v
         previous, steps = -math.inf, 0
         while steps < max_iter:
@@ -130,8 +164,14 @@ class PowerIterationBound(nn.Module):
         return steps
 
     def fixed_steps(self, weight: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """The traced refresh's iteration: ``_CHECK_EVERY`` power steps for ``weight`` from the
-        stored vectors, with no stopping test.  Returns ``(buffer, new value)`` pairs."""
+        """The traced refresh's iteration from the stored vectors, with no stopping test:
+        ``_TRACED_SUBSPACE_STEPS`` subspace steps (when :meth:`operator` gives ``K_W``), else
+        ``_CHECK_EVERY`` power steps.  Returns ``(buffer, new value)`` pairs."""
+        op = self.operator(weight)
+        if op is not None:
+            block, _ = subspace_steps(op, self._block, _TRACED_SUBSPACE_STEPS)
+            u, v = self._block_vectors(op, weight, block)
+            return [(self._block, block), (self._u, u), (self._v, v)]
         u, v, _ = self.power_steps(weight, self._u, _CHECK_EVERY)
         return [(self._u, u), (self._v, v)]
 

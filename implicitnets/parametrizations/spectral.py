@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .power import PowerIterationBound, _normalize, check_bound, check_power_options
-from .subspace import BLOCK, subspace_steps, top_singular_subspace
+from .power import PowerIterationBound, check_bound, check_power_options
+from .subspace import BLOCK, ScaledOperator, matrix_operator
 
 __all__ = ["SpectralBound", "spectral_norm", "project_spectral_"]
 
@@ -28,7 +28,7 @@ class SpectralBound(PowerIterationBound):
     (:mod:`implicitnets.parametrizations.subspace`), so a cluster of top singular values does
     not slow it down; it stops when the estimate changes by at most ``tol`` (relative) in one
     step.  Larger matrices use the plain power iteration with ``W`` and ``Wᵀ``.  Traced by
-    ``torch.compile``, a refresh is one subspace step (four power steps for larger
+    ``torch.compile``, a refresh is two subspace steps (four power steps for larger
     matrices) with no stopping test and no host read; a NaN in ``W`` then propagates
     instead of raising (see :mod:`implicitnets.parametrizations.power`).
 
@@ -52,52 +52,19 @@ class SpectralBound(PowerIterationBound):
             raise ValueError(f"spectral_norm: the weight must have >= 2 dimensions, got shape {tuple(weight.shape)}")
         generator = torch.Generator(device="cpu").manual_seed(0)
         v0 = torch.randn(weight.flatten(1).shape[1], generator=generator, dtype=weight.dtype)
-        super().__init__(weight, bound, v0, tol=tol, max_iter=max_iter)
-        self.exact = bool(exact)
         k = min(weight.flatten(1).shape)  # the block lives on the smaller side
-        start = torch.randn(k, min(BLOCK, k), generator=generator, dtype=weight.dtype).to(weight.device)
-        self.register_buffer("_block", torch.linalg.qr(start)[0])
+        block = torch.randn(k, min(BLOCK, k), generator=generator, dtype=weight.dtype)
+        super().__init__(weight, bound, v0, tol=tol, max_iter=max_iter, block=block)
+        self.exact = bool(exact)
 
     def apply(self, v: Tensor, weight: Tensor) -> Tensor:
         return weight.flatten(1) @ v
 
-    @torch.no_grad()
-    def power_iterate_(self, weight: Tensor, max_iter: int | None = None, tol: float | None = None) -> int:
-        """Subspace iteration on the smaller Gram matrix to ``tol`` (at most ``max_iter``
-        steps), warm-started from the stored block; returns the number of steps taken."""
-        max_iter = self.max_iter if max_iter is None else max_iter
-        tol = self.tol if tol is None else tol
-        W = weight.detach().flatten(1)
-        if min(W.shape) > _SUBSPACE_LIMIT:
-            return super().power_iterate_(weight, max_iter, tol)
-        block, _, steps = top_singular_subspace(W, self._block, tol=tol, max_iter=max_iter)
-        u, v = self._vectors(W, block)
-        self._block.copy_(block)
-        self._u.copy_(u)
-        self._v.copy_(v)
-        return steps
-
-    def fixed_steps(self, weight: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """The traced refresh's iteration: one subspace step with its Rayleigh–Ritz step from
-        the stored block (``_CHECK_EVERY`` power steps above the subspace limit), with no
-        stopping test.  Returns ``(buffer, new value)`` pairs."""
+    def operator(self, weight: Tensor) -> ScaledOperator | None:
+        """The matrix for the subspace iteration, or ``None`` above the size where the plain
+        power iteration is cheaper."""
         W = weight.flatten(1)
-        if min(W.shape) > _SUBSPACE_LIMIT:
-            return super().fixed_steps(weight)
-        block, _ = subspace_steps(W, self._block, 1)
-        u, v = self._vectors(W, block)
-        return [(self._block, block), (self._u, u), (self._v, v)]
-
-    @staticmethod
-    def _vectors(W: Tensor, block: Tensor) -> tuple[Tensor, Tensor]:
-        """The singular vectors ``u, v`` of ``W`` (2-D) from the block's first column."""
-        x = block[:, 0]
-        v = _normalize(W.t() @ x) if W.shape[0] < W.shape[1] else x
-        return _normalize(W @ v), v
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        state_dict.setdefault(prefix + "_block", self._block)  # a state saved without the block
-        super()._load_from_state_dict(state_dict, prefix, *args)
+        return None if min(W.shape) > _SUBSPACE_LIMIT else matrix_operator(W)
 
     def adjoint(self, u: Tensor, weight: Tensor) -> Tensor:
         return weight.flatten(1).t() @ u

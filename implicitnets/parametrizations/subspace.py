@@ -1,17 +1,20 @@
-"""The largest singular value of a matrix by warm-started subspace iteration.
+"""The largest singular value of a linear operator by warm-started subspace iteration.
 
-For ``W`` of shape (m, n) with ``k = min(m, n)``, let ``G`` be the smaller Gram matrix
-(``MᵀM`` or ``MMᵀ``, k × k) of ``M``, the matrix scaled to entries in [−1, 1] (so that no
-product overflows or underflows); ``G`` is applied by two thin products and never formed.
-The iteration keeps an orthonormal block ``X`` of ``b`` columns and repeats
+The operator ``K = scale · M`` (a matrix, a convolution) is given by its products on blocks
+of column vectors, ``X ↦ M X`` and ``Y ↦ Mᵀ Y`` (:class:`ScaledOperator`), with ``M`` scaled
+so that no product overflows or underflows (a matrix to entries in [−1, 1]).  With the Gram
+operator ``G = MᵀM`` (applied by the two products, never formed) the iteration keeps an
+orthonormal block ``X`` of ``b`` columns and repeats
 
-    Q R = G X,    T = Qᵀ G Q,    T = S diag(λ) Sᵀ (λ descending),    X ← Q S,
+    P = M X,    PᵀP = Xᵀ G X = S diag(λ) Sᵀ (λ descending),    Q R = Mᵀ P S,    X ← Q,
 
-(subspace iteration with a Rayleigh–Ritz step), so ``λ₁ → σ₁(W)²`` (scaled) at the rate
-``(σ_{b+1} / σ₁)²`` per step rather than the plain power iteration's ``(σ₂ / σ₁)²``: a cluster
-of up to ``b`` top singular values, typical of a weight trained against a norm bound, no
-longer slows it down.  The first estimate is the warm block's own Ritz value, so a weight
-that changed by one optimiser step usually needs one step to pass the stopping test.
+(subspace iteration with a Rayleigh–Ritz step on the current block, two products per step),
+so ``λ₁ → σ₁(K)²`` (scaled) at the rate ``(σ_{b+1} / σ₁)²`` per step rather than the plain
+power iteration's ``(σ₂ / σ₁)²``: a cluster of up to ``b`` top singular values, typical of a
+weight trained against a norm bound, no longer slows it down.  The first estimate is the
+warm block's own Ritz value, so a weight that changed by one optimiser step usually passes
+the stopping test after two steps.  For a matrix (:func:`matrix_operator`) the block lives
+on the smaller side.
 
 :func:`top_singular_subspace` runs to a tolerance, reading the estimate on the host after
 every step; :func:`subspace_steps` runs a fixed number of the same steps with no host read
@@ -21,68 +24,78 @@ every step; :func:`subspace_steps` runs a fixed number of the same steps with no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import NonFiniteError
 
-__all__ = ["BLOCK", "top_singular_subspace", "subspace_steps"]
+__all__ = ["BLOCK", "ScaledOperator", "matrix_operator", "top_singular_subspace", "subspace_steps"]
 
 BLOCK = 16  # columns of the block: the size of a top cluster that costs no convergence speed
 
 
-def _scaled(W: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(M, Mᵀ, scale)`` with ``M = W / max |Wᵢⱼ|``, the sides swapped when ``W`` is wide so
-    that ``G = Mᵀ M`` is always the smaller Gram matrix."""
+@dataclass(frozen=True)
+class ScaledOperator:
+    """``scale · M``: ``apply`` maps a block ``X`` (n × b) to ``M X`` (m × b), ``adjoint`` maps
+    ``Y`` (m × b) to ``Mᵀ Y``; ``scale`` is a 0-d tensor.  ``M`` is ``K / scale`` for the
+    operator ``K`` whose norm is sought, or ``Kᵀ / scale`` when ``transposed`` (the block then
+    holds left singular vectors of ``K``)."""
+
+    apply: Callable[[Tensor], Tensor]
+    adjoint: Callable[[Tensor], Tensor]
+    scale: Tensor
+    transposed: bool = False
+
+
+def matrix_operator(W: Tensor) -> ScaledOperator:
+    """``W`` (2-D) as ``scale · M`` with ``M = W / max |Wᵢⱼ|``, transposed when ``W`` is wide so
+    that the block lives on the smaller side (``G`` is the smaller Gram matrix)."""
     scale = W.abs().amax()
     M = W / scale.clamp_min(torch.finfo(W.dtype).tiny)
+    wide = W.shape[0] < W.shape[1]
+    if wide:  # the block lives on the left side: G = M Mᵀ
+        M = M.t()
     Mt = M.t()
-    if W.shape[0] < W.shape[1]:  # the block lives on the left side: G = M Mᵀ
-        M, Mt = Mt, M
-    return M, Mt, scale
-
-
-def _ritz(M: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigenpairs (ascending) of ``Qᵀ G Q = (M Q)ᵀ (M Q)``.  Its entries are finite unless
-    ``W`` is not (then ``scale`` carries the NaN into the estimate); ``eigh`` raises on a NaN
-    inside its kernel, so a NaN entry enters it as 0."""
-    P = M @ Q
-    return torch.linalg.eigh(torch.nan_to_num(P.t() @ P))
+    return ScaledOperator(lambda X: M @ X, lambda Y: Mt @ Y, scale, transposed=wide)
 
 
 def _sigma(lam: Tensor, scale: Tensor) -> Tensor:
-    """The estimate of ``σ₁(W)`` from the Ritz values of the scaled Gram matrix."""
+    """The estimate of ``σ₁(K)`` from the Ritz values of the scaled Gram operator."""
     return lam[-1].clamp_min(0).sqrt() * scale
 
 
-def _step(M: Tensor, Mt: Tensor, X: Tensor) -> tuple[Tensor, Tensor]:
-    """One subspace step with its Rayleigh–Ritz step: the new block (Ritz vectors, descending)
-    and its Ritz values (ascending)."""
-    Q, _ = torch.linalg.qr(Mt @ (M @ X))  # G X, by two thin products (G itself is never formed)
-    lam, S = _ritz(M, Q)
-    return Q @ S.flip(-1), lam
+def _step(op: ScaledOperator, X: Tensor) -> tuple[Tensor, Tensor]:
+    """One step from the block ``X``: the Ritz values (ascending) of ``G`` on ``span X`` and
+    the next block, ``G X`` in the Ritz basis (descending) orthonormalised, which spans
+    ``G span X``.  Two products per step: ``P = M X`` gives ``Xᵀ G X = PᵀP`` and
+    ``G X = Mᵀ P``.  ``PᵀP`` is finite unless the operator is not (then ``scale`` carries
+    the NaN into the estimate); ``eigh`` raises on a NaN inside its kernel, so a NaN entry
+    enters it as 0."""
+    P = op.apply(X)
+    lam, S = torch.linalg.eigh(torch.nan_to_num(P.t() @ P))
+    Q, _ = torch.linalg.qr(op.adjoint(P) @ S.flip(-1))
+    return Q, lam
 
 
-def top_singular_subspace(W: Tensor, X: Tensor, *, tol: float, max_iter: int) -> tuple[Tensor, Tensor, int]:
-    """Iterate the block ``X`` (k × b, orthonormal columns; k the smaller side of ``W``) until
-    the estimate of ``σ₁(W)`` changes by at most ``tol`` (relative) in one step, or for
-    ``max_iter`` steps.  Returns the new block (its first column the top singular vector of
-    the smaller side: right when ``W`` is tall or square, left when it is wide), the estimate
-    of ``σ₁(W)``, and the number of steps.  Reads the host once per step.
+def top_singular_subspace(op: ScaledOperator, X: Tensor, *, tol: float, max_iter: int) -> tuple[Tensor, Tensor, int]:
+    """Iterate the block ``X`` (n × b, orthonormal columns, n the size of ``M``'s input) until
+    the estimate of ``σ₁(K)`` changes by at most ``tol`` (relative) in one step, or for
+    ``max_iter`` steps.  Returns the new block (its first column the top right singular
+    vector of ``M``), the estimate of ``σ₁(K)``, and the number of steps.  Reads the host
+    once per step.
 
     Raises:
-        NonFiniteError: ``W`` contains NaN or Inf.
+        NonFiniteError: The operator's weight contains NaN or Inf (``scale`` is not finite).
     """
-    M, Mt, scale = _scaled(W)
-    if not math.isfinite(float(scale)):
+    if not math.isfinite(float(op.scale)):
         raise NonFiniteError("the weight contains NaN or Inf")
-    lam, _ = _ritz(M, X)  # the warm block's estimate, before any step
-    sigma = _sigma(lam, scale)
-    previous, steps = float(sigma), 0
+    previous, steps = math.nan, 0
     while steps < max_iter:
-        X, lam = _step(M, Mt, X)
-        sigma = _sigma(lam, scale)
+        X, lam = _step(op, X)  # the estimate of the block before the step (the first: the warm block's)
+        sigma = _sigma(lam, op.scale)
         steps += 1
         value = float(sigma)
         if abs(value - previous) <= tol * value:
@@ -91,11 +104,10 @@ def top_singular_subspace(W: Tensor, X: Tensor, *, tol: float, max_iter: int) ->
     return X, sigma, steps
 
 
-def subspace_steps(W: Tensor, X: Tensor, steps: int = 1) -> tuple[Tensor, Tensor]:
+def subspace_steps(op: ScaledOperator, X: Tensor, steps: int = 1) -> tuple[Tensor, Tensor]:
     """``steps`` steps of the iteration of :func:`top_singular_subspace` from the block ``X``,
     with no stopping test and no host read.  Returns the new block and the estimate of
-    ``σ₁(W)``.  A NaN or Inf in ``W`` is not detected: it propagates into both."""
-    M, Mt, scale = _scaled(W)
+    ``σ₁(K)``.  A NaN or Inf in the weight is not detected: it propagates into both."""
     for _ in range(steps):
-        X, lam = _step(M, Mt, X)
-    return X, _sigma(lam, scale)
+        X, lam = _step(op, X)
+    return X, _sigma(lam, op.scale)
