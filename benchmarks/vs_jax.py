@@ -18,8 +18,8 @@ The sides:
 * ours (compiled model): the eager layer, ``torch.compile(fullgraph=True)`` around the model and
   loss (one forward and one backward graph);
 * both compiled sides are left out by ``--no-compile``; their compile time (cold: inductor's
-  caches off; the wall time of the first two calls, since the compiled model compiles again
-  once the layer holds statistics) and the steps it takes to pay it off are printed;
+  caches off; the wall time of the first two calls) and the steps it takes to pay it off are
+  printed;
 * torch (hand-written): the same step in bare eager tensor code, no autograd (``limit.bare``);
 * JAX (hand-written): ``lax.fori_loop`` forward, a ``jax.custom_vjp`` whose backward runs the k
   Neumann steps, ``jax.jit``;
@@ -184,24 +184,6 @@ def compiled_path(net: limit.Net, t: int, k: int, x: Tensor, y: Tensor):
     return step
 
 
-def compiled_ours(net: limit.Net, t: int, k: int, x: Tensor, y: Tensor):
-    """Ours with ``torch.compile`` around the model and loss; ``loss.backward()`` as in eager.
-
-    """
-    layer = inn.FixedPointLayer(net.cell, solver=inn.FixedPointIteration(max_iter=t, tol=0.0),
-                                backward=limit.backward_mode("AID-FP", k))
-    model = torch.compile(lambda x, y: F.cross_entropy(net.head(layer(x)), y), dynamic=False, fullgraph=True)
-    params = list(net.parameters())
-
-    def step() -> list[Tensor]:
-        for q in params:
-            q.grad = None
-        model(x, y).backward()
-        return [q.grad for q in params]
-
-    return step
-
-
 def torch_sides(p: dict[str, np.ndarray], t: int, k: int, compile_: bool, device: torch.device
                 ) -> tuple[dict, dict[str, str]]:
     """name -> step returning the gradients (A, B, c, H, h) on ``device``; and name -> why a side is missing."""
@@ -224,7 +206,8 @@ def torch_sides(p: dict[str, np.ndarray], t: int, k: int, compile_: bool, device
     return sides, missing
 
 
-COMPILED = {"ours (compiled)": compiled_path, "ours (compiled model)": compiled_ours}
+COMPILED = {"ours (compiled)": compiled_path,
+            "ours (compiled model)": lambda net, t, k, x, y: limit.compiled_ours(net, "AID-FP", t, k, x, y)}
 
 
 # --------------------------------------------------------------------------- the JAX sides
@@ -374,8 +357,7 @@ def gradient_diffs(p, t: int, k: int, compile_: bool, use_jax: bool, device: tor
                    ) -> tuple[dict, dict, dict, dict, dict]:
     """The sides, the missing ones (why), each side's relative gradient difference from ours, the
     forward step counts of optimistix and jaxopt, and the wall time of the torch sides' first two
-    calls (a compiled model compiles twice: at the first call, and again at the second, when the
-    layer's statistics from the first exist)."""
+    calls (a compiled side compiles at the first)."""
     tsides, missing = torch_sides(p, t, k, compile_, device)
     ref = [g.detach().cpu().numpy() for g in tsides["ours"]()]
     diffs, first = {}, {}
