@@ -143,6 +143,49 @@ def test_fullgraph_compiles_the_fc_model_with_tol_zero(backward):
     assert math.isclose(float(stats.residual), ref_stats.residual, rel_tol=1e-9)
 
 
+class _UserTanh(torch.nn.Module):
+    """``tanh(A w + B x + c)`` written by a user: no closed-form Jacobian."""
+
+    def __init__(self, cell: inn.maps.TanhMap):
+        super().__init__()
+        self.A, self.B = cell.A, cell.B
+
+    def inject(self, x):
+        return self.B(x)
+
+    def step(self, w, u):
+        return torch.tanh(self.A(w) + u)
+
+    def initial_state(self, x):
+        return x.new_zeros(x.shape[0], self.A.weight.shape[0])
+
+
+def test_fullgraph_compiles_a_user_map_without_closed_form():
+    """A map written by a user (no closed-form Jacobian) compiles whole too: the traced AID
+    takes ``Jᵀv`` from ``torch.func.vjp`` of the step; one graph, no break, and eager's loss
+    and gradients to 1e-12 in float64."""
+    cell = _UserTanh(_cell())
+    layer = inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(30, tol=0.0),
+                                backward=inn.AID(linear.Neumann(30, tol=0.0)))
+    head = torch.nn.Linear(10, 3, dtype=torch.float64)
+    x = _x()
+
+    def loss(x):
+        return head(layer(x)).square().sum()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(loss)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    params = [*cell.parameters(), *head.parameters()]
+    ref = torch.autograd.grad(loss(x), params)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    value = compiled(x)
+    grads = torch.autograd.grad(value, params)
+    _close(value, loss(x))
+    for g, r in zip(grads, ref):
+        _close(g, r)
+
+
 def test_a_compiled_model_compiles_once():
     """The layer's own statistics of the previous call are not a guard: a compiled training
     step compiles once and is reused from the second call on (AID without warm start)."""

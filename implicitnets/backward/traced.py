@@ -14,15 +14,18 @@ forward solve, the differentiable step and the adjoint solve into the compiled g
   through ``fz``'s graph: ``∂₂Φᵀ v``.
 
 This is the eager first-order gradient, computed by the same operations.  It applies to a
-tensor state of a map whose closed-form ``jacobian`` reads only values
-(``jacobian_needs_graph = False``, e.g. :class:`~implicitnets.maps.TanhMap`); other maps keep
-the eager path (Dynamo runs it outside the graph).  Inside the compiled graph the failure
+tensor state of any map whose step is the map's own (``inject``/``step``, or ``f(w, x)``):
+``J`` is the closed-form ``jacobian`` when it reads only values (``jacobian_needs_graph =
+False``, e.g. :class:`~implicitnets.maps.TanhMap`), else ``torch.func.vjp`` of the step at
+``w*``, built once when the backward runs (a map written by a user).  Tuple states keep the
+eager path (Dynamo runs it outside the graph).  Inside the compiled graph the failure
 policy is not applied and the backward statistics are not recorded (reading them would need
 the host); derivatives of the backward itself (``create_graph=True``) are not defined.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from ..linear import LinearSolver
 from ..maps.protocol import parts_of, step_parts
-from ..operator import IdentityMinus, LinearOperator
+from ..operator import FunctionOperator, IdentityMinus, LinearOperator
 from ..solvers import SolverStats
 from ..state import State
 from .base import Problem
@@ -39,10 +42,24 @@ __all__ = ["TracedAdjoint", "run_traced"]
 
 
 class _Adjoint:
-    """What the backward needs: ``J``, the linear solver and the start of the solve."""
+    """What the backward needs: ``J`` (or how to build it there), the linear solver and the
+    start of the solve."""
 
-    def __init__(self, J: LinearOperator, linear_solver: LinearSolver, start: Tensor | None) -> None:
+    def __init__(self, J: LinearOperator | Callable[[], LinearOperator], linear_solver: LinearSolver,
+                 start: Tensor | None) -> None:
         self.J, self.linear_solver, self.start = J, linear_solver, start
+
+    def operator(self) -> LinearOperator:
+        return self.J if isinstance(self.J, LinearOperator) else self.J()
+
+
+def _pullback_jacobian(step: Callable[[Tensor, State], Tensor], w: Tensor, u: State) -> LinearOperator:
+    """``J = ∂₁Φ(w, u)`` by ``torch.func`` on the step at ``w`` (``u`` and the map's tensors held
+    fixed): ``Jᵀ v`` by one pullback (``vjp``) built here, ``J y`` by ``jvp``."""
+    u = u.detach() if isinstance(u, Tensor) else tuple(t.detach() for t in u)
+    _, pullback = torch.func.vjp(lambda x: step(x, u), w.detach())
+    return FunctionOperator(lambda y: torch.func.jvp(lambda x: step(x, u), (w.detach(),), (y,))[1], w,
+                            rmv=lambda v: pullback(v)[0])
 
 
 class TracedAdjoint(torch.autograd.Function):
@@ -62,18 +79,16 @@ class TracedAdjoint(torch.autograd.Function):
         a: _Adjoint = ctx.adjoint
         b = g.to(torch.promote_types(g.dtype, torch.float32))
         start = a.start.to(b) if a.start is not None and a.start.shape == b.shape else None
-        v, _ = a.linear_solver.solve(IdentityMinus(a.J).T, b, start)
+        v, _ = a.linear_solver.solve(IdentityMinus(a.operator()).T, b, start)
         return None, v.to(g.dtype), None
 
 
 def run_traced(problem: Problem, linear_solver: LinearSolver) -> tuple[State, SolverStats] | None:
-    """AID's solve and differentiable step for Dynamo to trace, or ``None`` when the map has
-    no closed-form Jacobian that reads only values or the state is a tuple."""
+    """AID's solve and differentiable step for Dynamo to trace, or ``None`` when the state is a
+    tuple (or the step is not the map's own)."""
     # the map's parts from the module itself: Dynamo does not resolve a bound method's __self__
     form = parts_of(problem.module) if problem.module is not None else step_parts(problem.step)
-    if form.step != problem.step:
-        return None
-    if form.jacobian is None or form.jacobian_needs_graph or not isinstance(problem.z0, Tensor):
+    if form.step != problem.step or not isinstance(problem.z0, Tensor):
         return None
     with torch.no_grad():
         z, stats = problem.solver.solve(problem.map(), problem.z0)
@@ -82,5 +97,8 @@ def run_traced(problem: Problem, linear_solver: LinearSolver) -> tuple[State, So
     z_in = z.detach()
     with torch.enable_grad():
         fz = problem.step(z_in, problem.u)
-    J = form.jacobian(z_in, problem.u, fz)
+    if form.jacobian is not None and not form.jacobian_needs_graph:
+        J: LinearOperator | Callable[[], LinearOperator] = form.jacobian(z_in, problem.u, fz)
+    else:
+        J = lambda: _pullback_jacobian(problem.step, z_in, problem.u)
     return TracedAdjoint.apply(_Adjoint(J, linear_solver, problem.adjoint_x0), fz, z), stats
