@@ -149,6 +149,24 @@ def test_warm_start_saves_iterations_and_resumes_with_its_cache(tmp_path, backwa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_eval_warm_start_starts_each_test_sample_from_its_last_fixed_point(tmp_path):
+    """--eval-warm-start: from the second evaluation on, each test sample's solve starts from its
+    fixed point at the previous one; with the weights all but unchanged in between (lr 1e-12)
+    the solve starts at a fixed point, so it stops at once, and the accuracy is the cold one."""
+    common = ["--epochs", "2", "--width", "32", "--batch-size", "2500", "--lr", "1e-12", "--schedule", "constant",
+              "--tol", "1e-5", "--t", "60", "--eval-batch-size", "64"]
+    run(tmp_path / "cold", *common)
+    run(tmp_path / "warm", *common, "--eval-warm-start")
+
+    def history(name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    c, w = history("cold"), history("warm")
+    assert w[0]["test_forward_iterations"] == c[0]["test_forward_iterations"] > 5  # nothing cached yet
+    assert w[1]["test_forward_iterations"] == 1  # the weights did not move after step 2: already solved
+    assert abs(w[1]["test_acc"] - c[1]["test_acc"]) <= 1 / 200  # the same solution to tol: one sample at most
+
+
 def test_the_adjoint_tolerance_is_tied_to_the_forward_one_unless_given():
     tied = mnist.build_model(mnist.parse_args(["--backward", "aid-fp", "--tol", "3e-4"])).deq.backward.linear_solver
     assert tied.tol == 3e-4 and tied.max_iter == 20

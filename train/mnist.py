@@ -103,6 +103,7 @@ class Run:
     project: Callable[[], None] | None
     data: DeviceData
     cache: inn.SampleCache | None  # --warm-start: each training sample's last w* and adjoint solution
+    test_cache: inn.SampleCache | None  # --eval-warm-start: each test sample's w* at the last evaluation
     rank: int
     world: int
     autocast: torch.autocast
@@ -201,7 +202,10 @@ def evaluate(run: Run, where: str) -> dict:
     with torch.no_grad(), run.autocast, FoldedWarnings(where):
         for start in range(run.rank * size, x.shape[0], run.world * size):
             xb, yb = x[start : start + size], y[start : start + size]
-            logits = model(xb).float()
+            idx, cache = torch.arange(start, start + len(xb)), run.test_cache
+            logits = (model(xb) if cache is None else model(xb, z0=cache.start("w", idx, None))).float()
+            if cache is not None:
+                cache.store("w", idx, model.fixed_point)
             sums += torch.stack([(logits.argmax(1) == yb).sum().double(),
                                  F.cross_entropy(logits, yb, reduction="sum").double()])
             if hasattr(model, "stats"):
@@ -255,7 +259,8 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
     is_deq = hasattr(raw_model, "stats")
     # under torchrun each process caches the samples it saw; the checkpoint holds rank 0's cache
     cache = inn.SampleCache(data.train_x.shape[0]).to(device) if cfg.warm_start and is_deq else None
-    run = Run(cfg, model, raw_model, optimizer, project, data, cache, rank, world,
+    test_cache = inn.SampleCache(data.test_x.shape[0]).to(device) if cfg.eval_warm_start and is_deq else None
+    run = Run(cfg, model, raw_model, optimizer, project, data, cache, test_cache, rank, world,
               torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp))
 
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")  # written at the end of every epoch

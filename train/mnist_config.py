@@ -41,6 +41,7 @@ class Config:
     channels: int = 48  # channels of conv / cnn
     activation: str = "relu"  # conv cell activation: relu | tanh (fc and mlp use tanh, mon and monconv relu)
     warm_start: bool = False  # start each training sample's solves from its last fixed point and adjoint solution
+    eval_warm_start: bool = False  # start each test sample's solve from its fixed point at the previous evaluation
     epochs: int = 100  # passes over the training set
     batch_size: int = 100  # global batch (split over processes)
     optimizer: str = "adam"  # adam | sgd
