@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from user_maps import UserTanh
 
 import implicitnets as inn
 from implicitnets import linear
@@ -143,28 +144,12 @@ def test_fullgraph_compiles_the_fc_model_with_tol_zero(backward):
     assert math.isclose(float(stats.residual), ref_stats.residual, rel_tol=1e-9)
 
 
-class _UserTanh(torch.nn.Module):
-    """``tanh(A w + B x + c)`` written by a user: no closed-form Jacobian."""
-
-    def __init__(self, cell: inn.maps.TanhMap):
-        super().__init__()
-        self.A, self.B = cell.A, cell.B
-
-    def inject(self, x):
-        return self.B(x)
-
-    def step(self, w, u):
-        return torch.tanh(self.A(w) + u)
-
-    def initial_state(self, x):
-        return x.new_zeros(x.shape[0], self.A.weight.shape[0])
-
-
 def test_fullgraph_compiles_a_user_map_without_closed_form():
     """A map written by a user (no closed-form Jacobian) compiles whole too: the traced AID
     takes ``Jᵀv`` from ``torch.func.vjp`` of the step; one graph, no break, and eager's loss
     and gradients to 1e-12 in float64."""
-    cell = _UserTanh(_cell())
+    torch.manual_seed(0)
+    cell = UserTanh(12, 10, norm=0.8, dtype=torch.float64)
     layer = inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(30, tol=0.0),
                                 backward=inn.AID(linear.Neumann(30, tol=0.0)))
     head = torch.nn.Linear(10, 3, dtype=torch.float64)

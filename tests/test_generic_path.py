@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from user_maps import UserTanh
 
 import implicitnets as inn
 from implicitnets import linear
@@ -31,24 +32,6 @@ def scaled(lin: nn.Linear, norm: float) -> nn.Linear:
     with torch.no_grad():
         lin.weight.mul_(norm / torch.linalg.matrix_norm(lin.weight, 2))
     return lin
-
-
-class UserTanh(nn.Module):
-    """``tanh(A w + B x + c)`` as a user writes it: ``inject``/``step``, no closed form."""
-
-    def __init__(self, n_in: int = 5, width: int = 6) -> None:
-        super().__init__()
-        self.A = scaled(nn.Linear(width, width, bias=False), 0.6)
-        self.B = nn.Linear(n_in, width)
-
-    def inject(self, x):
-        return self.B(x)
-
-    def step(self, w, u):
-        return torch.tanh(self.A(w) + u)
-
-    def initial_state(self, x):
-        return x.new_zeros(x.shape[0], self.A.weight.shape[0])
 
 
 class TupleMap(nn.Module):

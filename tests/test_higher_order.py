@@ -16,6 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
+from user_maps import UserTanh
 
 import implicitnets as inn
 from implicitnets import linear
@@ -23,26 +24,6 @@ from implicitnets import linear
 DT = torch.float64
 T = 400  # forward iterations of every solve
 RTOL = 1e-8
-
-
-class UserTanh(nn.Module):
-    """``tanh(A w + B x + c)`` as a user writes it: no closed-form Jacobian."""
-
-    def __init__(self, n_in: int, width: int) -> None:
-        super().__init__()
-        self.A = nn.Linear(width, width, bias=False, dtype=DT)
-        self.B = nn.Linear(n_in, width, dtype=DT)
-        with torch.no_grad():
-            self.A.weight.mul_(0.5 / torch.linalg.matrix_norm(self.A.weight, 2))
-
-    def inject(self, x):
-        return self.B(x)
-
-    def step(self, w, u):
-        return torch.tanh(self.A(w) + u)
-
-    def initial_state(self, x):
-        return x.new_zeros(x.shape[0], self.A.weight.shape[0])
 
 
 class TupleMap(nn.Module):
@@ -76,7 +57,7 @@ def make_map(kind: str, device: torch.device, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "tanh":
         return inn.maps.TanhMap(5, 4, contraction=0.5, exact=True).to(DT).to(device)
-    return (UserTanh(5, 4) if kind == "user" else TupleMap(5, 4)).to(device)
+    return (UserTanh(5, 4, norm=0.5, dtype=DT) if kind == "user" else TupleMap(5, 4)).to(device)
 
 
 MAPS = ["tanh", "user", "tuple"]
