@@ -318,7 +318,7 @@ def test_subspace_iteration_finds_the_largest_singular_value_of_a_clustered_spec
     torch.testing.assert_close(bound.sigma(W).detach(), S[0], rtol=1e-12, atol=0)
     torch.testing.assert_close(W.t() @ bound._u, S[0] * bound._v, rtol=0, atol=1e-6)
     nudged = W + 1e-3 * torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
-    assert bound.power_iterate_(nudged) <= 9  # warm-started from the block of W (two products a step)
+    assert bound.power_iterate_(nudged) <= 8  # warm-started from the block of W
     torch.testing.assert_close(bound.sigma(nudged).detach(), torch.linalg.matrix_norm(nudged, 2), rtol=1e-12, atol=0)
     big = (W * scale).float()  # entries ~1e18: ‖W‖² overflows float32
     bound32 = inn.parametrizations.SpectralBound(big, 0.5)

@@ -22,7 +22,7 @@ evaluation after an in-place change to compare the values.
 
 Traced by ``torch.compile`` (while ``torch.compiler.is_compiling()``) the refresh reads
 nothing on the host: it runs a fixed number of steps from the stored vectors with no
-stopping test (4 power steps, or 2 subspace steps for a bound with a block,
+stopping test (4 power steps, or 1 subspace step for a bound with a block,
 :class:`~implicitnets.parametrizations.SpectralBound` and
 :class:`~implicitnets.parametrizations.ConvOperatorBound`), and the comparison with the weight
 last seen is a tensor, ``changed``, that selects the new or the old vectors
@@ -52,7 +52,7 @@ from .subspace import ScaledOperator, subspace_steps, top_singular_subspace
 __all__ = ["PowerIterationBound"]
 
 _CHECK_EVERY = 4  # power steps between stopping checks (host syncs); the steps of a traced refresh
-_TRACED_SUBSPACE_STEPS = 2  # subspace steps of a traced refresh (an eager one takes 2 for a slowly moving weight)
+_TRACED_SUBSPACE_STEPS = 1  # subspace steps of a traced refresh (an eager one takes 1 for a slowly moving weight)
 
 
 def check_bound(name: str, bound: float) -> None:

@@ -28,7 +28,7 @@ class SpectralBound(PowerIterationBound):
     (:mod:`implicitnets.parametrizations.subspace`), so a cluster of top singular values does
     not slow it down; it stops when the estimate changes by at most ``tol`` (relative) in one
     step.  Larger matrices use the plain power iteration with ``W`` and ``Wᵀ``.  Traced by
-    ``torch.compile``, a refresh is two subspace steps (four power steps for larger
+    ``torch.compile``, a refresh is one subspace step (four power steps for larger
     matrices) with no stopping test and no host read; a NaN in ``W`` then propagates
     instead of raising (see :mod:`implicitnets.parametrizations.power`).
 

@@ -6,14 +6,14 @@ so that no product overflows or underflows (a matrix to entries in [−1, 1]).  
 operator ``G = MᵀM`` (applied by the two products, never formed) the iteration keeps an
 orthonormal block ``X`` of ``b`` columns and repeats
 
-    P = M X,    PᵀP = Xᵀ G X = S diag(λ) Sᵀ (λ descending),    Q R = Mᵀ P S,    X ← Q,
+    Q R = G X = Mᵀ (M X),    P = M Q,    PᵀP = Qᵀ G Q = S diag(λ) Sᵀ (λ descending),    X ← Q S,
 
-(subspace iteration with a Rayleigh–Ritz step on the current block, two products per step),
-so ``λ₁ → σ₁(K)²`` (scaled) at the rate ``(σ_{b+1} / σ₁)²`` per step rather than the plain
-power iteration's ``(σ₂ / σ₁)²``: a cluster of up to ``b`` top singular values, typical of a
+(subspace iteration with a Rayleigh–Ritz step; ``M X = P S`` is carried to the next step, so
+a step takes two products), so ``λ₁ → σ₁(K)²`` (scaled) at the rate ``(σ_{b+1} / σ₁)²`` per
+step rather than the plain power iteration's ``(σ₂ / σ₁)²``: a cluster of up to ``b`` top singular values, typical of a
 weight trained against a norm bound, no longer slows it down.  The first estimate is the
 warm block's own Ritz value, so a weight that changed by one optimiser step usually passes
-the stopping test after two steps.  For a matrix (:func:`matrix_operator`) the block lives
+the stopping test after one step.  For a matrix (:func:`matrix_operator`) the block lives
 on the smaller side.
 
 :func:`top_singular_subspace` runs to a tolerance, reading the estimate on the host after
@@ -67,17 +67,24 @@ def _sigma(lam: Tensor, scale: Tensor) -> Tensor:
     return lam[-1].clamp_min(0).sqrt() * scale
 
 
-def _step(op: ScaledOperator, X: Tensor) -> tuple[Tensor, Tensor]:
-    """One step from the block ``X``: the Ritz values (ascending) of ``G`` on ``span X`` and
-    the next block, ``G X`` in the Ritz basis (descending) orthonormalised, which spans
-    ``G span X``.  Two products per step: ``P = M X`` gives ``Xᵀ G X = PᵀP`` and
-    ``G X = Mᵀ P``.  ``PᵀP`` is finite unless the operator is not (then ``scale`` carries
-    the NaN into the estimate); ``eigh`` raises on a NaN inside its kernel, so a NaN entry
-    enters it as 0."""
-    P = op.apply(X)
+def _ritz(op: ScaledOperator, Q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The Ritz pairs of ``G`` on ``span Q``: values (ascending), vectors (in ``Q``'s basis),
+    and ``P = M Q``, from one product: ``Qᵀ G Q = PᵀP``.  ``PᵀP`` is finite unless the
+    operator is not (then ``scale`` carries the NaN into the estimate); ``eigh`` raises on a
+    NaN inside its kernel, so a NaN entry enters it as 0."""
+    P = op.apply(Q)
     lam, S = torch.linalg.eigh(torch.nan_to_num(P.t() @ P))
-    Q, _ = torch.linalg.qr(op.adjoint(P) @ S.flip(-1))
-    return Q, lam
+    return lam, S, P
+
+
+def _step(op: ScaledOperator, P: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One subspace step from a block ``X`` given by ``P = M X``: ``G X = Mᵀ P`` orthonormalised
+    to ``Q``, and the Rayleigh–Ritz step on ``span Q``.  Returns the new block (Ritz vectors,
+    descending), its ``M``-image and its Ritz values (ascending): two products a step."""
+    Q, _ = torch.linalg.qr(op.adjoint(P))
+    lam, S, PQ = _ritz(op, Q)
+    S = S.flip(-1)
+    return Q @ S, PQ @ S, lam
 
 
 def top_singular_subspace(op: ScaledOperator, X: Tensor, *, tol: float, max_iter: int) -> tuple[Tensor, Tensor, int]:
@@ -92,9 +99,11 @@ def top_singular_subspace(op: ScaledOperator, X: Tensor, *, tol: float, max_iter
     """
     if not math.isfinite(float(op.scale)):
         raise NonFiniteError("the weight contains NaN or Inf")
-    previous, steps = math.nan, 0
+    lam, _, P = _ritz(op, X)  # the warm block's estimate, before any step
+    previous, steps = float(_sigma(lam, op.scale)), 0
+    sigma = _sigma(lam, op.scale)
     while steps < max_iter:
-        X, lam = _step(op, X)  # the estimate of the block before the step (the first: the warm block's)
+        X, P, lam = _step(op, P)
         sigma = _sigma(lam, op.scale)
         steps += 1
         value = float(sigma)
@@ -108,6 +117,7 @@ def subspace_steps(op: ScaledOperator, X: Tensor, steps: int = 1) -> tuple[Tenso
     """``steps`` steps of the iteration of :func:`top_singular_subspace` from the block ``X``,
     with no stopping test and no host read.  Returns the new block and the estimate of
     ``σ₁(K)``.  A NaN or Inf in the weight is not detected: it propagates into both."""
+    lam, _, P = _ritz(op, X)
     for _ in range(steps):
-        X, lam = _step(op, X)
+        X, P, lam = _step(op, P)
     return X, _sigma(lam, op.scale)
