@@ -184,6 +184,25 @@ class FunctionOperator(LinearOperator):
         return self._rmv(y)
 
 
+def func_jacobian(
+    fn: Callable[[State], State], state: State, flatten: Callable[[State], Tensor] = lambda s: s,
+    unflatten: Callable[[Tensor], State] = lambda x: x,
+) -> FunctionOperator:
+    """``J = ∂fn/∂w`` at ``w = state`` by ``torch.func``: ``Jᵀy`` by one ``vjp`` of ``fn``, built
+    here; ``J x`` by the transpose of that pullback (a ``vjp`` of it), built at the first
+    ``mv``.  ``flatten`` and ``unflatten`` map a state to the vector ``J`` acts on and back
+    (the identity for a tensor state)."""
+    out, pullback = torch.func.vjp(fn, state)
+    transposed: list[Callable] = []
+
+    def mv(x: Tensor) -> Tensor:
+        if not transposed:
+            transposed.append(torch.func.vjp(pullback, torch.utils._pytree.tree_map(torch.zeros_like, out))[1])
+        return flatten(transposed[0]((unflatten(x),))[0])
+
+    return FunctionOperator(mv, flatten(state), lambda y: flatten(pullback(unflatten(y))[0]))
+
+
 def _flat_cat(tensors: tuple[Tensor, ...]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 

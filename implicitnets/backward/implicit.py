@@ -40,7 +40,7 @@ from ..bound_map import BoundMap
 from ..failure import AdjointFailure, FailurePolicy
 from ..linear import LinearSolver
 from ..maps.protocol import step_parts
-from ..operator import FunctionOperator, IdentityMinus, LinearOperator
+from ..operator import IdentityMinus, LinearOperator, func_jacobian
 from ..solvers import ForwardSolver, SolverStats
 from ..state import State, flat_vector, from_flat_vector, pack, parts
 from .adjoint import adjoint_message, check_finite
@@ -166,13 +166,8 @@ def _jacobian_operator(spec: Spec, w: tuple[Tensor, ...], u: State, P: tuple[Ten
     if spec.closed is not None and spec.state_single:
         with spec.phi.substituted(P):
             return spec.closed(state, u, spec.phi.step(state, u))
-    out, pullback = torch.func.vjp(lambda ws: spec.phi(ws, u, P), state)
-    _, transposed = torch.func.vjp(pullback, torch.utils._pytree.tree_map(torch.zeros_like, out))
-    return FunctionOperator(
-        lambda x: spec.flatten(parts(transposed((pack(state, spec.unflatten(x, w)),))[0])),
-        spec.flatten(w),
-        lambda y: spec.flatten(parts(pullback(pack(state, spec.unflatten(y, w)))[0])),
-    )
+    return func_jacobian(lambda ws: spec.phi(ws, u, P), state, lambda s: spec.flatten(parts(s)),
+                         lambda x: pack(state, spec.unflatten(x, w)))
 
 
 def _grads_of_args(

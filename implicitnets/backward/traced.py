@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..linear import LinearSolver
 from ..maps.protocol import parts_of, step_parts
-from ..operator import FunctionOperator, IdentityMinus, LinearOperator
+from ..operator import IdentityMinus, LinearOperator, func_jacobian
 from ..solvers import SolverStats
 from ..state import State
 from .base import Problem
@@ -53,13 +53,11 @@ class _Adjoint:
         return self.J if isinstance(self.J, LinearOperator) else self.J()
 
 
-def _pullback_jacobian(step: Callable[[Tensor, State], Tensor], w: Tensor, u: State) -> LinearOperator:
+def _step_jacobian(step: Callable[[Tensor, State], Tensor], w: Tensor, u: State) -> LinearOperator:
     """``J = ∂₁Φ(w, u)`` by ``torch.func`` on the step at ``w`` (``u`` and the map's tensors held
-    fixed): ``Jᵀ v`` by one pullback (``vjp``) built here, ``J y`` by ``jvp``."""
+    fixed)."""
     u = u.detach() if isinstance(u, Tensor) else tuple(t.detach() for t in u)
-    _, pullback = torch.func.vjp(lambda x: step(x, u), w.detach())
-    return FunctionOperator(lambda y: torch.func.jvp(lambda x: step(x, u), (w.detach(),), (y,))[1], w,
-                            rmv=lambda v: pullback(v)[0])
+    return func_jacobian(lambda x: step(x, u), w.detach())
 
 
 class TracedAdjoint(torch.autograd.Function):
@@ -100,5 +98,5 @@ def run_traced(problem: Problem, linear_solver: LinearSolver) -> tuple[State, So
     if form.jacobian is not None and not form.jacobian_needs_graph:
         J: LinearOperator | Callable[[], LinearOperator] = form.jacobian(z_in, problem.u, fz)
     else:
-        J = lambda: _pullback_jacobian(problem.step, z_in, problem.u)
+        J = lambda: _step_jacobian(problem.step, z_in, problem.u)
     return TracedAdjoint.apply(_Adjoint(J, linear_solver, problem.adjoint_x0), fz, z), stats
