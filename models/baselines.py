@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import torch
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
@@ -41,7 +42,8 @@ class CNN(nn.Module):
         self.head = nn.Linear(channels * (image_size // 4) ** 2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2)
+        # channels-last, as the conv equilibrium model's input (the same kernels)
+        x = rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2).contiguous(memory_format=torch.channels_last)
         z = self.conv2(self.conv1(x).relu()).relu()
         z = reduce(z, "b c (h p) (w q) -> b c h w", "max", p=2, q=2)
         return self.head(rearrange(z, "b c h w -> b (c h w)"))

@@ -67,7 +67,8 @@ class ConvEquilibrium(EquilibriumClassifier):
 
     def forward(self, x: Tensor, z0: Tensor | None = None, adjoint_x0: Tensor | None = None) -> Tensor:
         """Logits of ``x``; ``z0`` and ``adjoint_x0`` start the solves (see ``solve``)."""
-        x = rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2)
+        # channels-last: the convolutions of every iteration run about 2x faster on CPU (oneDNN)
+        x = rearrange(x, "b c (h p) (w q) -> b (c p q) h w", p=2, q=2).contiguous(memory_format=torch.channels_last)
         z = self.solve(x, z0, adjoint_x0)
         z = reduce(z, "b c (h p) (w q) -> b c h w", "max", p=2, q=2)
         return self.head(rearrange(z, "b c h w -> b (c h w)"))

@@ -107,12 +107,16 @@ class ConvCell(Map):
         return self.step(z, self.inject(x))
 
     def initial_state(self, x: Tensor) -> Tensor:
-        """``z₀ = 0`` of shape (batch, C, H, W).
+        """``z₀ = 0`` of shape (batch, C, H, W), channels-last when ``x`` is (then every
+        iterate is: the convolutions keep their input's memory format).
 
         Args:
             x: The input, shape (batch, in_channels, H, W).
         """
-        return x.new_zeros(x.shape[0], self.channels, *x.shape[2:])
+        shape = (x.shape[0], self.channels, *x.shape[2:])
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.zeros(shape, dtype=x.dtype, device=x.device).contiguous(memory_format=torch.channels_last)
+        return x.new_zeros(shape)
 
     def jacobian(self, w: Tensor, u: Tensor, out: Tensor) -> SlopeJacobian:
         """``J = ∂₁Φ(w)`` in closed form from ``out = Φ(w, u)``: with ``D = act'`` at ``w``

@@ -105,6 +105,18 @@ class MonotoneMap(Map):
         """
         return torch.relu(v)
 
+    def reflect(self, v: Tensor, alpha: float) -> Tensor:
+        """The reflection ``2 prox_{αf}(v) − v``: ``|v|`` for the ReLU prox (one operation), else
+        from :meth:`prox` (a subclass that overrides :meth:`prox` gets the general form).
+
+        Args:
+            v: A batch of states.
+            alpha: The step size α > 0 of the prox.
+        """
+        if type(self).prox is MonotoneMap.prox:
+            return torch.abs(v)
+        return torch.lerp(v, self.prox(v, alpha), 2.0)
+
     def step(self, z: Tensor, u: Tensor) -> Tensor:
         """One map evaluation ``Φ(z) = prox(W z + u)``.
 

@@ -59,9 +59,8 @@ def sample_norms(fz: State, z: State, batch: int) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         a, b = parts(fz), parts(z)
         dtype = _work_dtype(a[0])
-        rows = _as_rows(a, b, batch)
-        nums = [torch.linalg.vector_norm(_diff(x, y, dtype), dim=1) for x, y in rows]
-        dens = [torch.linalg.vector_norm(x, dim=1, dtype=dtype) for x, _ in rows]
+        nums = [_row_norms(_diff(x, y, dtype), batch) for x, y in zip(a, b)]
+        dens = [_row_norms(x, batch, dtype) for x in a]
         if len(nums) == 1:
             return nums[0], dens[0]
         return torch.stack(nums).square().sum(0).sqrt(), torch.stack(dens).square().sum(0).sqrt()
@@ -74,8 +73,12 @@ def _diff(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype) - y.to(dtype)
 
 
-def _as_rows(a: tuple[Tensor, ...], b: tuple[Tensor, ...], batch: int) -> list[tuple[Tensor, Tensor]]:
-    return [(x.reshape(batch, -1), y.reshape(batch, -1)) for x, y in zip(a, b)]
+def _row_norms(x: Tensor, batch: int, dtype: torch.dtype | None = None) -> Tensor:
+    """The norm of each of the ``batch`` samples (first axis) of ``x``, reduced over the other
+    axes in place (no copy of a channels-last or otherwise strided state)."""
+    if x.dim() < 2 or x.shape[0] != batch:
+        return torch.linalg.vector_norm(x.reshape(batch, -1), dim=1, dtype=dtype)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.dim())), dtype=dtype)
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
@@ -121,6 +124,9 @@ class Monitor:
         self.batch = self.n = batch_size(like)
         checks = -(-max_iter // check_every) + 1
         self.buffer = torch.full((checks,), math.nan, dtype=dtype, device=device)
+        #: the residuals at the checks, read on the host (``tol > 0``, eager, whole batch)
+        self.host_trace: list[float] = []
+        self.tiny = torch.finfo(dtype).tiny
         self.count = 0  # map evaluations
         self.checks = 0  # residuals stored
         #: rows of the previous active set that stay, after a check at which samples left
@@ -161,8 +167,24 @@ class Monitor:
         """At a check (the whole batch active): store the residual of the per-sample norms
         ``num = ‖g(z)_b − z_b‖`` and ``den = ‖g(z)_b‖`` and return True when the solve should
         stop.  :meth:`record` calls it; a compiled loop that counts its evaluations itself
-        (adding them to :attr:`count`) calls it at the end of each chunk."""
+        (adding them to :attr:`count`) calls it at the end of each chunk.
+
+        With ``tol > 0`` (eager) the two batch norms are read at once and the residual is
+        formed and kept on the host, the read the stopping test needs anyway; otherwise it
+        stays on the device (:attr:`buffer`) and nothing is read."""
         self.num, self.den = num, den
+        if self.tol > 0 and not torch.compiler.is_compiling():
+            with torch.no_grad():
+                top, bottom = read(torch.linalg.vector_norm(torch.stack([num, den]), dim=1))
+            value = top / max(bottom, self.tiny)
+            self.host_trace.append(value)
+            self.checks += 1
+            if not math.isfinite(value):
+                raise NonFiniteError(
+                    f"{self.name}: the map produced NaN/Inf (relative residual {value}) at "
+                    f"iteration {self.count}; the map may be expansive (not a contraction)"
+                )
+            return value <= self.tol
         with torch.no_grad():
             r = _ratio(torch.linalg.vector_norm(num), torch.linalg.vector_norm(den))
             self.buffer[self.checks] = r
@@ -302,7 +324,7 @@ class Monitor:
     def _finish(self, out: State, policy: FailurePolicy) -> tuple[State, SolverStats]:
         if self.keep is not None:  # samples left at the last check: `out` still holds them
             out = take_rows(out, self.keep)
-        trace = self.buffer[: self.checks].tolist()
+        trace = self.host_trace if self.host_trace else self.buffer[: self.checks].tolist()
         tested = trace[-1] if trace else math.nan
         if not self.per_sample:
             result, num, den = out, self.num, self.den

@@ -60,7 +60,7 @@ class PeacemanRachford(SplittingSolver):
         while True:
             if keep is not None:
                 s, au = s[keep], au[keep]
-            half = torch.lerp(s, f.prox(s, alpha), 2.0)  # s½ = 2z − s, z = prox(s)
+            half = f.reflect(s, alpha)  # s½ = 2z − s, z = prox(s)
             z_half = resolvent(half + au)
             s = torch.lerp(half, z_half, 2.0)  # 2z½ − s½
             # z½ + α(I − W) z½ = s½ + αu, so W z½ + u = z½ + (z½ − s½)/α: Φ(z½) without a product with W
