@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..parametrizations.conv import conv_operator_norm, conv_spectral_norm
 from .activation import tanh
+from .fused_conv import fused_conv_step
 from .protocol import Map
 from .sizes import check_sizes
 from .slope_jacobian import SlopeJacobian
@@ -101,6 +102,9 @@ class ConvCell(Map):
             z: The state, shape (batch, channels, H, W).
             u: The input term, shape (batch, channels, H, W).
         """
+        fused = fused_conv_step(z, u, self.A.weight, (self.padding, self.padding), self.activation)
+        if fused is not None:  # a solver's step without autograd on CPU: one oneDNN primitive
+            return fused
         return self._act(self.A(z) + u)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
