@@ -5,10 +5,12 @@ every ``check_every`` evaluations and after the last.  ``check_every=None`` mean
 evaluation when ``tol > 0`` (or ``return_best``) and only after the last when ``tol = 0``.
 At a check the norms are taken per sample (each sample's rows of every part of the state),
 and the residual of the whole batch is derived from those per-sample norms: one pass over
-the state gives both.  Residuals stay on the device; the host synchronises at the stopping
-checks (none when ``tol = 0`` without ``return_best``) and once at the end.  Norms are
-accumulated in at least float32, whatever the state's dtype (bfloat16 or float16 under
-autocast).
+the state gives both.  With ``tol = 0`` (and inside ``torch.compile``) the residuals stay on
+the device and the host synchronises once, at the end.  With ``tol > 0`` a stopping check
+reads the batch's two norms at once and forms the residual on the host, where the stopping
+test needs it.  Norms are accumulated in at least float32, whatever the state's dtype
+(bfloat16 or float16 under autocast), and taken over each sample's axes in place (a
+channels-last state is not copied).
 
 Per-sample control (``freeze_converged``, ``return_best``) is decided here too: at a check
 the :class:`Monitor` says which samples leave the *active set* (converged, or — with
@@ -54,22 +56,40 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def sample_norms(fz: State, z: State, batch: int) -> tuple[Tensor, Tensor]:
-    """Per sample ``‖fz_b − z_b‖`` and ``‖fz_b‖`` over all parts, shape ``(batch,)``, in ≥ float32."""
+def sample_norms(fz: State, z: State, batch: int, scratch: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Per sample ``‖fz_b − z_b‖`` and ``‖fz_b‖`` over all parts, shape ``(batch,)``, in ≥ float32.
+
+    ``scratch`` (a list, filled on the first call) holds the differences' buffers for the next
+    call with states of the same shapes and dtypes: a solve's checks then write ``fz − z``
+    into the same memory instead of fresh memory each time (whose first touch is what a large
+    state's subtraction costs most on CPU)."""
     with torch.no_grad():
         a, b = parts(fz), parts(z)
         dtype = _work_dtype(a[0])
-        nums = [_row_norms(_diff(x, y, dtype), batch) for x, y in zip(a, b)]
+        diffs = [_diff(x, y, dtype, _buffer(scratch, i, x, dtype)) for i, (x, y) in enumerate(zip(a, b))]
+        if scratch is not None:
+            scratch[:] = diffs
+        nums = [_row_norms(d, batch) for d in diffs]
         dens = [_row_norms(x, batch, dtype) for x in a]
         if len(nums) == 1:
             return nums[0], dens[0]
         return torch.stack(nums).square().sum(0).sqrt(), torch.stack(dens).square().sum(0).sqrt()
 
 
-def _diff(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x − y`` in ``dtype``."""
+def _buffer(scratch: list[Tensor] | None, i: int, like: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """The ``i``-th buffer of ``scratch`` if it fits ``like`` (shape, dtype, device, strides)."""
+    if scratch is None or i >= len(scratch):
+        return None
+    out = scratch[i]
+    if out.shape != like.shape or out.dtype != dtype or out.device != like.device or out.stride() != like.stride():
+        return None
+    return out
+
+
+def _diff(x: Tensor, y: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """``x − y`` in ``dtype`` (into ``out`` when given)."""
     if x.dtype == y.dtype == dtype:
-        return x - y
+        return x - y if out is None else torch.sub(x, y, out=out)
     return x.to(dtype) - y.to(dtype)
 
 
@@ -127,6 +147,8 @@ class Monitor:
         #: the residuals at the checks, read on the host (``tol > 0``, eager, whole batch)
         self.host_trace: list[float] = []
         self.tiny = torch.finfo(dtype).tiny
+        #: the buffers of ``g(z) − z`` reused from check to check (:func:`sample_norms`)
+        self.scratch: list[Tensor] = []
         self.count = 0  # map evaluations
         self.checks = 0  # residuals stored
         #: rows of the previous active set that stay, after a check at which samples left
@@ -156,7 +178,7 @@ class Monitor:
         self.keep = None
         if self.count % self.check_every and self.count != self.max_iter:
             return False
-        num, den = sample_norms(fz, z, self.n)
+        num, den = sample_norms(fz, z, self.n, None if self.joint else self.scratch)
         if self.joint:
             num, den = physical(num), physical(den)
         if self.per_sample:
