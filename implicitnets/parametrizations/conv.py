@@ -75,11 +75,11 @@ class ConvOperatorBound(PowerIterationBound):
     vectors of a warm-started subspace iteration on blocks of 16 input images
     (:mod:`implicitnets.parametrizations.subspace`), run to ``tol`` whenever the kernel has
     changed (:mod:`implicitnets.parametrizations.power`); ``σ`` is differentiable in ``W``.
-    The refresh stops when ``σ`` grows by at most ``tol`` (relative) in one step.  That test
-    can stop early when a singular value outside the block overtakes the block's: with
-    ``tol = 1e-4`` (about 5 steps per optimiser step on the conv model, against about 25 at
-    the default 1e-6) the trained cell's ``‖K_W‖₂`` reached 0.914 and 0.941 at two epochs
-    of 45, for a bound of 0.9.  Keep ``tol`` small.
+    The refresh stops when ``σ`` grows by at most ``tol`` (relative) in one step, a bound on
+    the last step's change, not on the error: with ``tol = 1e-4`` (about 5 steps per
+    optimiser step on the conv model, against about 25 at the default 1e-6) the trained
+    cell's ``‖K_W‖₂`` reached 0.914 and 0.941 at two epochs of 45, for a bound of 0.9.  Keep
+    ``tol`` small.
 
     Args:
         weight: The initial 4-d ``Conv2d`` kernel.
