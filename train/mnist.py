@@ -59,7 +59,7 @@ from train.mnist_config import parse_args as parse_options
 from train.plots import training_curves
 from train.processes import init_processes
 from train.schedule import learning_rate
-from train.step import PeerLostError, guarded_step
+from train.step import PeerLostError, guarded_all_reduce, guarded_barrier, guarded_step
 from train.warning_fold import FoldedWarnings
 
 # -----------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def train_epoch(run: Run, epoch: int, step: int) -> tuple[int, dict]:
                 bar.set_postfix(loss=f"{float(outcome.loss.detach()) * cfg.batch_size / world / yb.shape[0]:.4f}")
     bar.close()
     if world > 1:
-        dist.all_reduce(sums)
+        guarded_all_reduce(sums, f"epoch {epoch + 1}'s training sums")
     n_seen = max(1.0, float(sums[2]))
     return step, dict(
         train_loss=float(sums[0]) / n_seen, train_acc=float(sums[1]) / n_seen,
@@ -212,7 +212,7 @@ def evaluate(run: Run, where: str) -> dict:
                 iters.append(model.stats.iterations)
                 resid.append(model.stats.residual)
     if run.world > 1:
-        dist.all_reduce(sums)
+        guarded_all_reduce(sums, f"{where} evaluation sums")
     model.train()
     return dict(test_acc=float(sums[0]) / x.shape[0], test_loss=float(sums[1]) / x.shape[0],
                 test_forward_iterations=mean(iters), test_forward_residual=max(resid, default=None))
@@ -295,7 +295,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
             save_checkpoint(ckpt_path, raw_model, optimizer, epoch=epoch + 1, step=step, history=history,
                             config=dataclasses.asdict(cfg), warm_start=cache.state_dict() if cache else None)
         if world > 1:
-            dist.barrier()
+            guarded_barrier(f"after epoch {epoch + 1}")
 
     summary = summarize(cfg, raw_model, data.name, history, step, device, world)
     if master:
@@ -304,7 +304,7 @@ def train(cfg: Config, device: torch.device, rank: int, world: int) -> dict:
             training_curves(history, os.path.join(cfg.out, "curves.png"),
                             f"{cfg.model} ({summary['backward'] or 'explicit'})")
     if world > 1:
-        dist.barrier()
+        guarded_barrier("after training")
     return summary
 
 

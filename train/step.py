@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 import implicitnets as inn
 
-__all__ = ["StepOutcome", "PeerLostError", "guarded_step", "all_finite"]
+__all__ = ["StepOutcome", "PeerLostError", "guarded_step", "guarded_all_reduce", "guarded_barrier", "all_finite"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ class StepOutcome:
 
 
 class PeerLostError(RuntimeError):
-    """A collective of the guarded step failed: another process died or did not answer
-    within the process group's timeout.  The replicas can no longer agree; restart from
-    the last checkpoint."""
+    """A guarded collective (a step's, an epoch's or an evaluation's sums, a barrier) failed:
+    another process died or did not answer within the process group's timeout.  The replicas
+    can no longer agree; restart from the last checkpoint."""
 
 
 def all_finite(tensors: Sequence[Tensor | None]) -> bool:
@@ -62,16 +62,29 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce(tensor: Tensor, op: dist.ReduceOp.RedOpType, what: str) -> None:
-    """``dist.all_reduce`` that names a lost process instead of a backend error."""
+def guarded_all_reduce(tensor: Tensor, what: str, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+    """``dist.all_reduce`` that names a lost process instead of a backend error
+    (:class:`PeerLostError`)."""
     try:
         dist.all_reduce(tensor, op=op)
     except (RuntimeError, ConnectionError) as err:  # gloo / nccl report a dead peer or a timeout so
-        rank = dist.get_rank()
-        raise PeerLostError(
-            f"rank {rank}: the all_reduce of the {what} failed: another process died or did not answer "
-            f"within the process group's timeout ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-        ) from err
+        raise _lost(f"the all_reduce of the {what}", err) from err
+
+
+def guarded_barrier(what: str) -> None:
+    """``dist.barrier`` that names a lost process instead of a backend error
+    (:class:`PeerLostError`)."""
+    try:
+        dist.barrier()
+    except (RuntimeError, ConnectionError) as err:
+        raise _lost(f"the barrier {what}", err) from err
+
+
+def _lost(collective: str, err: BaseException) -> PeerLostError:
+    return PeerLostError(
+        f"rank {dist.get_rank()}: {collective} failed: another process died or did not answer "
+        f"within the process group's timeout ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    )
 
 
 def _agree(failed: bool, params: Sequence[Tensor]) -> tuple[bool, list[bool]]:
@@ -79,7 +92,7 @@ def _agree(failed: bool, params: Sequence[Tensor]) -> tuple[bool, list[bool]]:
     process has a gradient for it."""
     flags = [1.0 if failed else 0.0] + [0.0 if p.grad is None else 1.0 for p in params]
     flag = torch.tensor(flags, device=params[0].device)
-    _all_reduce(flag, dist.ReduceOp.MAX, "failure flags")
+    guarded_all_reduce(flag, "failure flags", dist.ReduceOp.MAX)
     values = flag.tolist()
     return values[0] > 0, [v > 0 for v in values[1:]]
 
@@ -94,7 +107,7 @@ def _average_gradients(params: Sequence[Tensor], present: list[bool]) -> None:
             return
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in used]
         bucket = torch.cat([g.reshape(-1) for g in grads])
-        _all_reduce(bucket, dist.ReduceOp.SUM, "gradients")
+        guarded_all_reduce(bucket, "gradients")
         bucket /= dist.get_world_size()
         for p, chunk in zip(used, torch.split(bucket, [g.numel() for g in grads])):
             if p.grad is None:

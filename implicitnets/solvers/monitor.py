@@ -32,7 +32,7 @@ from ..backward_stats import BackwardStats
 from ..errors import NonFiniteError
 from ..failure import FailurePolicy
 from ..state import State, batch_size, map_parts, parts
-from ..transforms import host_read, physical, read, under_vmap
+from ..transforms import host_read, physical, read, transforms_active, under_vmap
 from .base import SolverStats
 from .rows import put_rows, restrict, take_rows, where_rows
 
@@ -178,7 +178,9 @@ class Monitor:
         self.keep = None
         if self.count % self.check_every and self.count != self.max_iter:
             return False
-        num, den = sample_norms(fz, z, self.n, None if self.joint else self.scratch)
+        # a reused buffer holds plain tensors only (not those of a torch.func transform)
+        plain = not self.joint and not transforms_active(parts(fz)[0])
+        num, den = sample_norms(fz, z, self.n, self.scratch if plain else None)
         if self.joint:
             num, den = physical(num), physical(den)
         if self.per_sample:
