@@ -102,10 +102,11 @@ class ConvCell(Map):
             z: The state, shape (batch, channels, H, W).
             u: The input term, shape (batch, channels, H, W).
         """
-        fused = fused_conv_step(z, u, self.A.weight, (self.padding, self.padding), self.activation)
+        weight = self.A.weight  # evaluated once (a parametrized weight outside a solve's cache)
+        fused = fused_conv_step(z, u, weight, (self.padding, self.padding), self.activation)
         if fused is not None:  # a solver's step without autograd on CPU: one oneDNN primitive
             return fused
-        return self._act(self.A(z) + u)
+        return self._act(F.conv2d(z, weight, None, 1, self.padding) + u)
 
     def forward(self, z: Tensor, x: Tensor) -> Tensor:
         return self.step(z, self.inject(x))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .power import PowerIterationBound, _normalize, check_bound, check_power_options
-from .subspace import BLOCK, ScaledOperator
+from .subspace import BLOCK, ScaledOperator, scaled
 
 __all__ = ["ConvOperatorBound", "conv_spectral_norm", "conv_operator_norm"]
 
@@ -131,8 +131,7 @@ class ConvOperatorBound(PowerIterationBound):
 
     def operator(self, weight: Tensor) -> ScaledOperator:
         """``K_W`` on blocks: the block's columns are input images, applied as one batch."""
-        scale = weight.abs().amax()
-        kernel = weight / scale.clamp_min(torch.finfo(weight.dtype).tiny)
+        scale, kernel = scaled(weight)
         geometry, out_shape = self.geometry, (weight.shape[0], *self.geometry.output_hw)
 
         def apply(X: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..errors import NonFiniteError
 
-__all__ = ["BLOCK", "ScaledOperator", "matrix_operator", "top_singular_subspace", "subspace_steps"]
+__all__ = ["BLOCK", "ScaledOperator", "scaled", "matrix_operator", "top_singular_subspace", "subspace_steps"]
 
 BLOCK = 16  # columns of the block: the size of a top cluster that costs no convergence speed
 
@@ -50,11 +50,17 @@ class ScaledOperator:
     transposed: bool = False
 
 
+def scaled(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``(scale, weight / scale)`` with ``scale = max |wᵢ|`` (0-d; a zero weight stays zero):
+    products with the scaled weight neither overflow nor underflow."""
+    scale = weight.abs().amax()
+    return scale, weight / scale.clamp_min(torch.finfo(weight.dtype).tiny)
+
+
 def matrix_operator(W: Tensor) -> ScaledOperator:
     """``W`` (2-D) as ``scale · M`` with ``M = W / max |Wᵢⱼ|``, transposed when ``W`` is wide so
     that the block lives on the smaller side (``G`` is the smaller Gram matrix)."""
-    scale = W.abs().amax()
-    M = W / scale.clamp_min(torch.finfo(W.dtype).tiny)
+    scale, M = scaled(W)
     wide = W.shape[0] < W.shape[1]
     if wide:  # the block lives on the left side: G = M Mᵀ
         M = M.t()
@@ -100,8 +106,8 @@ def top_singular_subspace(op: ScaledOperator, X: Tensor, *, tol: float, max_iter
     if not math.isfinite(float(op.scale)):
         raise NonFiniteError("the weight contains NaN or Inf")
     lam, _, P = _ritz(op, X)  # the warm block's estimate, before any step
-    previous, steps = float(_sigma(lam, op.scale)), 0
-    sigma = _sigma(lam, op.scale)
+    sigma, steps = _sigma(lam, op.scale), 0
+    previous = float(sigma)
     while steps < max_iter:
         X, P, lam = _step(op, P)
         sigma = _sigma(lam, op.scale)

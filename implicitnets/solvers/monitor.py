@@ -202,26 +202,25 @@ class Monitor:
                 top, bottom = read(torch.linalg.vector_norm(torch.stack([num, den]), dim=1))
             value = top / max(bottom, self.tiny)
             self.host_trace.append(value)
-            self.checks += 1
-            if not math.isfinite(value):
-                raise NonFiniteError(
-                    f"{self.name}: the map produced NaN/Inf (relative residual {value}) at "
-                    f"iteration {self.count}; the map may be expansive (not a contraction)"
-                )
-            return value <= self.tol
-        with torch.no_grad():
-            r = _ratio(torch.linalg.vector_norm(num), torch.linalg.vector_norm(den))
-            self.buffer[self.checks] = r
+        else:
+            with torch.no_grad():
+                r = _ratio(torch.linalg.vector_norm(num), torch.linalg.vector_norm(den))
+                self.buffer[self.checks] = r
+            if not self.tol > 0:
+                self.checks += 1
+                return False
+            value = read(r)
         self.checks += 1
-        if not self.tol > 0:
-            return False
-        value = read(r)
+        self._check_finite(value)
+        return value <= self.tol
+
+    def _check_finite(self, value: float) -> None:
+        """Raise :class:`NonFiniteError` when the residual read at a check is NaN or Inf."""
         if not math.isfinite(value):
             raise NonFiniteError(
                 f"{self.name}: the map produced NaN/Inf (relative residual {value}) at "
                 f"iteration {self.count}; the map may be expansive (not a contraction)"
             )
-        return value <= self.tol
 
     def _record_samples(self, num: Tensor, den: Tensor, out: State) -> bool:
         with torch.no_grad():
@@ -253,11 +252,8 @@ class Monitor:
             self.buffer[self.checks] = r
             value, leaving = read(torch.stack([r, leave.sum().to(r.dtype)]))  # one host sync
         self.checks += 1
-        if not math.isfinite(value) and not self.best:
-            raise NonFiniteError(
-                f"{self.name}: the map produced NaN/Inf (relative residual {value}) at "
-                f"iteration {self.count}; the map may be expansive (not a contraction)"
-            )
+        if not self.best:
+            self._check_finite(value)
         if leaving:
             self._leave(leave, failed, out)
         if self.n == 0:
