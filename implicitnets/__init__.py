@@ -19,7 +19,7 @@ from .errors import ConvergenceError, ConvergenceWarning, NonFiniteError
 from .failure import AdjointFailure, FailurePolicy, FallbackITD, FallbackJacobianFree, Raise, Resolution, Warn
 from .layer import FixedPointLayer, fixed_point
 from .operator import FunctionOperator, GraphJacobian, IdentityMinus, LinearOperator, Transposed
-from .parametrizations import conv_spectral_norm, project_spectral_, spectral_norm
+from .parametrizations import conv_circulant_norm, conv_spectral_norm, project_spectral_, spectral_norm
 from .solvers import (
     Anderson,
     Broyden,
@@ -67,6 +67,7 @@ __all__ = [
     "spectral_norm",
     "project_spectral_",
     "conv_spectral_norm",
+    "conv_circulant_norm",
     "ConvergenceWarning",
     "ConvergenceError",
     "NonFiniteError",

@@ -6,11 +6,14 @@
 
 ``act`` (ReLU or tanh) is 1-Lipschitz, so ``z ↦ act(A ⋆ z + u)`` is a γ-contraction when the
 *operator* norm of the convolution ``z ↦ A ⋆ z`` on (C, 14, 14) images is ≤ γ; that is what
-:func:`implicitnets.parametrizations.conv.conv_spectral_norm` enforces (power iteration with
-``conv2d`` / ``conv_transpose2d``).  The reshapes are einops patterns.
+:func:`implicitnets.conv_circulant_norm` enforces (through an exact upper bound, the norm of
+the circular extension of the convolution; :class:`implicitnets.maps.ConvCell`).  The reshapes
+are einops patterns.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from einops import rearrange, reduce
@@ -28,7 +31,8 @@ __all__ = ["ConvCell", "ConvEquilibrium"]
 class ConvEquilibrium(EquilibriumClassifier):
     """The conv equilibrium classifier above for (B, 1, 28, 28) images (or any even size).
 
-    ``solver`` / ``backward`` go to :class:`implicitnets.FixedPointLayer`.
+    ``contraction``, ``activation`` and ``norm_bound`` go to :class:`implicitnets.maps.ConvCell`,
+    ``solver`` / ``backward`` to :class:`implicitnets.FixedPointLayer`.
     """
 
     def __init__(
@@ -40,6 +44,7 @@ class ConvEquilibrium(EquilibriumClassifier):
         *,
         contraction: float | None = 0.9,
         activation: str = "relu",
+        norm_bound: Callable[..., nn.Conv2d] = inn.conv_circulant_norm,
         solver: inn.FixedPointIteration | inn.Anderson = inn.Anderson(max_iter=30, tol=1e-4),
         backward: inn.ITD | inn.AID | inn.JacobianFree = inn.JacobianFree(),
     ) -> None:
@@ -47,7 +52,8 @@ class ConvEquilibrium(EquilibriumClassifier):
         if image_size % 4 != 0:
             raise ValueError(f"ConvEquilibrium: image_size must be a multiple of 4, got {image_size!r}")
         half = image_size // 2
-        self.cell = ConvCell(4 * in_channels, channels, (half, half), contraction=contraction, activation=activation)
+        self.cell = ConvCell(4 * in_channels, channels, (half, half), contraction=contraction, activation=activation,
+                             norm_bound=norm_bound)
         self.deq = inn.FixedPointLayer(self.cell, solver=solver, backward=backward)
         self.head = nn.Linear(channels * (half // 2) ** 2, num_classes)
 
@@ -58,7 +64,7 @@ class ConvEquilibrium(EquilibriumClassifier):
     def project_(self, bound: float) -> None:
         """Rescale ``A`` so that ``‖A ⋆ ·‖₂ ≤ bound`` (for ``contraction=None``).
 
-        The operator norm is estimated by power iteration; rescaling (not an SVD clip, which
+        The operator norm itself is estimated by power iteration; rescaling (not an SVD clip, which
         the operator does not have in closed form) is the projection used for conv cells.
         """
         sigma = conv_operator_norm(self.cell.A, self.cell.size, max_iter=100, tol=1e-6)

@@ -448,12 +448,13 @@ def test_compiled_spectral_bound_lets_a_nan_weight_propagate():
     assert torch.isnan(weight).all()
 
 
-def test_fullgraph_compiles_the_conv_cell_with_its_operator_bound():
-    """``ConvCell``'s default ``contraction=0.9`` registers ``ConvOperatorBound``; the model
-    compiles whole, and for a weight already seen it gives eager's loss."""
+@pytest.mark.parametrize("norm_bound", [inn.conv_circulant_norm, inn.conv_spectral_norm])
+def test_fullgraph_compiles_the_conv_cell_with_its_operator_bound(norm_bound):
+    """``ConvCell``'s ``contraction=0.9`` with either bound (the circulant one by default,
+    or the subspace iteration's); the model compiles whole, and for a weight already seen it
+    gives eager's loss."""
     torch.manual_seed(0)
-    cell = inn.maps.ConvCell(2, 3, (5, 5)).double()
-    assert isinstance(cell.A.parametrizations.weight[0], inn.parametrizations.ConvOperatorBound)
+    cell = inn.maps.ConvCell(2, 3, (5, 5), norm_bound=norm_bound).double()
     model = torch.nn.Sequential(
         inn.FixedPointLayer(cell, solver=inn.FixedPointIteration(6, tol=0.0),
                             backward=inn.AID(linear.Neumann(6, tol=0.0))),

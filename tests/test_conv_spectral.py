@@ -55,9 +55,9 @@ def test_adjoint_is_conv_transpose(spec):
 
 
 def _options(conv: nn.Conv2d) -> dict:
-    from implicitnets.parametrizations.conv import _conv_options
+    from implicitnets.parametrizations.conv import conv_options
 
-    return _conv_options(conv)
+    return conv_options(conv)
 
 
 @pytest.mark.parametrize("spec", GEOMETRIES[:3])

@@ -177,6 +177,14 @@ def test_the_adjoint_tolerance_is_tied_to_the_forward_one_unless_given():
         mnist.check_config(mnist.parse_args(["--backward-tol", "-0.5"]))
 
 
+@pytest.mark.parametrize("name, kind", [("circulant", "CirculantConvBound"), ("subspace", "ConvOperatorBound")])
+def test_conv_bound_picks_the_conv_cells_norm_bound(name, kind):
+    default = mnist.build_model(mnist.parse_args(["--model", "conv"]))
+    assert type(default.cell.A.parametrizations.weight[0]).__name__ == "CirculantConvBound"
+    model = mnist.build_model(mnist.parse_args(["--model", "conv", "--conv-bound", name]))
+    assert type(model.cell.A.parametrizations.weight[0]).__name__ == kind
+
+
 def test_preset_grazzi2020_is_the_reference_experiment():
     cfg = mnist.parse_args(["--preset", "grazzi2020"])
     assert (cfg.model, cfg.width, cfg.t, cfg.k, cfg.tol, cfg.batch_size) == ("fc", 200, 20, 20, 0.0, 5000)
@@ -202,6 +210,7 @@ def test_preset_projection_keeps_the_bound(tmp_path):
         (["--solver", "pr"], "only for --model mon or monconv"),
         (["--model", "mon", "--alpha", "0"], "--alpha and --m must be > 0"),
         (["--on-failure", "retry"], "unknown --on-failure"),
+        (["--model", "conv", "--conv-bound", "power"], "--conv-bound must be one of"),
     ],
 )
 def test_bad_options_raise(tmp_path, args, message):

@@ -81,7 +81,8 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.model == "fc":
         return models.FCEquilibrium(784, cfg.width, 10, **deq)
     if cfg.model == "conv":
-        return models.ConvEquilibrium(1, cfg.channels, 10, 28, activation=cfg.activation, **deq)
+        norm_bound = inn.conv_circulant_norm if cfg.conv_bound == "circulant" else inn.conv_spectral_norm
+        return models.ConvEquilibrium(1, cfg.channels, 10, 28, activation=cfg.activation, norm_bound=norm_bound, **deq)
     if cfg.model == "mlp":
         return models.MLP(784, cfg.width, 10)
     return models.CNN(1, cfg.channels, 10, 28)

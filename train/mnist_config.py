@@ -37,6 +37,7 @@ class Config:
     m: float = 0.1  # monotonicity margin of mon / monconv: I − W ⪰ m I
     contraction: str = "spectral"  # spectral | projection | none
     gamma: float = 0.9  # contraction bound on ‖A‖₂ (operator norm for conv)
+    conv_bound: str = "circulant"  # conv: circulant (an exact upper bound by FFT) | subspace (the norm, iterated)
     width: int = 200  # hidden size of fc / mlp
     channels: int = 48  # channels of conv / cnn
     activation: str = "relu"  # conv cell activation: relu | tanh (fc and mlp use tanh, mon and monconv relu)
@@ -120,7 +121,7 @@ CHOICES = dict(
     model=("fc", "conv", "mlp", "cnn", "mon", "monconv"), solver=("fp", "anderson", "broyden", "pr", "fb"),
     contraction=("spectral", "projection", "none"),
     optimizer=("adam", "sgd"), schedule=SCHEDULES, device=("auto", "cpu", "cuda"),
-    dtype=("float32", "float64"), data=DATASETS, activation=("relu", "tanh"),
+    dtype=("float32", "float64"), data=DATASETS, activation=("relu", "tanh"), conv_bound=("circulant", "subspace"),
 )
 
 

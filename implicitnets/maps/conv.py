@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..parametrizations.conv import conv_operator_norm, conv_spectral_norm
+from ..parametrizations.circulant import conv_circulant_norm
+from ..parametrizations.conv import conv_operator_norm
 from .activation import tanh
 from .fused_conv import fused_conv_step
 from .protocol import Map
@@ -23,8 +26,8 @@ class ConvCell(Map):
     """``Φ(z, x) = act(A ⋆ z + B ⋆ x + b)`` on ``size`` = (H, W) feature maps.
 
     ``act`` (ReLU or tanh) is 1-Lipschitz, so Φ(·, x) is a γ-contraction when the operator
-    norm of ``z ↦ A ⋆ z`` on (C, H, W) images is ≤ γ; ``contraction=γ`` enforces that by
-    :func:`~implicitnets.conv_spectral_norm`, ``None`` leaves ``A`` free.  Has
+    norm of ``z ↦ A ⋆ z`` on (C, H, W) images is ≤ γ; ``contraction=γ`` enforces that by the
+    parametrization ``norm_bound`` registers, ``None`` leaves ``A`` free.  Has
     ``inject``/``step`` so the layer computes ``B ⋆ x + b`` once per solve, and the
     closed-form :meth:`jacobian` that AID's adjoint solve uses.
 
@@ -37,10 +40,18 @@ class ConvCell(Map):
             ``None`` for an unconstrained ``A``.
         activation: Keyword only.  ``"relu"`` or ``"tanh"``.
         kernel_size: Keyword only.  Odd kernel size of ``A`` and ``B`` (same padding).
+        norm_bound: Keyword only.  The function that registers the bound on ``A``, called as
+            ``norm_bound(A, bound=γ, input_shape=size)``:
+            :func:`~implicitnets.conv_circulant_norm` (the default: the exact norm of the
+            circular extension, an upper bound never violated, one eigensolve per refresh)
+            or :func:`~implicitnets.conv_spectral_norm` (``‖A ⋆ ·‖₂`` itself by subspace
+            iteration to a tolerance, a lower estimate; on the conv model a refresh costs
+            about 4× more).
 
     Raises:
-        ValueError: ``activation`` is unknown, ``kernel_size`` is not an odd int, or
-            ``contraction`` is neither ``None`` nor a finite number > 0.
+        ValueError: ``activation`` is unknown, ``kernel_size`` is not an odd int,
+            ``contraction`` is neither ``None`` nor a finite number > 0, or ``norm_bound``
+            is not callable.
     """
 
     #: :meth:`jacobian` reads only values (no graph through ``w``), see :mod:`implicitnets.maps.protocol`
@@ -58,6 +69,7 @@ class ConvCell(Map):
         contraction: float | None = 0.9,
         activation: str = "relu",
         kernel_size: int = 3,
+        norm_bound: Callable[..., nn.Conv2d] = conv_circulant_norm,
     ) -> None:
         super().__init__()
         check_sizes("ConvCell", in_channels=in_channels, channels=channels)
@@ -68,6 +80,8 @@ class ConvCell(Map):
             raise ValueError(f"ConvCell: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size % 2 != 1:
             raise ValueError(f"ConvCell: kernel_size must be an odd int, got {kernel_size!r}")
+        if not callable(norm_bound):
+            raise ValueError(f"ConvCell: norm_bound must be a function such as conv_circulant_norm, got {norm_bound!r}")
         self.in_channels, self.channels, self.size = in_channels, channels, tuple(size)
         self.contraction, self.activation = contraction, activation
         self.padding = kernel_size // 2
@@ -76,7 +90,7 @@ class ConvCell(Map):
         with torch.no_grad():  # start well inside the contraction region
             self.A.weight.mul_(0.5)
         if contraction is not None:
-            conv_spectral_norm(self.A, bound=contraction, input_shape=self.size)
+            norm_bound(self.A, bound=contraction, input_shape=self.size)
         self._act = _ACTIVATIONS[activation]
 
     def inject(self, x: Tensor) -> Tensor:

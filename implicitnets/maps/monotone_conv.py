@@ -36,7 +36,7 @@ __all__ = ["MonotoneConv"]
 
 def kernel_symbol(kernel: Tensor, size: tuple[int, int]) -> Tensor:
     """The symbol of the circular convolution ``z ↦ kernel ⋆ z`` on (C_in, H, W) maps:
-    complex (H, W // 2 + 1, C_out, C_in), one matrix per frequency of ``rfft2``.
+    complex (H, W // 2 + 1, C_out, C_in), one matrix per frequency of ``rfft2``, contiguous.
 
     ``kernel ⋆ z`` is the cross-correlation of ``conv2d`` with circular padding k // 2, i.e.
     the circular convolution with ``κ[s, t] = kernel[r − s, r − t]`` (indices mod H, W):
@@ -46,14 +46,39 @@ def kernel_symbol(kernel: Tensor, size: tuple[int, int]) -> Tensor:
     H, W = size
     padded = F.pad(kernel.flip(-2, -1), (0, W - k_w, 0, H - k_h))
     kappa = torch.roll(padded, shifts=(-(k_h // 2), -(k_w // 2)), dims=(-2, -1))
-    return torch.fft.rfft2(kappa).permute(2, 3, 0, 1)
+    return torch.fft.rfft2(kappa).permute(2, 3, 0, 1).contiguous()
+
+
+class _ContiguousGradient(torch.autograd.Function):
+    """The identity, whose backward (and forward-mode derivative) passes the gradient on
+    contiguous: a batched complex product on CPU whose gradient arrives as a permuted view
+    copies it one matrix at a time, in its backward as in its forward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+    @staticmethod
+    def jvp(ctx, tangent: Tensor) -> Tensor:
+        return tangent.view_as(tangent)
 
 
 def apply_symbol(symbol: Tensor, z: Tensor) -> Tensor:
-    """``z ↦ K z`` for the operator with ``symbol`` (H, W', C_out, C_in) on z (batch, C_in, H, W)."""
+    """``z ↦ K z`` for the operator with ``symbol`` (H, W', C_out, C_in) on z (batch, C_in, H, W):
+    one batched product per frequency on contiguous operands, forward and backward."""
     H, W = z.shape[-2:]
-    zh = torch.fft.rfft2(z).permute(2, 3, 1, 0)  # (H, W', C_in, batch)
-    yh = (symbol.to(zh.dtype) @ zh).permute(3, 2, 0, 1)  # (batch, C_out, H, W')
+    zh = torch.fft.rfft2(z).permute(2, 3, 1, 0).contiguous()  # (H, W', C_in, batch)
+    yh = _ContiguousGradient.apply(symbol.to(zh.dtype) @ zh).permute(3, 2, 0, 1)  # (batch, C_out, H, W')
     return torch.fft.irfft2(yh, s=(H, W))
 
 

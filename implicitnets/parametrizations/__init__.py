@@ -1,6 +1,7 @@
-"""Parametrizations and projections that make maps contractions (spectral, operator and
-∞-norm bounds) or monotone (``I − W ⪰ m I``, :func:`monotone_weight`)."""
+"""Parametrizations and projections that make maps contractions (spectral, operator,
+circulant-extension and ∞-norm bounds) or monotone (``I − W ⪰ m I``, :func:`monotone_weight`)."""
 
+from .circulant import CirculantConvBound, circulant_norm, conv_circulant_norm
 from .conv import ConvOperatorBound, conv_operator_norm, conv_spectral_norm
 from .infinity_norm import InfNormBound, inf_norm, project_inf_norm_, project_l1_ball
 from .monotone import MonotoneWeight, monotone_weight
@@ -13,6 +14,9 @@ __all__ = [
     "ConvOperatorBound",
     "conv_spectral_norm",
     "conv_operator_norm",
+    "CirculantConvBound",
+    "conv_circulant_norm",
+    "circulant_norm",
     "InfNormBound",
     "inf_norm",
     "project_inf_norm_",

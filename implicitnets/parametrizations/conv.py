@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .power import PowerIterationBound, _normalize, check_bound, check_power_options
+from .norm_bound import check_bound
+from .power import PowerIterationBound, _normalize, check_power_options
 from .subspace import BLOCK, ScaledOperator, scaled
 
 __all__ = ["ConvOperatorBound", "conv_spectral_norm", "conv_operator_norm"]
@@ -33,12 +34,12 @@ __all__ = ["ConvOperatorBound", "conv_spectral_norm", "conv_operator_norm"]
 Pair = tuple[int, int]
 
 
-def _pair(value: int | tuple[int, ...], name: str) -> Pair:
+def _pair(value: int | tuple[int, ...], name: str, caller: str) -> Pair:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) for v in value):
         return (int(value[0]), int(value[1]))
-    raise ValueError(f"conv_spectral_norm: {name} must be an int or a pair of ints, got {value!r}")
+    raise ValueError(f"{caller}: {name} must be an int or a pair of ints, got {value!r}")
 
 
 class _ConvGeometry:
@@ -147,38 +148,43 @@ class ConvOperatorBound(PowerIterationBound):
         return f"bound={self.bound}, input_shape={self.geometry.input_shape}, tol={self.tol}"
 
 
-def _conv_options(module: nn.Conv2d) -> dict:
+def conv_options(module: nn.Conv2d, caller: str = "conv_spectral_norm") -> dict:
+    """The stride, padding, dilation and groups of a zero-padded ``module`` as pairs (``"same"``
+    and ``"valid"`` resolved); ``caller`` names the function in error messages."""
     if not isinstance(module, nn.Conv2d):
-        raise ValueError(f"conv_spectral_norm: expected an nn.Conv2d, got {type(module).__name__}")
+        raise ValueError(f"{caller}: expected an nn.Conv2d, got {type(module).__name__}")
     if module.padding_mode != "zeros":
         raise ValueError(
-            f"conv_spectral_norm: padding_mode={module.padding_mode!r} is not supported (only 'zeros': "
-            "conv_transpose2d is the adjoint of a zero-padded convolution only)"
+            f"{caller}: padding_mode={module.padding_mode!r} is not supported (only 'zeros': "
+            "the bound is that of a zero-padded convolution)"
         )
     kernel = module.kernel_size
-    dilation = _pair(module.dilation, "dilation")
+    dilation = _pair(module.dilation, "dilation", caller)
     padding = module.padding
     if padding == "valid":
         padding = (0, 0)
     elif padding == "same":
         if any(d * (k - 1) % 2 for k, d in zip(kernel, dilation)):
-            raise ValueError("conv_spectral_norm: padding='same' needs an odd effective kernel size")
+            raise ValueError(f"{caller}: padding='same' needs an odd effective kernel size")
         padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     return dict(
-        stride=_pair(module.stride, "stride"),
-        padding=_pair(padding, "padding"),
+        stride=_pair(module.stride, "stride", caller),
+        padding=_pair(padding, "padding", caller),
         dilation=dilation,
         groups=module.groups,
     )
 
 
-def _input_shape(module: nn.Conv2d, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def input_shape_of(module: nn.Conv2d, input_shape: tuple[int, ...],
+                   caller: str = "conv_spectral_norm") -> tuple[int, int, int]:
+    """``input_shape`` as (C_in, H, W), from ``(H, W)`` or ``(C_in, H, W)``; ``caller`` names
+    the function in error messages."""
     shape = tuple(input_shape)
     if len(shape) == 2:
         shape = (module.in_channels, *shape)
     if len(shape) != 3 or shape[0] != module.in_channels or not all(isinstance(s, int) and s >= 1 for s in shape):
         raise ValueError(
-            f"conv_spectral_norm: input_shape must be (H, W) or ({module.in_channels}, H, W), got {input_shape!r}"
+            f"{caller}: input_shape must be (H, W) or ({module.in_channels}, H, W), got {input_shape!r}"
         )
     return shape  # type: ignore[return-value]
 
@@ -217,8 +223,8 @@ def conv_spectral_norm(
             ``padding="same"`` with an even effective kernel), ``input_shape`` is invalid,
             ``name`` is not a tensor attribute, or an option is out of range.
     """
-    options = _conv_options(module)
-    shape = _input_shape(module, input_shape)
+    options = conv_options(module)
+    shape = input_shape_of(module, input_shape)
     weight = getattr(module, name, None)
     if not isinstance(weight, Tensor):
         raise ValueError(f"conv_spectral_norm: {type(module).__name__} has no tensor attribute {name!r}")
@@ -250,7 +256,8 @@ def conv_operator_norm(
             invalid.
     """
     geometry = _ConvGeometry(
-        _input_shape(module, input_shape), module.kernel_size, **_conv_options(module)
+        input_shape_of(module, input_shape, "conv_operator_norm"), module.kernel_size,
+        **conv_options(module, "conv_operator_norm")
     )
     weight = module.weight.detach()
     generator = torch.Generator(device="cpu").manual_seed(1)

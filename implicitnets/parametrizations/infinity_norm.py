@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .power import check_bound
+from .norm_bound import check_bound
 
 __all__ = ["project_l1_ball", "project_inf_norm_", "InfNormBound", "inf_norm"]
 

@@ -5,36 +5,27 @@
 
     v ← K_Wᵀ u / ‖K_Wᵀ u‖,   u ← K_W v / ‖K_W v‖,   σ̂ = uᵀ K_W v,
 
-with ``u, v`` kept in buffers.  The iteration runs *to a tolerance* whenever the weight's
-values have changed since the last evaluation (an optimiser step, a projection) and not
-otherwise, in training and eval mode alike.  Hence:
-
-* every evaluation of the same weight gives the same ``σ̂`` (forward and backward of a solve,
-  an ITD recomputation, the eval-mode model after the last step all see one weight);
-* ``σ̂`` tracks a weight that moves fast.  One power step per optimiser step, as in
-  ``torch.nn.utils.spectral_norm``, lags behind: on the FC equilibrium model under Adam
-  (lr 1e-3, width 200, γ = 0.9) it let ‖A‖₂ reach 1.036 — not a contraction.
+with ``u, v`` kept in buffers, refreshed to a tolerance whenever the weight's values have
+changed (:mod:`implicitnets.parametrizations.norm_bound`).  So ``σ̂`` tracks a weight that
+moves fast.  One power step per optimiser step, as in ``torch.nn.utils.spectral_norm``,
+lags behind: on the FC equilibrium model under Adam (lr 1e-3, width 200, γ = 0.9) it let
+‖A‖₂ reach 1.036 — not a contraction.
 
 ``σ̂`` approaches ``σ`` from below, so the bound holds to the iteration's accuracy: it stops
 when ``σ̂`` grows by at most ``tol`` (relative) over 4 steps, or after ``max_iter`` steps.
 The host synchronises once per 4 steps, only when the weight has changed, and once per
 evaluation after an in-place change to compare the values.
 
-Traced by ``torch.compile`` (while ``torch.compiler.is_compiling()``) the refresh reads
-nothing on the host: it runs a fixed number of steps from the stored vectors with no
-stopping test (4 power steps, or 1 subspace step for a bound with a block,
+Traced by ``torch.compile`` the refresh runs a fixed number of steps from the stored vectors
+with no stopping test (4 power steps, or 1 subspace step for a bound with a block,
 :class:`~implicitnets.parametrizations.SpectralBound` and
-:class:`~implicitnets.parametrizations.ConvOperatorBound`), and the comparison with the weight
-last seen is a tensor, ``changed``, that selects the new or the old vectors
-(``torch.where``).  So an unchanged weight still gives the same ``σ̂`` (the steps run all
-the same, at the cost of one eager refresh), and an eager evaluation after compiled ones
-finds the weight already seen and does not iterate.  Vectors converged for the previous
-weight usually need no more steps for a weight moved by one optimiser step; a weight that
-jumped (loaded, projected, set by hand) is followed only at the fixed steps' rate, and
-until then ``σ̂`` lies below ``σ``: evaluate it once eagerly after such a change.  A NaN or
-Inf in the weight cannot raise without a host read: it propagates into ``σ̂`` and the
-output (the eager refresh raises ``NonFiniteError``).  ``last_iterations`` counts the steps
-of eager refreshes only.
+:class:`~implicitnets.parametrizations.ConvOperatorBound`).  Vectors converged for the
+previous weight usually need no more steps for a weight moved by one optimiser step; a
+weight that jumped (loaded, projected, set by hand) is followed only at the fixed steps'
+rate, and until then ``σ̂`` lies below ``σ``: evaluate it once eagerly after such a change.
+A NaN or Inf in the weight cannot raise without a host read: it propagates into ``σ̂`` and
+the output (the eager refresh raises ``NonFiniteError``).  ``last_iterations`` counts the
+steps of eager refreshes only.
 """
 
 from __future__ import annotations
@@ -42,22 +33,17 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import NonFiniteError
 from ..options import check_int, check_real
-from ..transforms import plain_value
+from .norm_bound import NormBound
 from .subspace import ScaledOperator, subspace_steps, top_singular_subspace
 
 __all__ = ["PowerIterationBound"]
 
 _CHECK_EVERY = 4  # power steps between stopping checks (host syncs); the steps of a traced refresh
 _TRACED_SUBSPACE_STEPS = 1  # subspace steps of a traced refresh (an eager one takes 1 for a slowly moving weight)
-
-
-def check_bound(name: str, bound: float) -> None:
-    """Raise ``ValueError`` unless ``bound`` is a finite number > 0."""
-    check_real(name, "bound", bound, low=0, low_open=True)
 
 
 def check_power_options(name: str, tol: float, max_iter: int) -> None:
@@ -74,7 +60,7 @@ def _normalize(t: Tensor) -> Tensor:
     return t / torch.linalg.vector_norm(t).clamp_min(tiny)
 
 
-class PowerIterationBound(nn.Module):
+class PowerIterationBound(NormBound):
     """Base parametrization ``W ↦ W · γ / max(σ̂(W), γ)`` with ``σ̂`` by power iteration.
 
     Subclasses define ``apply(v, W) = K_W v`` and ``adjoint(u, W) = K_Wᵀ u``; ``v0`` is a
@@ -87,18 +73,13 @@ class PowerIterationBound(nn.Module):
 
     def __init__(self, weight: Tensor, bound: float, v0: Tensor, *, tol: float, max_iter: int,
                  block: Tensor | None = None) -> None:
-        super().__init__()
-        self.bound, self.tol, self.max_iter = float(bound), float(tol), int(max_iter)
+        super().__init__(weight, bound)
+        self.tol, self.max_iter = float(tol), int(max_iter)
         v = _normalize(v0.to(device=weight.device, dtype=weight.dtype))
         self.register_buffer("_v", v)
         self.register_buffer("_u", _normalize(self.apply(v, weight.detach())))
         if block is not None:
             self.register_buffer("_block", torch.linalg.qr(block.to(device=weight.device, dtype=weight.dtype))[0])
-        # The weight the vectors were last iterated for (saved with them, so that a model loaded
-        # from a state_dict evaluates exactly as the one saved), and a cheap key of that tensor.
-        self.register_buffer("_weight_seen", torch.full_like(weight.detach(), math.nan))
-        self._seen: tuple | None = None
-        self.last_iterations = 0  # power steps taken at the last refresh (0: weight unchanged)
 
     def apply(self, v: Tensor, weight: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -163,7 +144,7 @@ class PowerIterationBound(nn.Module):
             self._v.copy_(v)
         return steps
 
-    def fixed_steps(self, weight: Tensor) -> list[tuple[Tensor, Tensor]]:
+    def traced_updates(self, weight: Tensor) -> list[tuple[Tensor, Tensor]]:
         """The traced refresh's iteration from the stored vectors, with no stopping test:
         ``_TRACED_SUBSPACE_STEPS`` subspace steps (when :meth:`operator` gives ``K_W``), else
         ``_CHECK_EVERY`` power steps.  Returns ``(buffer, new value)`` pairs."""
@@ -175,35 +156,10 @@ class PowerIterationBound(nn.Module):
         u, v, _ = self.power_steps(weight, self._u, _CHECK_EVERY)
         return [(self._u, u), (self._v, v)]
 
-    def _refresh(self, weight: Tensor) -> None:
-        """Iterate to ``tol`` if ``weight`` differs from the one the vectors belong to (inside a
-        ``torch.func`` transform: the weight's plain value); traced, see :meth:`_refresh_traced`."""
-        weight = plain_value(weight)
-        if torch.compiler.is_compiling():
-            self._refresh_traced(weight)
-            return
-        key = (weight.untyped_storage().data_ptr(), weight._version, weight.dtype, weight.device)
-        self.last_iterations = 0
-        if key != self._seen and not torch.equal(weight, self._weight_seen):
-            self.last_iterations = self.power_iterate_(weight)
-            with torch.no_grad():
-                self._weight_seen.copy_(weight)
-        self._seen = key
+    def refresh_(self, weight: Tensor) -> int:
+        return self.power_iterate_(weight)
 
-    @torch.no_grad()
-    def _refresh_traced(self, weight: Tensor) -> None:
-        """The refresh with no host read: :meth:`fixed_steps` always runs, and its results
-        replace the buffers only if the weight differs from the one last seen."""
-        changed = (weight != self._weight_seen).any()
-        for buffer, new in self.fixed_steps(weight):
-            buffer.copy_(torch.where(changed, new, buffer))
-        self._weight_seen.copy_(weight)
-
-    def sigma(self, weight: Tensor) -> Tensor:
+    def estimate(self, weight: Tensor) -> Tensor:
         """``σ̂ = uᵀ K_W v`` (a lower bound on ``‖K_W‖₂``, tight once converged), differentiable
         in ``W`` with ``u, v`` held fixed (the exact gradient of ``σ`` at convergence)."""
-        self._refresh(weight)
         return torch.sum(self._u.clone() * self.apply(self._v.clone(), weight))
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight * (self.bound / torch.clamp(self.sigma(weight), min=self.bound))

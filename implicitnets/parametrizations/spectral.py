@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .power import PowerIterationBound, check_bound, check_power_options
+from .norm_bound import check_bound
+from .power import PowerIterationBound, check_power_options
 from .subspace import BLOCK, ScaledOperator, matrix_operator
 
 __all__ = ["SpectralBound", "spectral_norm", "project_spectral_"]

@@ -101,10 +101,11 @@ class _History:
         # the ridge and the floor on its diagonal entry
         self.weight = [1.0 + (self.ridge - 1.0) * eye[i] for i in range(m)]
         self.shift = [self.floor * eye[i] for i in range(m)]
-        # ring buffers, slot-major (slot, batch, d): unused slots hold zero residuals and a
-        # unit diagonal, decoupled from the used ones, with a zero right-hand side
-        self.F = x.new_zeros(m, batch, d)
-        self.R = x.new_zeros(m, batch, d)
+        # ring buffers, slot-major (slot, batch, d), not initialised: while fewer than m
+        # images are in, only the first n slots are read; in the Gram matrix the unused
+        # slots have a unit diagonal, decoupled from the used ones, with a zero right-hand side
+        self.F = x.new_empty(m, batch, d)
+        self.R = x.new_empty(m, batch, d)
         self.H = eye.repeat(batch, 1, 1)
         self.rhs = [torch.cat([x.new_ones(batch, n, 1), x.new_zeros(batch, m - n, 1)], 1) for n in range(1, m + 1)]
         self._views()
@@ -141,19 +142,22 @@ class _History:
         self.k = k + 1
         torch.sub(fw, x, out=self.R_slot[slot])
         self.F_slot[slot].copy_(fw)
-        # the new Gram row (one batched product), ridge and floor on its diagonal entry
-        row = self.H_row[slot]
-        torch.addcmul(self.shift[slot], torch.bmm(self.R_row[slot], self.Rt), self.weight[slot], out=row)
-        self.H_col[slot].copy_(row)
+        # the new Gram row over the slots in use (one batched product), ridge and floor on
+        # its diagonal entry; the row's other entries keep their zeros
+        row = self.H_row[slot][:, :, :n]
+        product = torch.bmm(self.R_row[slot], self.Rt[:, :, :n])
+        torch.addcmul(self.shift[slot][:n], product, self.weight[slot][:n], out=row)
+        self.H_col[slot].copy_(self.H_row[slot])
         if n == 1:
             self.x = torch.lerp(x, fw, beta) if beta != 1.0 else fw
             return
         a = torch.linalg.solve_ex(self.H, self.rhs[n - 1])[0]
-        alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)  # (batch, 1, m), Σ α_i = 1
+        # (batch, 1, n), Σ α_i = 1 (the unused slots' α are zero)
+        alpha = (a / a.sum(1, keepdim=True)).transpose(1, 2)[:, :, :n]
         # x ← Σ α_i (x_i + β r_i) = Σ α_i f_i − (1 − β) Σ α_i r_i
-        out = torch.bmm(alpha, self.Fb, out=self.out[k % 2])
+        out = torch.bmm(alpha, self.Fb[:, :n], out=self.out[k % 2])
         if beta != 1.0:
-            out.sub_(torch.bmm(alpha, self.Rb), alpha=1.0 - beta)
+            out.sub_(torch.bmm(alpha, self.Rb[:, :n]), alpha=1.0 - beta)
         self.x = out.squeeze(1)
 
     def _push_out_of_place(self, fx: Tensor) -> None:
