@@ -158,9 +158,9 @@ def test_an_unchanged_weight_is_not_refreshed_and_a_saved_one_loads_exactly():
 
 
 def test_the_compiled_refresh_is_the_eager_one():
-    """Traced by ``torch.compile(fullgraph=True)`` the refresh is the same computation: after a
-    weight change the compiled bounded weight equals the eager one, and an unchanged weight
-    keeps the buffer bit for bit."""
+    """Traced by ``torch.compile(fullgraph=True)`` the refresh always runs the eigensolve (no
+    host read), eagerly it certifies the last maximiser: after a weight change the compiled
+    bounded weight equals the eager one, and an unchanged weight keeps the buffer bit for bit."""
     eager = conv_circulant_norm(make(GEOMETRIES[2]), bound=0.5, input_shape=SIZE)
     compiled_conv = conv_circulant_norm(make(GEOMETRIES[2]), bound=0.5, input_shape=SIZE)
     torch._dynamo.reset()
@@ -183,12 +183,15 @@ def test_float32_matches_float64():
     assert circulant_norm(conv.float(), SIZE) == pytest.approx(sigma64, rel=1e-6)
 
 
-def test_a_nan_weight_raises():
+def test_a_nan_weight_raises_eagerly_and_propagates_when_compiled():
     conv = conv_circulant_norm(make(GEOMETRIES[0]), bound=0.5, input_shape=SIZE)
     with torch.no_grad():
         conv.parametrizations.weight.original[0, 0, 0, 0] = math.nan
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         _ = conv.weight
+    torch._dynamo.reset()
+    weight = torch.compile(lambda: conv.weight, backend="aot_eager", fullgraph=True)()
+    assert torch.isnan(weight).all()
 
 
 @pytest.mark.parametrize("norm_bound, kind", [(inn.conv_circulant_norm, CirculantConvBound),

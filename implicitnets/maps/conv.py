@@ -43,7 +43,8 @@ class ConvCell(Map):
         norm_bound: Keyword only.  The function that registers the bound on ``A``, called as
             ``norm_bound(A, bound=γ, input_shape=size)``:
             :func:`~implicitnets.conv_circulant_norm` (the default: the exact norm of the
-            circular extension, an upper bound never violated, one eigensolve per refresh)
+            circular extension, an upper bound never violated, one FFT and a batched
+            factorisation per refresh)
             or :func:`~implicitnets.conv_spectral_norm` (``‖A ⋆ ·‖₂`` itself by subspace
             iteration to a tolerance, a lower estimate; on the conv model a refresh costs
             about 4× more).
