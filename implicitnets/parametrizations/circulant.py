@@ -174,7 +174,7 @@ class CirculantConvBound(NormBound):
             raise NonFiniteError(f"{type(self).__name__}: the weight contains NaN or Inf")
         blocks, gram, wide = self._gram(weight)
         candidate = self._candidate
-        if candidate is not None and candidate < gram.shape[0] and self._certified(gram, candidate):
+        if candidate is not None and self._certified(gram, candidate):
             top = torch.tensor([candidate], device=gram.device)
         else:
             top = self._top(gram)
